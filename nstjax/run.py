@@ -233,9 +233,7 @@ def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
     s = cfg.solver.settings()
     chunk = chunk_size(cfg)
     args = (problem.params, problem.targets, problem.weights)
-    record = {"status": "running", "versions": versions(), "device": str(jax.devices()[0]),
-              "platform": jax.default_backend(), **problem.info,
-              "solver": s.name, "started": datetime.now().isoformat(timespec="seconds")}
+    record = start_record(cfg, problem)
     write_atomic(d / "run.json", json.dumps(record, indent=2))
 
     compiled, hit = (None, False)
@@ -269,10 +267,24 @@ def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
     res.compile_seconds = max(res.compile_seconds, compile_s)
     if flag.get("signal") and res.status != "failed":
         res.status = "interrupted"
+    record["signal"] = flag.get("signal")
+    finish(d, cfg, res, record, t_start)
+    return RunResult(d, res, record)
+
+
+def start_record(cfg: Config, problem: Problem) -> dict:
+    """The run.json fields known before solving."""
+    return {"status": "running", "versions": versions(), "device": str(jax.devices()[0]),
+            "platform": jax.default_backend(), **problem.info, "solver": cfg.solver.name,
+            "started": datetime.now().isoformat(timespec="seconds")}
+
+
+def finish(d: Path, cfg: Config, res: solvers.Result, record: dict, t_start: float) -> dict:
+    """Write final image, history.csv and the completed run.json (last, so it marks completion)."""
     image.save(d / _image_name(cfg, "final"), res.x, bits=cfg.output.bits)
     write_atomic(d / "history.csv", history_csv(res.history))
     record.update(
-        status=res.status, error=res.error, signal=flag.get("signal"),
+        status=res.status, error=res.error,
         iterations=res.iterations, evaluations=res.evals,
         compile_seconds=round(res.compile_seconds, 4), solve_seconds=round(res.solve_seconds, 4),
         ms_per_evaluation=round(1e3 * res.solve_seconds / max(res.evals, 1), 4),
@@ -282,7 +294,7 @@ def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
         finished=datetime.now().isoformat(timespec="seconds"),
     )
     write_atomic(d / "run.json", json.dumps(record, indent=2))
-    return RunResult(d, res, record)
+    return record
 
 
 def _npy_bytes(x: np.ndarray) -> bytes:
