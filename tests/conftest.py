@@ -1,0 +1,80 @@
+"""Shared test settings and float64 numpy references (independent of nstjax's own code)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+# Implicit rank promotion is an easy source of silent shape bugs. "raise" is too strict for
+# nstjax: vgg16._conv adds the (c,) bias to (N, h, w, c) activations, a legitimate broadcast,
+# so surface promotions as warnings instead.
+jax.config.update("jax_numpy_rank_promotion", "warn")
+# Extra internal consistency checks while tracing; cheap at the tiny sizes used here.
+jax.config.update("jax_enable_checks", True)
+
+
+# --------------------------------------------------------------------------- numpy VGG16
+
+
+def np_conv3x3_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """3x3 stride-1 'SAME' cross-correlation (Keras/TF Conv2D) + bias, NHWC x HWIO, float64."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    n, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]), np.float64)
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("nhwc,co->nhwo", xp[:, dy : dy + h, dx : dx + w], kernel[dy, dx])
+    return out + np.asarray(bias, np.float64)[None, None, None, :]
+
+
+def np_pool2x2(x: np.ndarray, pooling: str) -> np.ndarray:
+    """2x2 stride-2 'VALID' pooling written as loops: odd sizes drop the last row/column."""
+    n, h, w, c = x.shape
+    out = np.zeros((n, h // 2, w // 2, c), np.float64)
+    reduce = np.max if pooling == "max" else np.mean
+    for i in range(h // 2):
+        for j in range(w // 2):
+            out[:, i, j] = reduce(x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2], axis=(1, 2))
+    return out
+
+
+def np_vgg16(params: dict, x: np.ndarray, last: str, pooling: str = "avg") -> dict:
+    """All activations {name: float64 (N,h,w,c)} of the VGG16 conv stack up to layer `last`."""
+    from nstjax.weights import VGG16_CONVS
+
+    h = np.asarray(x, np.float64)
+    acts = {}
+    prev_block = 1
+    for name, _, _ in VGG16_CONVS:
+        blk = int(name[len("block")])
+        if blk != prev_block:
+            h = np_pool2x2(h, pooling)
+            prev_block = blk
+        h = np.maximum(np_conv3x3_same(h, params[name]["kernel"], params[name]["bias"]), 0.0)
+        acts[name] = h
+        if name == last:
+            break
+    return acts
+
+
+@pytest.fixture(scope="session")
+def vgg_params() -> dict:
+    """Random VGG16 params with the real shapes (He-normal kernels); biases made nonzero so a
+    dropped or misplaced bias shows."""
+    from nstjax.weights import random_params
+
+    params = random_params(0)
+    rng = np.random.default_rng(123)
+    for p in params.values():
+        p["bias"] = (0.1 * rng.standard_normal(p["bias"].shape)).astype(np.float32)
+    return params
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))

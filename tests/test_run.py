@@ -1,0 +1,112 @@
+"""End to end: `nstjax run` at 32x32 with random weights writes a complete run directory."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from nstjax import cli, config, run
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump({
+        "content": str(DEMO / "content.png"), "style": str(DEMO / "style.png"),
+        "image": {"size": [32, 32]}, "model": {"weights": "random"},
+        "solver": {"maxiter": 12}, "output": {"save_every": 5},
+    }))
+    return p
+
+
+def _history(d: Path) -> list[dict]:
+    with open(d / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_run_writes_every_file(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "r1"
+    assert cli.main(["run", str(tiny_cfg), "--out", str(out), "--quiet"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.yaml", "final.png", "history.csv", "iter_000005.png",
+                     "iter_000010.png", "last.npy", "run.json"]
+    assert Image.open(out / "final.png").size == (32, 32)
+    rows = _history(out)
+    assert list(rows[0]) == ["iter", "total", "content", "style", "tv", "seconds"]
+    assert [int(r["iter"]) for r in rows] == list(range(13))
+    assert float(rows[-1]["total"]) < 0.5 * float(rows[0]["total"])
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "done" and rec["iterations"] == 12
+    for key in ("nstjax", "jax", "jaxlib", "jaxopt", "optax"):
+        assert rec["versions"][key]
+    assert rec["weights"]["source"] == "random"
+    assert rec["content_size"] == [32, 32]
+    assert rec["evaluations"] >= 12 and rec["compile_seconds"] >= 0 and rec["solve_seconds"] > 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["solver"]["maxiter"] == 12 and resolved["loss"]["normalization"] == "seed"
+    assert "done" in capsys.readouterr().out
+
+
+def test_run_dir_never_overwritten(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["run", str(tiny_cfg), "--out", str(out), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    cfg = config.load(tiny_cfg, ["solver.maxiter=1"])
+    dirs = {run.make_run_dir(None, cfg, tmp_path / "runs") for _ in range(3)}
+    assert len(dirs) == 3
+
+
+def test_seed_config_runs_scipy_scheme(tmp_path, monkeypatch):
+    """The post's config, offline and tiny: scipy rounds with clipping between them."""
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
+    out = tmp_path / "seed"
+    code = cli.main(["run", str(CONFIGS / "seed_keras.yaml"), "model.weights=random",
+                     "image.size=[32,24]", "solver.rounds=3", "solver.maxfun=6",
+                     "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = _history(out)
+    assert [int(r["iter"]) for r in rows] == [0, 1, 2, 3]
+    assert float(rows[-1]["total"]) < float(rows[0]["total"])
+    x = np.load(out / "last.npy")
+    assert x.shape == (1, 24, 32, 3) and np.abs(x).max() <= 127.0
+
+
+@pytest.mark.parametrize("solver", ["optax_lbfgs", "adam"])
+def test_other_solvers_reduce_loss(tiny_cfg, tmp_path, solver):
+    cfg = config.load(tiny_cfg, [f"solver.name={solver}", "solver.maxiter=8",
+                                 "solver.learning_rate=2.0"])
+    r = run.run(cfg, tmp_path / solver, quiet=True)
+    h = r.result.history
+    assert r.record["status"] == "done" and h[-1]["total"] < h[0]["total"]
+
+
+def test_init_from_file_resumes_exactly(tiny_cfg, tmp_path):
+    """init: a .npy in preprocessed space starts exactly where the last run ended."""
+    cfg = config.load(tiny_cfg, ["solver.maxiter=3"])
+    a = run.run(cfg, tmp_path / "a", quiet=True)
+    cfg2 = config.load(tiny_cfg, ["solver.maxiter=0", f"init={tmp_path / 'a' / 'last.npy'}"])
+    b = run.run(cfg2, tmp_path / "b", quiet=True)
+    assert b.result.history[0]["total"] == pytest.approx(a.result.history[-1]["total"], rel=1e-6)
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("content: a.png\nstyle: b.png\nloss:\n  style_wieghts: [1]\n")
+    p = subprocess.run([sys.executable, "-m", "nstjax.cli", "run", str(bad)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert "loss.style_wieghts" in p.stderr and "style_weights" in p.stderr

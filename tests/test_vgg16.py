@@ -1,0 +1,155 @@
+"""nstjax.vgg16 against a float64 numpy reference of the Keras VGG16 conv stack."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import np_vgg16, rel_err
+
+from nstjax import vgg16
+
+# Odd sizes at two pooling stages: 18x22 -> 9x11 -> 4x5 -> 2x2 -> 1x1.
+H, W = 18, 22
+UP_TO_B5 = list(vgg16.NAMES[: vgg16.NAMES.index("block5_conv1") + 1])
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    # Roughly the scale of a mean-subtracted (caffe-preprocessed) image.
+    return (50.0 * np.random.default_rng(1).standard_normal((1, H, W, 3))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(vgg_params, image) -> dict:
+    return {p: np_vgg16(vgg_params, image, "block5_conv1", p) for p in ("avg", "max")}
+
+
+def count_convs(jaxpr) -> int:
+    """conv_general_dilated equations in a jaxpr, sub-jaxprs (remat, pjit, ...) included."""
+
+    def subjaxprs(v):
+        if hasattr(v, "eqns"):
+            yield v
+        elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+            yield v.jaxpr
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                yield from subjaxprs(item)
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "conv_general_dilated"
+        for v in eqn.params.values():
+            n += sum(count_convs(j) for j in subjaxprs(v))
+    return n
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_matches_numpy_reference(vgg_params, image, reference, pooling):
+    out = vgg16.features(vgg_params, jnp.asarray(image), UP_TO_B5, pooling, "highest")
+    ref = reference[pooling]
+    assert list(out) == UP_TO_B5
+    for name in UP_TO_B5:
+        assert out[name].shape == ref[name].shape, name
+        assert out[name].dtype == jnp.float32
+        assert rel_err(out[name], ref[name]) < 1e-4, name
+    # Pooled sizes: odd dimensions drop their last row/column (Keras 'valid' pooling).
+    assert out["block3_conv1"].shape == (1, 4, 5, 256)
+    assert out["block4_conv1"].shape == (1, 2, 2, 512)
+    assert out["block5_conv1"].shape == (1, 1, 1, 512)
+
+
+def test_avg_and_max_pooling_differ(vgg_params, image, reference):
+    # Sanity of the test itself: the two poolings give clearly different features, so each
+    # reference comparison above really distinguishes them.
+    a, m = reference["avg"]["block2_conv1"], reference["max"]["block2_conv1"]
+    assert rel_err(a, m) > 0.1
+    out = vgg16.features(vgg_params, jnp.asarray(image), ["block2_conv1"], "max", "highest")
+    assert rel_err(out["block2_conv1"], m) < 1e-4
+    assert rel_err(out["block2_conv1"], a) > 0.1
+
+
+def test_subset_of_layers_equals_full_forward(vgg_params, image):
+    x = jnp.asarray(image)
+    full = vgg16.features(vgg_params, x, vgg16.NAMES, "avg", "highest")
+    one = vgg16.features(vgg_params, x, ["block2_conv1"], "avg", "highest")
+    assert list(one) == ["block2_conv1"]
+    np.testing.assert_allclose(one["block2_conv1"], full["block2_conv1"], rtol=1e-6, atol=1e-6)
+    # Order and duplicates of the request are kept as asked.
+    two = vgg16.features(vgg_params, x, ["block3_conv2", "block1_conv1"], "avg", "highest")
+    assert list(two) == ["block3_conv2", "block1_conv1"]
+    np.testing.assert_allclose(two["block3_conv2"], full["block3_conv2"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("layers", "n_convs"),
+    [(["block1_conv2"], 2), (["block3_conv1"], 5), (["block1_conv1", "block2_conv2"], 4),
+     (["block5_conv3"], 13)],
+)
+@pytest.mark.parametrize("remat", [False, True])
+def test_computes_no_layer_past_the_deepest(vgg_params, image, layers, n_convs, remat):
+    jaxpr = jax.make_jaxpr(
+        lambda p, x: vgg16.features(p, x, layers, "avg", "highest", remat))(vgg_params, image)
+    assert count_convs(jaxpr.jaxpr) == n_convs
+
+
+def test_remat_same_values_and_gradients(vgg_params, image):
+    layers = ["block1_conv2", "block2_conv2", "block3_conv1"]
+    x = jnp.asarray(image) / 50.0
+
+    def scalar(x, remat):
+        f = vgg16.features(vgg_params, x, layers, "avg", "highest", remat)
+        return sum(jnp.sum(jnp.sin(v)) for v in f.values())  # nonlinear in every element
+
+    v0, g0 = jax.value_and_grad(scalar)(x, False)
+    v1, g1 = jax.value_and_grad(scalar)(x, True)
+    assert abs(float(v1) - float(v0)) <= 1e-5 * abs(float(v0)) + 1e-5
+    assert float(jnp.max(jnp.abs(g0))) > 0
+    assert rel_err(g1, g0) < 1e-5
+
+    f0 = vgg16.features(vgg_params, x, layers, "avg", "highest", False)
+    f1 = vgg16.features(vgg_params, x, layers, "avg", "highest", True)
+    for n in layers:
+        np.testing.assert_allclose(f1[n], f0[n], rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_close_to_highest(vgg_params, image, reference):
+    x = jnp.asarray(image)
+    hi = vgg16.features(vgg_params, x, UP_TO_B5, "avg", "highest")
+    bf = vgg16.features(vgg_params, x, UP_TO_B5, "avg", "bfloat16")
+    for n in UP_TO_B5:
+        assert bf[n].dtype == jnp.float32, n
+        a = np.asarray(bf[n], np.float64)
+        b = np.asarray(hi[n], np.float64)
+        # bf16 keeps 8 significant bits (~4e-3); a few layers of it stay within ~1e-2 overall.
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, n
+        # ... and it really ran in reduced precision (not silently float32).
+    first = "block1_conv1"
+    assert rel_err(bf[first], reference["avg"][first]) > 1e-5
+
+
+def test_default_precision_runs(vgg_params, image, reference):
+    out = vgg16.features(vgg_params, jnp.asarray(image), ["block2_conv2"], "avg", "default")
+    assert out["block2_conv2"].dtype == jnp.float32
+    # TF32 where the hardware has it; on CPU this is float32 anyway.
+    assert rel_err(out["block2_conv2"], reference["avg"]["block2_conv2"]) < 1e-2
+
+
+def test_unknown_layer_raises(vgg_params, image):
+    with pytest.raises(ValueError, match="block6_conv1"):
+        vgg16.features(vgg_params, jnp.asarray(image), ["block1_conv1", "block6_conv1"])
+    with pytest.raises(ValueError):
+        vgg16.features(vgg_params, jnp.asarray(image), ["block1_pool"])
+
+
+def test_unknown_pooling_raises(vgg_params, image):
+    with pytest.raises(ValueError, match="min"):
+        vgg16.features(vgg_params, jnp.asarray(image), ["block1_conv1"], pooling="min")
+
+
+def test_block_number():
+    assert vgg16.block("block4_conv2") == 4
+    assert [vgg16.block(n) for n in vgg16.NAMES] == [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+    assert vgg16.CHANNELS["block3_conv3"] == 256
