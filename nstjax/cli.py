@@ -2,28 +2,54 @@
 
 import argparse
 import importlib
+import signal
 import sys
 
 from nstjax.errors import UserError
 
 
-def _run(a: argparse.Namespace) -> int:
-    from nstjax import config, run
+def _cache(a: argparse.Namespace) -> None:
+    from nstjax import run
 
-    cfg = config.load(a.config, a.overrides)
     if not a.no_compile_cache:
-        run.enable_compile_cache()
-    r = run.run(cfg, a.out, quiet=a.quiet, parent=a.runs_dir)
+        try:
+            run.enable_compile_cache()
+        except OSError as e:  # only a speed-up
+            print(f"warning: no compilation cache ({e})", file=sys.stderr)
+
+
+def _report(r, cfg) -> int:
+    """One summary line (stdout when it worked, else stderr) and the exit status."""
     rec = r.record
-    msg = (f"{rec['status']}: {r.dir}/final.{cfg.output.format}  loss "
-           f"{rec['initial_loss']['total']:.4g} -> {rec['final_loss']['total']:.4g} in "
+    a, b = rec.get("initial_loss"), rec.get("final_loss")
+    loss = f"loss {a['total']:.4g} -> {b['total']:.4g}" if a and b else "no loss yet"
+    msg = (f"{rec['status']}: {r.dir}/final.{cfg.output.format}  {loss} in "
            f"{rec['iterations']} it ({rec['compile_seconds']:.1f}s compile, "
            f"{rec['solve_seconds']:.1f}s solve)")
     print(msg, file=sys.stderr if rec["status"] in ("failed", "interrupted") else sys.stdout)
     if rec["status"] == "failed":
         print(f"nstjax: error: {rec['error']}; try a lower solver.learning_rate or smaller "
               "loss weights", file=sys.stderr)
+    elif rec["status"] == "interrupted":
+        print(f"nstjax: interrupted; continue with: nstjax resume {r.dir}", file=sys.stderr)
     return r.exit_code
+
+
+def _run(a: argparse.Namespace) -> int:
+    from nstjax import config, run
+
+    cfg = config.load(a.config, a.overrides)
+    _cache(a)
+    r = run.run(cfg, a.out, quiet=a.quiet, parent=a.runs_dir)
+    return _report(r, cfg)
+
+
+def _resume(a: argparse.Namespace) -> int:
+    from nstjax import config, run
+
+    _cache(a)
+    r = run.resume(a.run_dir, a.overrides, quiet=a.quiet)
+    return _report(r, config.load(r.dir / "config.yaml"))
 
 
 def _weights(a: argparse.Namespace) -> int:
@@ -55,6 +81,15 @@ def parser() -> argparse.ArgumentParser:
                    help="do not use JAX's persistent compilation cache")
     r.set_defaults(fn=_run)
 
+    rs = sub.add_parser("resume", help="continue an interrupted run in its directory")
+    rs.add_argument("run_dir", help="the run directory (with run.json and last.npy)")
+    rs.add_argument("overrides", nargs="*",
+                    help="solver.* / output.* overrides, e.g. solver.maxiter=500")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use JAX's persistent compilation cache")
+    rs.set_defaults(fn=_resume)
+
     w = sub.add_parser("weights", help="list, fetch and convert VGG16 weights")
     wsub = w.add_subparsers(dest="wcmd", required=True)
     wsub.add_parser("list", help="named sources and what is cached")
@@ -81,6 +116,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a run's own handlers (e.g. while loading): exit 143, nothing written."""
+
+
+def _on_term(_signum, _frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
@@ -90,13 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        old_term = signal.signal(signal.SIGTERM, _on_term)
+    except ValueError:  # not the main thread
+        old_term = None
+    try:
         return args.fn(args)
     except UserError as e:
         print(f"nstjax: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment (a file, the disk), not a bug: one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nstjax: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except _Terminated:
+        print("nstjax: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("nstjax: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

@@ -113,10 +113,82 @@ class OutputCfg(_Strict):
     bits: Literal[8, 16] = 8
     format: Literal["png", "jpg"] = "png"
 
+    @model_validator(mode="after")
+    def _bits(self):
+        if self.bits == 16 and self.format != "png":
+            raise ValueError("bits: 16 needs format: png (JPEG is 8-bit only)")
+        return self
+
+
+class ColorCfg(_Strict):
+    preserve: Literal["none", "luminance", "histogram"] = Field(
+        default="none", description="luminance: transfer on Y, keep the content's Cb/Cr; "
+        "histogram: match the style's colours to the content's before transfer")
+
+
+class MasksCfg(_Strict):
+    style: list[str] | None = Field(
+        default=None, description="one mask image per style image; white = that style's region")
+    content: str | None = Field(
+        default=None, description="white = stylize, black = keep the content's pixels")
+
+
+class MultiscaleCfg(_Strict):
+    sizes: list[int] | None = Field(
+        default=None, description="longer sides of the coarser scales, ascending; "
+        "the last scale is always image.size")
+    factor: float | None = Field(default=None, gt=1, description="size ratio between scales")
+    steps: int | None = Field(default=None, ge=1, description="number of scales, final included")
+    maxiter: int | list[int] | None = Field(
+        default=None, description="iterations per scale (one number or one per scale); "
+        "null splits solver.maxiter (solver.rounds for scipy_lbfgsb) evenly")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one size, or null for a single scale")
+            if any(s < 1 for s in v):
+                raise ValueError("sizes must be positive")
+            if any(b <= a for a, b in zip(v, v[1:])):
+                raise ValueError("sizes must be strictly ascending")
+        return v
+
+    @field_validator("maxiter")
+    @classmethod
+    def _maxiter(cls, v):
+        if v is not None and any(n < 0 for n in (v if isinstance(v, list) else [v])):
+            raise ValueError("iterations must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.sizes is not None and (self.factor is not None or self.steps is not None):
+            raise ValueError("give either sizes or factor and steps, not both")
+        if (self.factor is None) != (self.steps is None):
+            raise ValueError("factor and steps go together (e.g. factor: 2, steps: 3)")
+        n = self.count
+        if isinstance(self.maxiter, list) and n and len(self.maxiter) != n:
+            raise ValueError(f"maxiter has {len(self.maxiter)} values for {n} scales: "
+                             "give one per scale (the final one included) or one number")
+        return self
+
+    @property
+    def count(self) -> int:
+        """Number of scales, the final one included (0 when multi-scale is off)."""
+        if self.sizes is not None:
+            return len(self.sizes) + 1
+        return self.steps if self.steps and self.steps > 1 else 0
+
 
 class Config(_Strict):
     content: str
-    style: str
+    style: str | list[str]
+    style_blend: list[float] | None = Field(
+        default=None, description="weight of each style's Grams in the target (normalized)")
+    style_scale: float = Field(
+        default=1.0, gt=0, description="style image size relative to the content's")
     init: str = "noise"
     seed: int = 0
     image: ImageCfg = Field(default_factory=ImageCfg)
@@ -124,6 +196,41 @@ class Config(_Strict):
     loss: LossCfg = Field(default_factory=LossCfg)
     solver: SolverCfg = Field(default_factory=SolverCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
+    color: ColorCfg = Field(default_factory=ColorCfg)
+    masks: MasksCfg = Field(default_factory=MasksCfg)
+    multiscale: MultiscaleCfg = Field(default_factory=MultiscaleCfg)
+
+    @field_validator("style")
+    @classmethod
+    def _style(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one style image")
+        return v
+
+    @model_validator(mode="after")
+    def _controls(self):
+        n = len(self.styles)
+        b = self.style_blend
+        if b is not None:
+            if len(b) != n:
+                raise ValueError(f"style_blend has {len(b)} values but style lists {n} "
+                                 "image(s): give one weight per style image")
+            if any(w < 0 for w in b) or sum(b) <= 0:
+                raise ValueError("style_blend: weights must be >= 0 and not all 0")
+        m = self.masks.style
+        if m is not None:
+            if len(m) != n:
+                raise ValueError(f"masks.style has {len(m)} masks but style lists {n} "
+                                 "image(s): give one mask per style image")
+            if b is not None:
+                raise ValueError("style_blend and masks.style: give one or the other "
+                                 "(with masks, each style has its own region)")
+        return self
+
+    @property
+    def styles(self) -> list[str]:
+        """The style image paths as a list (`style` may be one path or a list)."""
+        return [self.style] if isinstance(self.style, str) else list(self.style)
 
 
 def _is_path_value(key: str, value: Any) -> bool:
@@ -133,11 +240,11 @@ def _is_path_value(key: str, value: Any) -> bool:
         return value not in INITS
     if key == "model.weights":
         return value not in WEIGHT_NAMES
-    return key in ("content", "style")
+    return key in ("content", "style", "masks.style", "masks.content")
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
-    if isinstance(value, list) and key in ("content", "style"):
+    if isinstance(value, list) and key in ("content", "style", "masks.style"):
         return [_resolve(key, v, base) for v in value]
     if _is_path_value(key, value):
         p = Path(value).expanduser()
@@ -163,7 +270,7 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-PATH_KEYS = ("content", "style", "init", "model.weights")
+PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content")
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
@@ -245,7 +352,21 @@ def _message(err: ValidationError, source: str) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) and value is not None else ""
-    return f"{source}: {key}: {msg}{shown}"
+    loc = _field_loc(loc)  # drop union member tags such as `str` in `style.str`
+    return f"{source}: {'.'.join(loc)}: {msg}{shown}" if loc else f"{source}: {msg}{shown}"
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The leading parts of an error location that name config fields."""
+    model: Any = Config
+    out = []
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(fields, dict) or part not in fields:
+            break
+        out.append(part)
+        model = fields[part].annotation
+    return tuple(out)
 
 
 def validate(raw: dict, source: str = "config") -> Config:

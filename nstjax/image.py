@@ -302,6 +302,11 @@ def load(
         return _load_npy(path, size, max_pixels)
     img = read(path, max_pixels=max_pixels)
     wh = target_size(img.size, size)
+    if max_pixels is not None and wh[0] * wh[1] > max_pixels:
+        raise UserError(
+            f"{path}: the requested size {wh[0]}x{wh[1]} = {wh[0] * wh[1]} pixels is over the "
+            f"limit of {max_pixels}; lower image.size or raise image.max_pixels"
+        )
     if wh != img.size:
         img = resize(img, wh, resample)
     return preprocess(np.asarray(img))
@@ -374,6 +379,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise UserError(f"{path}: cannot write file ({e.strerror or e})") from e
+    except BaseException:  # e.g. Ctrl-C: still no temp file left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def save(path: str | os.PathLike, x: np.ndarray, bits: int = 8) -> None:

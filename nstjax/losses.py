@@ -30,6 +30,10 @@ class Spec:
     normalization: str = "seed"
     precision: str = "highest"
     remat: bool = False
+    # Spatial control (nstjax.controls): the number of masked styles (0: one target Gram per
+    # layer, no masks) and whether a content mask blends the image with the content.
+    style_masks: int = 0
+    content_mask: bool = False
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -39,7 +43,7 @@ class Spec:
 def gram(f: jax.Array, normalization: str = "seed") -> jax.Array:
     """Gram matrices (N, c, c) of features (N, h, w, c), accumulated in float32."""
     n, h, w, c = f.shape
-    flat = f.reshape(n, h * w, c).astype(jnp.float32)
+    flat = f.reshape(n, h * w, c).astype(jnp.promote_types(f.dtype, jnp.float32))
     g = jnp.einsum("npi,npj->nij", flat, flat, precision=jax.lax.Precision.HIGHEST)
     return g / (h * w * c) if normalization == "seed" else g
 
@@ -80,6 +84,38 @@ def style_loss(
     return total
 
 
+def masked_gram(f: jax.Array, m: jax.Array, normalization: str = "seed") -> jax.Array:
+    """Grams (S, c, c) of features f (1, h, w, c) weighted by S masks m (S, h, w, 1).
+
+    Gatys et al. 2017's guided Gram: the Gram of F * m, normalized by the mask's area so that a
+    mask of ones gives `gram(f)`: `seed` divides by c * sum(m^2) (a mean over the region),
+    `gatys` scales the region's sum up to h * w positions.
+    """
+    _, h, w, c = f.shape
+    flat = f.reshape(h * w, c).astype(jnp.float32)
+    m2 = jnp.square(m.astype(jnp.float32)).reshape(m.shape[0], h * w, 1)
+    g = jnp.einsum("spi,pj->sij", m2 * flat, flat, precision=jax.lax.Precision.HIGHEST)
+    area = jnp.maximum(jnp.sum(m2, axis=(1, 2)), 1e-6)[:, None, None]
+    return g / (c * area) if normalization == "seed" else g * (h * w / area)
+
+
+def masked_style_layer_loss(f: jax.Array, m: jax.Array, a: jax.Array,
+                            normalization: str = "seed") -> jax.Array:
+    """One layer's style term with S regions: masks m (S,h,w,1), target Grams a (S,c,c).
+
+    Each region's term is `style_layer_loss`'s, weighted by the region's area fraction, so one
+    mask of ones gives exactly `style_layer_loss`.
+    """
+    g = masked_gram(f, m, normalization)
+    frac = jnp.mean(m.astype(jnp.float32), axis=(1, 2, 3))
+    if normalization == "seed":
+        per = jnp.sum(jnp.mean(jnp.square(g - a), axis=-1), axis=-1)
+    else:
+        _, h, w, c = f.shape
+        per = jnp.sum(jnp.square(g - a), axis=(1, 2)) / (4.0 * c**2 * (h * w) ** 2)
+    return jnp.sum(frac * per)
+
+
 def tv_loss(x: jax.Array) -> jax.Array:
     """Total variation: squared differences of vertical and horizontal neighbours per pixel."""
     _, h, w, _ = x.shape
@@ -112,19 +148,37 @@ def default_weights(spec: Spec, style_weights: Sequence[float], ratio: float,
 
 
 def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec) -> dict:
-    """All loss terms {total, content, style, tv} of image x (1,H,W,3), preprocessed."""
+    """All loss terms {total, content, style, tv} of image x (1,H,W,3), preprocessed.
+
+    With `spec.content_mask` the image scored is m * x + (1 - m) * content, from
+    tgt["content_mask"] = {"mask": (1,H,W,1), "image": (1,H,W,3)}. With `spec.style_masks`,
+    tgt["style"][layer] is (S,c,c) and tgt["style_masks"][layer] (S,h,w,1): guided Grams.
+    """
+    if spec.content_mask:
+        cm = tgt["content_mask"]
+        x = cm["mask"] * x + (1.0 - cm["mask"]) * cm["image"]
     feats = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
     norm = spec.normalization
     content = sum(
         weights["content"][n] * content_loss(feats[n], tgt["content"][n], norm)
         for n in spec.content_layers
     )
-    style = style_loss(
-        [feats[n] for n in spec.style_layers],
-        [tgt["style"][n] for n in spec.style_layers],
-        [weights["style"][n] for n in spec.style_layers],
-        norm,
-    )
+    if spec.style_masks:
+        style = sum(
+            weights["style"][n]
+            * masked_style_layer_loss(feats[n], tgt["style_masks"][n], tgt["style"][n], norm)
+            for n in spec.style_layers
+        )
+        if norm == "seed":  # as in style_loss: divided by the first style layer's size
+            _, h, w, c = feats[spec.style_layers[0]].shape
+            style = style / (h * w * c)
+    else:
+        style = style_loss(
+            [feats[n] for n in spec.style_layers],
+            [tgt["style"][n] for n in spec.style_layers],
+            [weights["style"][n] for n in spec.style_layers],
+            norm,
+        )
     tv = tv_loss(x)
     total = style + content / weights["ratio"] + weights["tv"] * tv
     return {"total": total, "content": content, "style": style, "tv": tv}

@@ -50,6 +50,7 @@ class Result:
     compile_seconds: float = 0.0
     solve_seconds: float = 0.0
     error: str = ""
+    state: Any = None  # final solver state (compiled solvers, `keep_state=True`): for resuming
 
 
 def _norm(g: Any) -> jax.Array:
@@ -60,14 +61,17 @@ def _jaxopt(s: Settings, fun: Callable):
     import jaxopt
 
     solver = jaxopt.LBFGS(fun=fun, has_aux=True, maxiter=max(s.maxiter, 1), tol=0.0,
-                          history_size=s.history_size, maxls=s.maxls, linesearch="zoom")
+                          history_size=s.history_size, maxls=s.maxls, linesearch="zoom",
+                          linesearch_init="increase")
 
     def init(x, args):
         st = solver.init_state(x, *args)
         g = _norm(st.grad)
-        # First step of unit length, as scipy's L-BFGS-B takes: jaxopt's default (gamma 1, step
-        # <= 1) barely moves when gradients are tiny, as they are with the post's normalization.
-        gamma = jnp.where(g > 0, 1.0 / g, 1.0).astype(st.gamma.dtype)
+        # First step moves the largest pixel by at most 1 level: jaxopt's default (gamma 1, step
+        # <= 1) barely moves when gradients are tiny, as they are with the post's normalization,
+        # and then L-BFGS curvature pairs are rounding noise.
+        gmax = jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in jax.tree.leaves(st.grad)]))
+        gamma = jnp.where(gmax > 0, 1.0 / gmax, 1.0).astype(st.gamma.dtype)
         return st._replace(gamma=gamma), st.aux, g, st.num_fun_eval
 
     def step(x, st, args, value):
@@ -145,15 +149,18 @@ def make(s: Settings, fun: Callable):
 
 
 def rows_of(trace: dict, t0: float) -> list[dict]:
-    """Host rows {iter, total, content, style, tv, seconds} of the active steps of a trace."""
+    """Host rows {iter, total, content, style, tv, seconds} of the active steps of a trace.
+
+    A step dropped for a non-finite loss or image gets no row: history holds finite steps only.
+    """
     trace = jax.device_get(trace)
     keys = [k for k in trace if k not in ("it", "evals", "active", "failed")]
     now = time.perf_counter() - t0
     return [{"iter": int(trace["it"][i]), **{k: float(trace[k][i]) for k in keys}, "seconds": now}
-            for i in np.flatnonzero(trace["active"])]
+            for i in np.flatnonzero(trace["active"] & ~trace["failed"])]
 
 
-def _minimize_scipy(s: Settings, fun, x0, args, on_chunk) -> Result:
+def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Result:
     from scipy.optimize import fmin_l_bfgs_b
 
     vg = jax.jit(jax.value_and_grad(fun, has_aux=True))
@@ -177,7 +184,10 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk) -> Result:
     x = np.asarray(x0, np.float64).ravel()
     res = Result(x=np.asarray(x0), compile_seconds=compile_s)
     res.history.append({"iter": 0, **terms_at(x), "seconds": 0.0})
-    for r in range(s.rounds):
+    rounds = s.rounds
+    if on_start is not None and on_start(res.x, res.history[0]):
+        res.status, rounds = "interrupted", 0
+    for r in range(rounds):
         x, _, _ = fmin_l_bfgs_b(f, x, maxfun=s.maxfun, pgtol=s.pgtol, factr=s.factr)
         x = np.clip(x, -s.clip, s.clip)
         row = {"iter": r + 1, **terms_at(x), "seconds": time.perf_counter() - t0}
@@ -204,28 +214,41 @@ def minimize(
     chunk: int = 50,
     on_chunk: Callable[[np.ndarray, list[dict]], None] | None = None,
     compiled: tuple | None = None,
+    on_start: Callable[[np.ndarray, dict], bool | None] | None = None,
+    state0: Any = None,
+    keep_state: bool = False,
+    first_chunk: int | None = None,
 ) -> Result:
     """Minimize fun(x, *args)[0] over x from x0 with solver `s.name`: the one entry point.
 
     `on_chunk(x, rows)` is called on the host after each chunk of iterations (progress,
     snapshots); if it returns True the solve stops there with status `interrupted`.
     `compiled` may pass ready (init, chunk) executables to skip compiling.
+    `on_start(x0, row0)` is called once with the first history row, before any iteration; if it
+    returns True the solve stops before the first chunk (status `interrupted`).
+    `state0` (compiled solvers) continues from a saved state (from `keep_state=True`, which puts
+    the final state in `Result.state`) instead of starting at x0; its `it` numbers the rows.
+    `first_chunk` (<= chunk) shortens the first chunk, e.g. to realign snapshots on resume.
     """
     if s.name == "scipy_lbfgsb":
-        return _minimize_scipy(s, fun, x0, args, on_chunk)
+        return _minimize_scipy(s, fun, x0, args, on_chunk, on_start)
     t = time.perf_counter()
     init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
     t0 = time.perf_counter()
-    st = init_c(x0, args)
-    res = Result(x=np.asarray(x0), compile_seconds=compile_s)
-    res.history.append({"iter": 0, **{k: float(v) for k, v in st["terms"].items()},
+    st = init_c(x0, args) if state0 is None else state0
+    res = Result(x=np.asarray(st["x"]), compile_seconds=compile_s)
+    res.history.append({"iter": int(st["it"]), **{k: float(v) for k, v in st["terms"].items()},
                         "seconds": 0.0})
     left = s.maxiter
+    if on_start is not None and on_start(res.x, res.history[0]):
+        res.status, left = "interrupted", 0
+    size = min(first_chunk or chunk, chunk)
     while left > 0:
-        st, trace = chunk_c(st, args, jnp.int32(min(left, chunk)))
+        n, size = min(left, size), chunk
+        st, trace = chunk_c(st, args, jnp.int32(n))
         rows = rows_of(trace, t0)
-        left -= min(left, chunk)
+        left -= n
         res.history += rows
         res.x = np.asarray(st["x"])
         if on_chunk is not None and on_chunk(res.x, rows):
@@ -240,6 +263,7 @@ def minimize(
     elif bool(st["done"]) and res.status != "interrupted":
         res.status = "converged"
     res.solve_seconds = time.perf_counter() - t0
+    res.state = st if keep_state else None
     return res
 
 

@@ -28,7 +28,7 @@ def _conv(x: jax.Array, p: dict, precision: str) -> jax.Array:
     y = jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=prec
     )
-    return jax.nn.relu(y + b.astype(y.dtype))
+    return jax.nn.relu(y + b.astype(y.dtype).reshape(1, 1, 1, -1))
 
 
 def _pool(x: jax.Array, pooling: str) -> jax.Array:
@@ -80,4 +80,4 @@ def features(
         fn = jax.checkpoint(run_block, static_argnums=(1,)) if remat else run_block
         h, acts = fn(h, tuple(names))
         out.update(acts)
-    return {n: out[n].astype(jnp.float32) for n in layers}
+    return {n: out[n].astype(jnp.promote_types(out[n].dtype, jnp.float32)) for n in layers}

@@ -8,6 +8,7 @@ Nothing here unpickles or executes code from a weights file: HDF5 is read with h
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import http.client
 import json
@@ -472,7 +473,7 @@ def _download_imagenet(dest: Path, quiet: bool) -> str:
     md5 = hashlib.md5(usedforsecurity=False)
     sha = hashlib.sha256()
     bar = tqdm(total=IMAGENET_SIZE, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=IMAGENET_FILE, disable=quiet, file=sys.stderr)
+               desc=IMAGENET_FILE, disable=quiet, file=sys.stderr, delay=1.0)  # none if offline
     with _atomic_write(dest) as fh, bar:
         for chunk in _download_chunks(dest):
             fh.write(chunk)
@@ -635,8 +636,10 @@ def _load_path(source: str) -> tuple[Params, dict[str, Any]]:
     if kind not in ("h5", "npz"):
         if path.exists():
             raise UserError(f"model.weights: {source}: unsupported file type; use an .h5 or .npz")
+        near = difflib.get_close_matches(path.name, SOURCE_NAMES, 1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
         raise UserError(
-            f"model.weights: unknown source {source!r}; use one of "
+            f"model.weights: unknown source {source!r}{hint}; use one of "
             f"{', '.join(SOURCE_NAMES)} or a path to an .h5/.npz file"
         )
     if not path.is_file():

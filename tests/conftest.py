@@ -63,14 +63,14 @@ def np_vgg16(params: dict, x: np.ndarray, last: str, pooling: str = "avg") -> di
 @pytest.fixture(scope="session")
 def vgg_params() -> dict:
     """Random VGG16 params with the real shapes (He-normal kernels); biases made nonzero so a
-    dropped or misplaced bias shows."""
+    dropped or misplaced bias shows. Device arrays, so that eager calls do not copy them."""
     from nstjax.weights import random_params
 
     params = random_params(0)
     rng = np.random.default_rng(123)
     for p in params.values():
         p["bias"] = (0.1 * rng.standard_normal(p["bias"].shape)).astype(np.float32)
-    return params
+    return jax.tree.map(jax.numpy.asarray, params)
 
 
 def rel_err(a, b) -> float:

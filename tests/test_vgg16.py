@@ -99,15 +99,25 @@ def test_remat_same_values_and_gradients(vgg_params, image):
     layers = ["block1_conv2", "block2_conv2", "block3_conv1"]
     x = jnp.asarray(image) / 50.0
 
-    def scalar(x, remat):
-        f = vgg16.features(vgg_params, x, layers, "avg", "highest", remat)
+    def scalar(x, params, remat):
+        f = vgg16.features(params, x, layers, "avg", "highest", remat)
         return sum(jnp.sum(jnp.sin(v)) for v in f.values())  # nonlinear in every element
 
-    v0, g0 = jax.value_and_grad(scalar)(x, False)
-    v1, g1 = jax.value_and_grad(scalar)(x, True)
+    vg = jax.jit(jax.value_and_grad(scalar), static_argnums=2)
+    v0, g0 = vg(x, vgg_params, False)
+    v1, g1 = vg(x, vgg_params, True)
     assert abs(float(v1) - float(v0)) <= 1e-5 * abs(float(v0)) + 1e-5
     assert float(jnp.max(jnp.abs(g0))) > 0
     assert rel_err(g1, g0) < 1e-5
+
+    # remat really wraps each block in a checkpoint (3 blocks here), and plain mode does not.
+    def n_remat(remat):
+        j = jax.make_jaxpr(lambda x: vgg16.features(vgg_params, x, layers, "avg", "highest",
+                                                    remat))(x)
+        return sum("remat" in e.primitive.name or "checkpoint" in e.primitive.name
+                   for e in j.jaxpr.eqns)
+
+    assert (n_remat(False), n_remat(True)) == (0, 3)
 
     f0 = vgg16.features(vgg_params, x, layers, "avg", "highest", False)
     f1 = vgg16.features(vgg_params, x, layers, "avg", "highest", True)
@@ -125,7 +135,7 @@ def test_bfloat16_close_to_highest(vgg_params, image, reference):
         b = np.asarray(hi[n], np.float64)
         # bf16 keeps 8 significant bits (~4e-3); a few layers of it stay within ~1e-2 overall.
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2, n
-        # ... and it really ran in reduced precision (not silently float32).
+    # ... and it really ran in reduced precision (not silently in float32).
     first = "block1_conv1"
     assert rel_err(bf[first], reference["avg"][first]) > 1e-5
 

@@ -1,0 +1,87 @@
+"""Smoke tests of `nstjax bench` (tiny sizes, no timing assertions) and its argument checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from nstjax import bench, cli
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    # One precision, `highest`, whose program PyTorch's check reuses: compiles dominate (~30 s).
+    argv = ["bench", "--sizes", "32x32", "--precisions", "highest", "--iters", "2",
+            "--repeats", "2", "--chunk", "1", "--out", str(out), "--quiet"]
+    if HAS_TORCH:
+        argv += ["--compare-torch", "--torch-threads", "1"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ms/eval" in printed and "32x32" in printed and f"wrote {out}" in printed
+
+    rep = json.loads(out.read_text())
+    assert rep["schema"] == bench.SCHEMA
+    for key in ("created", "versions", "platform", "device", "settings", "results", "torch"):
+        assert key in rep
+    assert rep["settings"]["sizes"] == ["32x32"] and rep["settings"]["iters"] == 2
+    assert [r["precision"] for r in rep["results"]] == ["highest"]
+    for r in rep["results"]:
+        assert (r["width"], r["height"], r["pixels"]) == (32, 32, 1024)
+        for key in ("compile_seconds", "ms_per_eval", "ms_per_eval_min", "evals_per_second",
+                    "loss", "grad_norm", "program_bytes"):
+            assert _positive(r[key]), (key, r[key])
+        assert r["repeats"] == 2
+        assert r["gflop_per_eval"] is None or _positive(r["gflop_per_eval"])
+        assert r["peak_memory_bytes"] is None or _positive(r["peak_memory_bytes"])
+        s = r["solve"]
+        assert s["iterations"] == 2 and s["evaluations"] >= 2 and s["status"] == "done"
+        for key in ("compile_seconds", "solve_seconds", "ms_per_eval"):
+            assert _positive(s[key]), (key, s[key])
+        assert math.isfinite(s["final_loss"]) and s["final_loss"] < s["initial_loss"]
+        assert s["host_transfer_ops"] == []  # no host round trips inside a compiled chunk
+    assert cli.main(["bench", "--table", str(out), "--markdown"]) == 0
+    assert "| size | precision |" in capsys.readouterr().out
+    if HAS_TORCH:
+        (t,) = rep["torch"]
+        assert t["match"] and t["loss_rel_diff"] <= bench.MATCH_RTOL, t
+        assert t["jax_highest_loss"] == rep["results"][0]["loss"]
+        assert _positive(t["ms_per_eval"]) and t["solve"]["iterations"] >= 1
+        assert all(_positive(r["torch_speedup"]) for r in rep["results"])
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--sizes", "512by384"], "--sizes"),
+    (["--sizes", "8x8"], "--sizes"),
+    (["--precisions", "fp16"], "--precisions"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bench_bad_arguments(argv: list[str], needle: str, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", *argv, "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nstjax: error:") and needle in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_compare_torch_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert cli.main(["bench", "--sizes", "32x32", "--compare-torch",
+                     "--out", str(tmp_path / "b.json")]) == 2
+    assert "needs PyTorch" in capsys.readouterr().err
+
+
+def test_parse_sizes() -> None:
+    assert bench.parse_sizes("512x384, 4k,512x384") == [(512, 384), (3840, 2160)]
+    assert bench.parse_precisions("bfloat16,default") == ["bfloat16", "default"]

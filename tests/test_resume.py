@@ -1,0 +1,246 @@
+"""`nstjax resume RUN_DIR`: continue an interrupted run into its own directory, exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from nstjax import cli, image, run, solvers
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo"
+TINY = {
+    "content": str(DEMO / "content.png"),
+    "style": str(DEMO / "style.png"),
+    "image": {"size": [32, 32]},
+    "model": {"weights": "random"},
+    "loss": {"content_layers": ["block1_conv1"], "style_layers": ["block1_conv1"],
+             "style_weights": [1.0]},
+    "solver": {"name": "adam", "learning_rate": 1.0, "maxiter": 6},
+    "output": {"save_every": 2},
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(TINY))
+    return tmp_path
+
+
+def nstjax(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main([*argv, "--quiet", "--no-compile-cache"])
+    return code, capsys.readouterr().err
+
+
+def history(d: Path) -> list[dict]:
+    with open(d / "history.csv") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def record(d: Path) -> dict:
+    return json.loads((d / "run.json").read_text())
+
+
+def one_error(err: str, *needles: str) -> None:
+    """One `nstjax: error:` line, last on stderr (a random-weights warning may come first)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    errors = [ln for ln in lines if ln.startswith("nstjax: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    lines = errors
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def interrupted_run(capsys, monkeypatch, out: str, chunks: int = 1, *overrides: str) -> Path:
+    """`nstjax run ok.yaml --out out` that gets a real SIGINT during its `chunks`-th chunk."""
+    real = solvers.minimize
+
+    def minimize(*a, on_chunk=None, **kw):
+        n = [0]
+
+        def wrapped(x, rows):
+            n[0] += 1
+            if n[0] == chunks:
+                os.kill(os.getpid(), signal.SIGINT)
+            return on_chunk(x, rows)
+
+        return real(*a, on_chunk=wrapped, **kw)
+
+    monkeypatch.setattr(solvers, "minimize", minimize)
+    code, err = nstjax(capsys, "run", "ok.yaml", *overrides, "--out", out)
+    monkeypatch.setattr(solvers, "minimize", real)
+    assert code == 130, err
+    d = Path(out).resolve()
+    assert record(d)["status"] == "interrupted"
+    return d
+
+
+@pytest.mark.parametrize("solver", ["adam", "jaxopt_lbfgs"])
+def test_resume_matches_an_uninterrupted_run(env, capsys, monkeypatch, solver):
+    """Interrupted after 2 of 6 iterations and resumed (with the saved solver state), the run
+    ends exactly where one uninterrupted run does."""
+    code, err = nstjax(capsys, "run", "ok.yaml", f"solver.name={solver}", "--out", "whole")
+    assert code == 0, err
+    d = interrupted_run(capsys, monkeypatch, "part", 1, f"solver.name={solver}")
+    assert record(d)["iterations"] == 2 and (d / run.STATE_FILE).is_file()
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    rec = record(d)
+    assert rec["status"] == "done" and rec["iterations"] == 6
+    assert rec["resumed"][0]["from_iteration"] == 2
+    assert rec["resumed"][0]["solver_state"] == "restored" and rec["resumed"][0]["overrides"] == []
+    assert rec["evaluations"] == record(env / "whole")["evaluations"]
+    rows = history(d)
+    assert [int(r["iter"]) for r in rows] == list(range(7))
+    assert [r["seconds"] for r in rows] == sorted(r["seconds"] for r in rows)
+    whole = history(env / "whole")
+    assert [r["total"] for r in rows] == [r["total"] for r in whole]
+    assert np.array_equal(np.load(d / "last.npy"), np.load(env / "whole" / "last.npy"))
+    assert sorted(p.name for p in d.glob("iter_*")) == ["iter_000002.png", "iter_000004.png"]
+    assert np.array_equal(np.asarray(Image.open(d / "final.png")),
+                          image.deprocess(np.load(d / "last.npy")))
+    assert not (d / run.STATE_FILE).exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_without_solver_state_restarts_the_solver(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 2)
+    (d / run.STATE_FILE).unlink()
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    rec = record(d)
+    assert rec["status"] == "done" and rec["resumed"][0]["solver_state"] == "restarted"
+    assert [int(r["iter"]) for r in history(d)] == list(range(7))
+
+
+def test_resume_with_a_corrupt_solver_state_restarts(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    (d / run.STATE_FILE).write_bytes(b"PK\x03\x04 garbage")
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    assert record(d)["resumed"][0]["solver_state"] == "restarted"
+
+
+def test_resume_with_more_iterations_and_resume_again(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    code, err = nstjax(capsys, "resume", str(d), "solver.maxiter=10", "output.bits=16")
+    assert code == 0, err
+    rec = record(d)
+    assert rec["iterations"] == 10 and rec["resumed"][0]["overrides"] == [
+        "solver.maxiter=10", "output.bits=16"]
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["solver"]["maxiter"] == 10 and saved["output"]["bits"] == 16
+    assert sorted(p.name for p in d.glob("iter_*")) == [
+        "iter_000002.png", "iter_000004.png", "iter_000006.png", "iter_000008.png"]
+    bit_depth = {p.name: p.read_bytes()[24] for p in d.glob("iter_*")}  # from the PNG header
+    assert bit_depth == {"iter_000002.png": 8, "iter_000004.png": 16, "iter_000006.png": 16,
+                         "iter_000008.png": 16}
+    assert [int(r["iter"]) for r in history(d)] == list(range(11))
+    code, err = nstjax(capsys, "resume", str(d), "solver.maxiter=12")
+    assert code == 2
+    one_error(err, str(d), "finished", "status done")
+
+
+def test_resume_a_killed_run(env, capsys, monkeypatch):
+    """A run killed -9 leaves run.json `running` with a pid that is gone: resumable."""
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    rec = record(d)
+    rec.update(status="running", pid=2**22 + 12345, host=platform.node())
+    (d / "run.json").write_text(json.dumps(rec))
+    (d / run.STATE_FILE).unlink()
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    assert record(d)["status"] == "done"
+
+
+def test_resume_refuses_a_finished_run(env, capsys):
+    code, err = nstjax(capsys, "run", "ok.yaml", "--out", "r")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in (env / "r").iterdir()}
+    code, err = nstjax(capsys, "resume", "r")
+    assert code == 2
+    one_error(err, "r", "finished", "nothing to resume")
+    assert {p.name: p.read_bytes() for p in (env / "r").iterdir()} == before
+
+
+def test_resume_refuses_what_is_not_a_run_directory(env, capsys):
+    (env / "empty").mkdir()
+    (env / "file.txt").write_text("x")
+    for target, needle in (("nope", "no such run directory"), ("empty", "no config.yaml"),
+                           ("file.txt", "no such run directory")):
+        code, err = nstjax(capsys, "resume", target)
+        assert code == 2, err
+        one_error(err, target, needle)
+    (env / "half").mkdir()
+    (env / "half" / "config.yaml").write_text(yaml.safe_dump(TINY))
+    (env / "half" / "run.json").write_text("{not json")
+    code, err = nstjax(capsys, "resume", "half")
+    assert code == 2
+    one_error(err, "run.json", "unreadable")
+
+
+def test_resume_refuses_a_live_run(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    rec = record(d)
+    rec.update(status="running", pid=os.getpid(), host=platform.node())
+    (d / "run.json").write_text(json.dumps(rec))
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "still going", f"pid {os.getpid()}")
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("loss.tv_weight=1.0", ("loss.tv_weight", "only solver.* and output.*")),
+    ("image.size=64", ("image.size", "cannot change")),
+    ("solver.maxiter=-1", ("solver.maxiter",)),
+    ("solver.maxiterr=9", ("did you mean solver.maxiter?",)),
+])
+def test_resume_refuses_bad_overrides(env, capsys, monkeypatch, override, needles):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    code, err = nstjax(capsys, "resume", str(d), override)
+    assert code == 2
+    one_error(err, *needles)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_resume_refuses_a_pickled_or_wrong_last_image(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    np.save(d / "last.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "last.npy", "cannot resume")
+    np.save(d / "last.npy", np.zeros((1, 16, 16, 3), np.float32))
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "last.npy", "(1, 32, 32, 3)")
+    (d / "last.npy").unlink()
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "no last.npy")
+
+
+def test_resume_refuses_a_multiscale_run(env, capsys, monkeypatch):
+    from nstjax import config
+
+    if "multiscale" not in config.Config.model_fields:
+        pytest.skip("no multiscale in this config schema")
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    raw = yaml.safe_load((d / "config.yaml").read_text())
+    raw["multiscale"] = {"sizes": [16]}
+    (d / "config.yaml").write_text(yaml.safe_dump(raw))
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "multi-scale", "cannot be resumed")

@@ -1,0 +1,302 @@
+"""nstjax.solvers on small problems with known answers (numpy.linalg.solve, scipy L-BFGS-B).
+
+All problems are one objective whose pieces are switched by arguments (a convex quadratic, the
+extended Rosenbrock function, a scale, a region where the value turns non-finite), so each
+solver's program is compiled once and reused across tests via `minimize(..., compiled=)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from nstjax import solvers
+
+SHAPE = (1, 4, 5, 3)  # x is image-shaped, like the real problem
+N = int(np.prod(SHAPE))
+F32 = jnp.float32
+
+_rng = np.random.default_rng(0)
+_Q, _ = np.linalg.qr(_rng.standard_normal((N, N)))
+A = (_Q * np.linspace(1.0, 10.0, N)) @ _Q.T  # SPD, condition number 10
+A = (A + A.T) / 2
+B = _rng.standard_normal(N)
+A32, B32 = A.astype(np.float32), B.astype(np.float32)
+# Reference solution from the float32 data the solvers see, solved in float64.
+X_STAR = np.linalg.solve(A32.astype(np.float64), B32.astype(np.float64))
+K = int(np.argmax(X_STAR))  # the coordinate that the non-finite region watches
+
+
+def fun(x, p):
+    """scale * (wq * quadratic + wr * rosenbrock), replaced by `val` where x[K] > t."""
+    v = x.reshape(-1)
+    quad = 0.5 * v @ p["A"] @ v - p["b"] @ v
+    pairs = v.reshape(-1, 2)
+    rosen = jnp.sum(100.0 * (pairs[:, 1] - pairs[:, 0] ** 2) ** 2 + (1.0 - pairs[:, 0]) ** 2)
+    total = p["scale"] * (p["wq"] * quad + p["wr"] * rosen)
+    total = jnp.where(p["e"] @ v > p["t"], p["val"], total)
+    return total, {"total": total, "quad": quad, "rosen": rosen}
+
+
+def problem(**kw) -> dict:
+    p = {"A": A32, "b": B32, "scale": 1.0, "wq": 1.0, "wr": 0.0, "t": 1e30, "val": 0.0,
+         "e": np.eye(N)[K]}
+    p.update(kw)
+    return {k: jnp.asarray(v, F32) for k, v in p.items()}
+
+
+# float64 numpy references of the same functions
+
+
+def quad64(x, b=B32) -> float:
+    v = np.asarray(x, np.float64).ravel()
+    return 0.5 * v @ A32.astype(np.float64) @ v - np.asarray(b, np.float64) @ v
+
+
+def quad_min64(b=B32) -> float:
+    return quad64(np.linalg.solve(A32.astype(np.float64), np.asarray(b, np.float64)), b)
+
+
+def rosen64(v):
+    pr = np.asarray(v, np.float64).reshape(-1, 2)
+    return float(np.sum(100.0 * (pr[:, 1] - pr[:, 0] ** 2) ** 2 + (1.0 - pr[:, 0]) ** 2))
+
+
+def rosen_grad64(v):
+    pr = np.asarray(v, np.float64).reshape(-1, 2)
+    g = np.empty_like(pr)
+    g[:, 0] = -400.0 * pr[:, 0] * (pr[:, 1] - pr[:, 0] ** 2) - 2.0 * (1.0 - pr[:, 0])
+    g[:, 1] = 200.0 * (pr[:, 1] - pr[:, 0] ** 2)
+    return g.ravel()
+
+
+X0 = np.zeros(SHAPE, np.float32)
+X0_RAND = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+X0_ROSEN = np.tile(np.float32([-1.2, 1.0]), N // 2).reshape(SHAPE)  # the classic start
+
+LBFGS = ("jaxopt_lbfgs", "optax_lbfgs")
+MAXITER = 100
+SETTINGS = {
+    "jaxopt_lbfgs": solvers.Settings(name="jaxopt_lbfgs", maxiter=MAXITER),
+    "optax_lbfgs": solvers.Settings(name="optax_lbfgs", maxiter=MAXITER),
+    "adam": solvers.Settings(name="adam", maxiter=300, learning_rate=0.05),
+}
+
+_PROGRAMS: dict = {}
+
+
+def solve(s: solvers.Settings, p: dict, x0=X0, chunk: int | None = None, **kw):
+    """minimize with a program compiled once per (settings, chunk length) for the module."""
+    chunk = chunk or s.maxiter
+    if s.name == "scipy_lbfgsb":
+        return solvers.minimize(s, fun, jnp.asarray(x0), (p,), chunk=chunk, **kw)
+    key = (s, chunk)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = solvers.compile_program(s, fun, jnp.asarray(X0), (problem(),), chunk)
+    return solvers.minimize(s, fun, jnp.asarray(x0), (p,), chunk=chunk, compiled=_PROGRAMS[key],
+                            **kw)
+
+
+def check_history(res, n_iter: int, x0=X0):
+    """Rows iter 0..n, one per iteration plus the start, each with the objective's terms."""
+    assert [r["iter"] for r in res.history] == list(range(n_iter + 1))
+    assert res.iterations == n_iter
+    for r in res.history:
+        assert {"total", "quad", "rosen", "seconds"} <= set(r)
+        assert np.isfinite(r["total"])
+    assert res.history[0]["quad"] == pytest.approx(quad64(x0), rel=1e-5, abs=1e-6)
+    # The last row describes the returned x.
+    assert res.history[-1]["quad"] == pytest.approx(quad64(res.x), rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("name", [*LBFGS, "adam"])
+def test_quadratic_matches_linear_solve(name):
+    s = SETTINGS[name]
+    res = solve(s, problem(), X0_RAND)
+    assert res.status == "done"
+    assert res.x.shape == SHAPE and res.x.dtype == np.float32
+    check_history(res, s.maxiter, X0_RAND)
+    assert res.evals >= res.iterations
+    err = np.linalg.norm(res.x.ravel() - X_STAR) / np.linalg.norm(X_STAR)
+    assert err < (1e-3 if name == "adam" else 1e-4)
+    # Loss values in the history decrease overall and reach the true minimum.
+    assert res.history[-1]["total"] == pytest.approx(quad_min64(), rel=1e-5)
+    if name != "adam":
+        totals = [r["total"] for r in res.history]
+        assert all(b <= a + 1e-5 * abs(a) for a, b in zip(totals, totals[1:]))  # monotone
+
+
+@pytest.mark.parametrize("name", LBFGS)
+def test_rosenbrock_matches_scipy(name):
+    ref = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64), jac=rosen_grad64,
+                                  method="L-BFGS-B", options={"maxiter": 1000})
+    assert ref.success and np.allclose(ref.x, 1.0, atol=1e-3)
+    res = solve(SETTINGS[name], problem(wq=0.0, wr=1.0), X0_ROSEN)
+    assert res.status == "done"
+    np.testing.assert_allclose(res.x.ravel(), ref.x, atol=5e-3)
+    assert res.history[-1]["rosen"] < 1e-4 * res.history[0]["rosen"]
+
+
+def test_scipy_lbfgsb_rounds_quadratic_and_rosenbrock():
+    s = solvers.Settings(name="scipy_lbfgsb", rounds=5, maxfun=30)
+    res = solve(s, problem(), X0_RAND)
+    assert res.status == "done"
+    check_history(res, 5, X0_RAND)  # one row per round
+    assert np.linalg.norm(res.x.ravel() - X_STAR) / np.linalg.norm(X_STAR) < 1e-3
+    assert res.evals >= 5
+
+    ref = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64), jac=rosen_grad64,
+                                  method="L-BFGS-B")
+    res = solve(s, problem(wq=0.0, wr=1.0), X0_ROSEN)
+    np.testing.assert_allclose(res.x.ravel(), ref.x, atol=5e-3)
+
+    # Fewer evaluations per round: stops short of the minimum.
+    short = solve(solvers.Settings(name="scipy_lbfgsb", rounds=1, maxfun=3), problem(), X0_RAND)
+    check_history(short, 1, X0_RAND)
+    assert short.history[-1]["total"] - quad_min64() > 1e-2
+
+
+def test_scipy_lbfgsb_clips_between_rounds():
+    b = 500.0 * B32  # the unconstrained minimum lies far outside [-127, 127]
+    x_star = np.linalg.solve(A32.astype(np.float64), b.astype(np.float64))
+    assert np.abs(x_star).max() > 127
+    res = solve(solvers.Settings(name="scipy_lbfgsb", rounds=3, maxfun=20), problem(b=b))
+    assert np.abs(res.x).max() == pytest.approx(127.0)
+    assert res.history[-1]["quad"] == pytest.approx(quad64(res.x, b), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- chunks and stops
+
+
+@pytest.mark.parametrize("name", LBFGS)
+def test_chunking_does_not_change_the_result(name):
+    s = SETTINGS[name]
+    whole = solve(s, problem(), X0_RAND, chunk=MAXITER)
+    calls = []
+    pieces = solve(s, problem(), X0_RAND, chunk=7,
+                   on_chunk=lambda x, rows: calls.append([r["iter"] for r in rows]))
+    np.testing.assert_array_equal(pieces.x, whole.x)
+    assert [r["total"] for r in pieces.history] == [r["total"] for r in whole.history]
+    assert pieces.evals == whole.evals and pieces.iterations == whole.iterations == MAXITER
+    # on_chunk sees each chunk's rows: 14 full chunks of 7 and a last one of 2.
+    assert [len(c) for c in calls] == [7] * 14 + [2]
+    assert calls[0] == list(range(1, 8)) and calls[-1] == [99, 100]
+
+
+@pytest.mark.parametrize("name", LBFGS)
+def test_on_chunk_true_interrupts(name):
+    s = SETTINGS[name]
+    seen = []
+
+    def on_chunk(x, rows):
+        seen.append(np.array(x))
+        return len(seen) == 2
+
+    res = solve(s, problem(), X0_RAND, chunk=7, on_chunk=on_chunk)
+    assert res.status == "interrupted"
+    assert len(seen) == 2
+    check_history(res, 14, X0_RAND)
+    np.testing.assert_array_equal(res.x, seen[-1])
+    whole = solve(s, problem(), X0_RAND, chunk=MAXITER)
+    assert [r["total"] for r in res.history] == [r["total"] for r in whole.history[:15]]
+
+
+def test_tol_stops_early_converged():
+    s = solvers.Settings(name="jaxopt_lbfgs", maxiter=MAXITER, tol=1e-3)
+    res = solve(s, problem(), X0_RAND)
+    assert res.status == "converged"
+    assert 1 <= res.iterations < MAXITER
+    check_history(res, res.iterations, X0_RAND)
+
+    def grad_norm(x):
+        v = np.asarray(x, np.float64).ravel()
+        return np.linalg.norm(A32.astype(np.float64) @ v - B32)
+
+    assert grad_norm(res.x) <= 1e-3 * grad_norm(X0_RAND) * 1.01
+    # It stopped at the first such iterate: one iteration fewer (same program, the iteration
+    # count is the host's) is not converged yet.
+    fewer = dataclasses.replace(s, maxiter=res.iterations - 1)
+    prev = solvers.minimize(fewer, fun, jnp.asarray(X0_RAND), (problem(),), chunk=MAXITER,
+                            compiled=_PROGRAMS[(s, MAXITER)])
+    assert prev.status == "done" and prev.iterations == res.iterations - 1
+    assert grad_norm(prev.x) > 1e-3 * grad_norm(X0_RAND)
+
+
+# --------------------------------------------------------------------------- tiny gradients
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-12])
+@pytest.mark.parametrize("name", LBFGS)
+def test_tiny_gradients_still_make_progress(name, scale):
+    """The post's normalization makes losses and gradients tiny: default settings must still
+    move x and cut the loss by a large factor within 30 iterations. (At 1e-12, jaxopt's own
+    first step, of length |g|, would leave x unchanged in float32: this needs the unit-length
+    first step that solvers._jaxopt sets up.)"""
+    p = problem(scale=scale)
+    res = solve(SETTINGS[name], p, X0_RAND)
+    gap0 = quad64(X0_RAND) - quad_min64()
+    row30 = res.history[30]
+    assert row30["iter"] == 30
+    assert row30["total"] == pytest.approx(scale * row30["quad"], rel=1e-5)
+    assert (row30["quad"] - quad_min64()) < 1e-4 * gap0
+    assert np.abs(res.x - X0_RAND).max() > 0.1
+    assert np.linalg.norm(res.x.ravel() - X_STAR) / np.linalg.norm(X_STAR) < 1e-3
+
+
+def test_scipy_pgtol_default_does_not_move_on_tiny_gradients():
+    """scipy's default pgtol=1e-5 stops at once when every gradient component is below it, as
+    in the post; pgtol=0 (our default) moves."""
+    p = problem(scale=1e-9)
+    stuck = solve(solvers.Settings(name="scipy_lbfgsb", rounds=2, maxfun=20, pgtol=1e-5), p,
+                  X0_RAND)
+    np.testing.assert_array_equal(stuck.x, X0_RAND)
+    assert len({r["total"] for r in stuck.history}) == 1
+    moved = solve(solvers.Settings(name="scipy_lbfgsb", rounds=2, maxfun=20), p, X0_RAND)
+    gap0 = quad64(X0_RAND) - quad_min64()
+    assert quad64(moved.x) - quad_min64() < 1e-2 * gap0
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize(
+    ("name", "val"),
+    [("adam", np.nan), ("adam", -np.inf), ("jaxopt_lbfgs", -np.inf), ("optax_lbfgs", -np.inf),
+     ("scipy_lbfgsb", -np.inf)],
+)
+def test_non_finite_loss_fails_with_last_finite_x(name, val):
+    """The objective turns non-finite once x[K] passes half way to its optimum. Line searches
+    reject NaN and +inf trial points (see the next test), so they are given -inf, which passes
+    the sufficient-decrease test."""
+    s = SETTINGS.get(name) or solvers.Settings(name=name, rounds=5)
+    t = np.float32(X_STAR[K] / 2)
+    res = solve(s, problem(t=t, val=val), X0)
+    assert res.status == "failed"
+    assert "non-finite" in res.error or str(val) in res.error
+    assert np.all(np.isfinite(res.x))
+    assert res.x.ravel()[K] <= t
+    total, _ = fun(jnp.asarray(res.x), problem(t=t, val=val))
+    assert np.isfinite(float(total))
+    # History holds the finite steps only, the last of them being the returned x.
+    assert [r["iter"] for r in res.history] == list(range(len(res.history)))
+    assert all(np.isfinite(r["total"]) for r in res.history)
+    assert res.history[-1]["total"] == pytest.approx(float(total), rel=1e-6)
+    if name == "adam":
+        assert res.iterations > 3  # it failed after some good steps
+        assert res.iterations == len(res.history)  # ... and the failed one has no row
+
+
+@pytest.mark.parametrize("name", LBFGS)
+def test_lbfgs_line_search_stays_out_of_nan_region(name):
+    t = np.float32(X_STAR[K] / 2)
+    res = solve(SETTINGS[name], problem(t=t, val=np.nan), X0)
+    assert res.status == "done"
+    assert np.all(np.isfinite(res.x)) and res.x.ravel()[K] <= t
+    assert res.history[-1]["total"] < res.history[0]["total"]
