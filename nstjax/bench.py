@@ -178,7 +178,7 @@ def _flops(compiled: Any) -> float | None:
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         f = float(ca.get("flops", 0.0))
         return f if f > 0 else None
-    except Exception:  # noqa: BLE001 -- optional per backend
+    except Exception:  # optional per backend
         return None
 
 
@@ -188,7 +188,7 @@ def _program_bytes(compiled: Any) -> dict:
         total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                  - m.alias_size_in_bytes)
         return {"program_bytes": int(total), "program_temp_bytes": int(m.temp_size_in_bytes)}
-    except Exception:  # noqa: BLE001 -- optional per backend
+    except Exception:  # optional per backend
         return {"program_bytes": None, "program_temp_bytes": None}
 
 
@@ -196,7 +196,7 @@ def peak_memory_bytes() -> int | None:
     """Peak bytes in use on the first device so far in this process (None on CPU)."""
     try:
         stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001
+    except Exception:  # no statistics on this backend
         return None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
@@ -385,13 +385,15 @@ class TorchCase:
         return _now() - t
 
     def solve(self, iters: int) -> dict:
-        """`iters` iterations of torch.optim.LBFGS (strong Wolfe line search, history 10)."""
+        """`iters` iterations of torch.optim.LBFGS (strong Wolfe line search, history 10).
+
+        The first step has unit length, as in `solvers` (jaxopt's gamma = 1/|g|): PyTorch's own
+        first step, min(1, 1/|g|_1) * lr along -g, changes the post's loss (~1, gradients ~1e-4)
+        by less than float32 resolves, and the line search then stops without progress.
+        """
         torch = self.torch
         # L-BFGS views the gradient flat: the image must be in the default (NCHW) format.
         x = self.x0.contiguous().clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=iters, max_eval=25 * iters,
-                                tolerance_grad=0.0, tolerance_change=0.0, history_size=10,
-                                line_search_fn="strong_wolfe")
         evals = 0
 
         def closure() -> Any:
@@ -406,7 +408,17 @@ class TorchCase:
             initial = float(self.loss(x))
         self.sync()
         t = _now()
-        opt.step(closure)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=0.0,
+                                tolerance_change=0.0, history_size=10,
+                                line_search_fn="strong_wolfe")
+        closure()
+        g = x.grad.detach()
+        g1, g2 = float(g.abs().sum()), float(g.norm())
+        opt.param_groups[0]["lr"] = 1.0 / (g2 * min(1.0, 1.0 / g1)) if g2 > 0 else 1.0
+        opt.step(closure)  # iteration 1: step length 1
+        if iters > 1:  # the rest continue from the same state, with PyTorch's own steps
+            opt.param_groups[0].update(lr=1.0, max_iter=iters - 1, max_eval=25 * iters)
+            opt.step(closure)
         self.sync()
         secs = _now() - t
         with torch.no_grad():

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -64,20 +66,19 @@ def _min_side(layers: list[str] | tuple[str, ...]) -> tuple[str, int]:
     return deepest, 2 ** (vgg16.block(deepest) - 1)
 
 
-def _check_side(wh: tuple[int, int], layers, what: str) -> None:
+def _check_side(wh: tuple[int, int], layers, what: str, fix: str) -> None:
     name, need = _min_side(layers)
     if min(wh) < need:
-        raise UserError(f"{what}: {wh[0]}x{wh[1]} pixels, but layer {name} needs at least {need} "
-                        "on each side")
+        raise UserError(f"{what} {wh[0]}x{wh[1]} pixels, but layer {name} needs at least {need} "
+                        f"on each side; {fix}")
 
 
 def style_size(cfg: Config, content_wh: tuple[int, int]) -> tuple[int, int]:
     """(W, H) of the style images: the content's size times `style_scale`."""
     s = cfg.style_scale
     wh = (max(1, round(content_wh[0] * s)), max(1, round(content_wh[1] * s)))
-    _check_side(wh, cfg.loss.style_layers,
-                f"style_scale {s:g} makes the style images {wh[0]}x{wh[1]}; raise style_scale or "
-                "image.size. The style images are")
+    _check_side(wh, cfg.loss.style_layers, f"style_scale {s:g} makes the style images",
+                "raise style_scale or image.size")
     if wh[0] * wh[1] > cfg.image.max_pixels:
         raise UserError(f"style_scale {s:g}: the style images would be {wh[0]}x{wh[1]} pixels, "
                         f"over image.max_pixels ({cfg.image.max_pixels}); lower style_scale")
@@ -182,7 +183,7 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     content = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
     h, w = content.shape[1:3]
     _check_side((w, h), cfg.loss.content_layers + cfg.loss.style_layers,
-                "the content image (raise image.size) is")
+                "the content image is", "raise image.size")
     content_rgb = image.deprocess_float(content)
     swh = style_size(cfg, (w, h))
     styles = _styles(cfg, swh, content_rgb)
@@ -247,7 +248,8 @@ def scale_sizes(cfg: Config, final_wh: tuple[int, int]) -> list[tuple[int, int]]
             raise UserError(f"multiscale: two scales are both {a[0]}x{a[1]}; use a larger "
                             "multiscale.factor or fewer steps")
     _check_side(sizes[0], cfg.loss.content_layers + cfg.loss.style_layers,
-                "multiscale: the coarsest scale is")
+                "multiscale: the coarsest scale is",
+                "use larger multiscale.sizes, or a smaller factor or fewer steps")
     return sizes
 
 
@@ -293,96 +295,101 @@ def run_multiscale(cfg: Config, out: str | Path | None = None, *, quiet: bool = 
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    mp = cfg.image.max_pixels
-    final = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
+    run.check_out(out, parent)
+    final = image.load(cfg.content, cfg.image.size, cfg.image.resample,
+                       max_pixels=cfg.image.max_pixels)
     sizes = scale_sizes(cfg, (final.shape[2], final.shape[1]))
     iters = scale_iters(cfg, len(sizes))
     params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
     problem = run.build(scale_config(cfg, sizes[0], iters[0]), params, winfo)
     d = run.make_run_dir(out, cfg, parent)
     run.write_atomic(d / "config.yaml", dump(cfg))
-    record = run.start_record(cfg, problem)
-    record["content_size"] = list(sizes[-1])
-    record["scales"] = []
-    run.write_atomic(d / "run.json", _json(record))
+    record = {**run.start_record(cfg, problem), "content_size": list(sizes[-1]), "scales": []}
+    run.write_atomic(d / "run.json", json.dumps(record, indent=2))
 
-    flag: dict = {}
-    history: list[dict] = []
-    total = {"evals": 0, "compile": 0.0, "solve": 0.0, "iters": 0}
-    res = solvers.Result(x=np.asarray(problem.x0))
-    bar = tqdm(total=sum(iters), disable=quiet, unit="it", dynamic_ncols=True)
-    with run.stop_on_signals(flag):
-        for i, (wh, n) in enumerate(zip(sizes, iters), 1):
-            cfg_i = scale_config(cfg, wh, n)
-            if i > 1:
-                problem = run.build(cfg_i, params, winfo)
-                problem.x0 = jnp.asarray(upsample(res.x, wh))
-            s = cfg_i.solver.settings()
-            chunk = run.chunk_size(cfg_i)
-            args = (problem.params, problem.targets, problem.weights)
-            compiled, compile_s = None, 0.0
-            if s.name in solvers.COMPILED:
-                t = time.perf_counter()
-                compiled, hit = run.program(problem.spec, s, problem.x0, args, chunk)
-                compile_s = 0.0 if hit else time.perf_counter() - t
-            prior = list(history)
-            shift = _shift(i, total)
-
-            def on_chunk(x, rows, i=i, n=n, problem=problem, shift=shift):
-                history.extend(shift(r) for r in rows)
-                bar.update(len(rows))
-                it = rows[-1]["iter"] if rows else 0
-                every = cfg.output.save_every
-                if every and it and it % every == 0 and it < n:
-                    image.save(d / f"scale{i}_iter_{it:06d}.{cfg.output.format}",
-                               run.visible(problem, x), bits=cfg.output.bits)
-                run.write_atomic(d / "history.csv", run.history_csv(history, MULTISCALE_COLUMNS))
-                run.write_atomic(d / "last.npy", _npy_bytes(x))
-                return bool(flag.get("signal"))
-
-            res = solvers.minimize(s, losses.objective(problem.spec), problem.x0, args,
-                                   chunk=chunk, on_chunk=on_chunk, compiled=compiled)
-            history[:] = prior + [shift(r) for r in res.history]
-            total["evals"] += res.evals
-            total["compile"] += max(res.compile_seconds, compile_s)
-            total["solve"] += res.solve_seconds
-            total["iters"] += res.iterations
-            record["scales"].append({
-                "scale": i, "size": list(wh), "iterations": res.iterations,
-                "evaluations": res.evals, "status": res.status,
-                "compile_seconds": round(max(res.compile_seconds, compile_s), 4),
-                "solve_seconds": round(res.solve_seconds, 4),
-                "initial_total": res.history[0]["total"], "final_total": res.history[-1]["total"]})
-            if flag.get("signal") or res.status in ("failed", "interrupted"):
-                break
-            if i < len(sizes):
-                image.save(d / f"scale{i}_final.{cfg.output.format}", run.visible(problem, res.x),
-                           bits=cfg.output.bits)
-    bar.close()
-    whole = solvers.Result(x=res.x, history=history, evals=total["evals"],
-                           iterations=total["iters"], status=res.status,
-                           compile_seconds=total["compile"], solve_seconds=total["solve"],
-                           error=res.error)
-    if flag.get("signal") and whole.status != "failed":
+    ctx = {"d": d, "cfg": cfg, "flag": {}, "history": [], "record": record,
+           "total": {"evals": 0, "compile": 0.0, "solve": 0.0, "iters": 0},
+           "bar": tqdm(total=sum(iters), disable=quiet, unit="it", dynamic_ncols=True,
+                       file=sys.stderr)}
+    res, done, crash = solvers.Result(x=np.asarray(problem.x0)), problem, None
+    with run.stop_on_signals(ctx["flag"]):
+        try:
+            for i, (wh, n) in enumerate(zip(sizes, iters), 1):
+                cfg_i = scale_config(cfg, wh, n)
+                if i > 1:
+                    problem = run.build(cfg_i, params, winfo)
+                    problem.x0 = jnp.asarray(upsample(res.x, wh))
+                res, done = _solve_scale(ctx, i, cfg_i, problem), problem
+                if ctx["flag"].get("signal") or res.status in ("failed", "interrupted"):
+                    break
+                if i < len(sizes):
+                    image.save(d / f"scale{i}_final.{cfg.output.format}",
+                               run.visible(problem, res.x), bits=cfg.output.bits)
+        except KeyboardInterrupt:  # a second signal: stop now, with the last finished image
+            ctx["flag"].setdefault("signal", signal.SIGINT)
+        except Exception as e:  # recorded in run.json, then re-raised
+            crash = e
+    ctx["bar"].close()
+    t = ctx["total"]
+    whole = solvers.Result(x=res.x, history=ctx["history"], evals=t["evals"],
+                           iterations=t["iters"], status=res.status, compile_seconds=t["compile"],
+                           solve_seconds=t["solve"], error=res.error)
+    if ctx["flag"].get("signal") and whole.status != "failed":
         whole.status = "interrupted"
-    record["signal"] = flag.get("signal")
+    if crash is not None:
+        text = str(crash).strip().splitlines()
+        whole.status, whole.error = "failed", f"{type(crash).__name__}: {text[0] if text else ''}"
+    record["signal"] = ctx["flag"].get("signal")
     run.write_atomic(d / "last.npy", _npy_bytes(res.x))
-    run.finish(d, cfg, whole, record, t_start, post=problem.post, columns=MULTISCALE_COLUMNS)
+    run.finish(d, cfg, whole, record, t_start, post=done.post, columns=MULTISCALE_COLUMNS)
+    if crash is not None:
+        raise crash
     return run.RunResult(d, whole, record)
 
 
-def _shift(scale: int, total: dict):
-    """Row -> row of the whole run: scale number, iterations and seconds continued."""
+def _solve_scale(ctx: dict, i: int, cfg_i: Config, problem: run.Problem) -> solvers.Result:
+    """Solve one scale of a multi-scale run; history rows go on from the earlier scales'."""
+    d, cfg, history, total = ctx["d"], ctx["cfg"], ctx["history"], ctx["total"]
+    s = cfg_i.solver.settings()
+    n = s.rounds if s.name == "scipy_lbfgsb" else s.maxiter
+    chunk = run.chunk_size(cfg_i)
+    args = (problem.params, problem.targets, problem.weights)
+    compiled, compile_s = None, 0.0
+    if s.name in solvers.COMPILED:
+        t = time.perf_counter()
+        compiled, hit = run.program(problem.spec, s, problem.x0, args, chunk)
+        compile_s = 0.0 if hit else time.perf_counter() - t
+    prior = list(history)
     it0, t0 = total["iters"], total["solve"]
 
     def shift(r: dict) -> dict:
-        return {**r, "scale": scale, "iter": r["iter"] + it0, "seconds": r["seconds"] + t0}
+        return {**r, "scale": i, "iter": r["iter"] + it0, "seconds": r["seconds"] + t0}
 
-    return shift
+    def on_chunk(x: np.ndarray, rows: list[dict]) -> bool:
+        history.extend(shift(r) for r in rows)
+        ctx["bar"].update(len(rows))
+        it, every = (rows[-1]["iter"] if rows else 0), cfg.output.save_every
+        if every and it and it % every == 0 and it < n:
+            image.save(d / f"scale{i}_iter_{it:06d}.{cfg.output.format}",
+                       run.visible(problem, x), bits=cfg.output.bits)
+        run.write_atomic(d / "history.csv", run.history_csv(history, MULTISCALE_COLUMNS))
+        run.write_atomic(d / "last.npy", _npy_bytes(x))
+        return bool(ctx["flag"].get("signal"))
 
-
-def _json(record: dict) -> str:
-    return json.dumps(record, indent=2)
+    res = solvers.minimize(s, losses.objective(problem.spec), problem.x0, args, chunk=chunk,
+                           on_chunk=on_chunk, compiled=compiled)
+    history[:] = prior + [shift(r) for r in res.history]
+    compile_s = max(res.compile_seconds, compile_s)
+    total["evals"] += res.evals
+    total["compile"] += compile_s
+    total["solve"] += res.solve_seconds
+    total["iters"] += res.iterations
+    ctx["record"]["scales"].append({
+        "scale": i, "size": [problem.content.shape[2], problem.content.shape[1]],
+        "iterations": res.iterations, "evaluations": res.evals, "status": res.status,
+        "compile_seconds": round(compile_s, 4), "solve_seconds": round(res.solve_seconds, 4),
+        "initial_total": res.history[0]["total"], "final_total": res.history[-1]["total"]})
+    return res
 
 
 def _npy_bytes(x: np.ndarray) -> bytes:

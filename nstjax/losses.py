@@ -93,9 +93,11 @@ def masked_gram(f: jax.Array, m: jax.Array, normalization: str = "seed") -> jax.
     """
     _, h, w, c = f.shape
     flat = f.reshape(h * w, c).astype(jnp.float32)
-    m2 = jnp.square(m.astype(jnp.float32)).reshape(m.shape[0], h * w, 1)
-    g = jnp.einsum("spi,pj->sij", m2 * flat, flat, precision=jax.lax.Precision.HIGHEST)
-    area = jnp.maximum(jnp.sum(m2, axis=(1, 2)), 1e-6)[:, None, None]
+    mf = m.astype(jnp.float32).reshape(m.shape[0], h * w, 1)
+    # One Gram per mask: a batched "spi,pj->sij" einsum is ~50x slower on XLA:CPU.
+    g = jnp.stack([jnp.einsum("pi,pj->ij", flat * ms, flat * ms,
+                              precision=jax.lax.Precision.HIGHEST) for ms in mf])
+    area = jnp.maximum(jnp.sum(jnp.square(mf), axis=(1, 2)), 1e-6)[:, None, None]
     return g / (c * area) if normalization == "seed" else g * (h * w / area)
 
 

@@ -67,11 +67,9 @@ def _jaxopt(s: Settings, fun: Callable):
     def init(x, args):
         st = solver.init_state(x, *args)
         g = _norm(st.grad)
-        # First step moves the largest pixel by at most 1 level: jaxopt's default (gamma 1, step
-        # <= 1) barely moves when gradients are tiny, as they are with the post's normalization,
-        # and then L-BFGS curvature pairs are rounding noise.
-        gmax = jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in jax.tree.leaves(st.grad)]))
-        gamma = jnp.where(gmax > 0, 1.0 / gmax, 1.0).astype(st.gamma.dtype)
+        # First step of unit length, as scipy's L-BFGS-B takes: jaxopt's default (gamma 1, step
+        # <= 1) barely moves when gradients are tiny, as they are with the post's normalization.
+        gamma = jnp.where(g > 0, 1.0 / g, 1.0).astype(st.gamma.dtype)
         return st._replace(gamma=gamma), st.aux, g, st.num_fun_eval
 
     def step(x, st, args, value):

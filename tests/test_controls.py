@@ -25,6 +25,9 @@ W, H = 48, 32
 LIGHT = {"content_layers": ["block2_conv2"],
          "style_layers": ["block1_conv2", "block2_conv2", "block3_conv2"],
          "style_weights": [1.0, 1.0, 1.0]}
+# Adam makes steady progress from the first step; jaxopt's L-BFGS can idle for several
+# iterations from a near-zero start, which makes short solves erratic.
+ADAM = {"name": "adam", "learning_rate": 8.0}
 
 
 # ---------------------------------------------------------------- fixtures and references
@@ -59,7 +62,7 @@ def _home(tmp_path, monkeypatch):
 def make_cfg(files, **extra) -> config.Config:
     raw = {"content": str(files["content"]), "style": str(files["style"]),
            "image": {"size": [W, H]}, "model": {"weights": "random"}, "loss": dict(LIGHT),
-           "solver": {"maxiter": 10}}
+           "solver": dict(ADAM, maxiter=10)}
     return config.validate(config.merge(raw, extra))
 
 
@@ -274,7 +277,7 @@ def test_style_masks_put_each_style_in_its_region(files, tmp_path):
     swapping the masks (same compiled program: masks are arguments) swaps the colours."""
     extra = {"content": str(files["gray"]), "style": [str(files["red"]), str(files["blue"])],
              "init": "content", "loss": dict(LIGHT, style_to_content_ratio=1e4),
-             "solver": {"maxiter": 30}}
+             "solver": dict(ADAM, maxiter=40)}
     sides = {}
     for name, masks in (("red_left", ["left", "right"]), ("red_right", ["right", "left"])):
         cfg = make_cfg(files, **extra, masks={"style": [str(files[m]) for m in masks]})
@@ -284,37 +287,46 @@ def test_style_masks_put_each_style_in_its_region(files, tmp_path):
         sides[name] = (red_minus_blue[:, : W // 2 - 4].mean(),
                        red_minus_blue[:, W // 2 + 4 :].mean())
     (a_left, a_right), (b_left, b_right) = sides["red_left"], sides["red_right"]
-    assert a_left > 50 and a_right < -50 and b_left < -50 and b_right > 50, sides
+    assert a_left > 100 and a_right < -100 and b_left < -100 and b_right > 100, sides
     p = run.build(cfg)
     assert p.spec.style_masks == 2
     assert p.targets["style"]["block1_conv2"].shape == (2, 64, 64)
     assert p.targets["style_masks"]["block3_conv2"].shape == (2, H // 4, W // 4, 1)
 
 
-def test_multiscale_reaches_the_target_size_with_a_lower_loss(files, tmp_path, capsys):
-    """Coarse to fine (24 px, then 48 px) vs one scale, the same 20 iterations in all."""
+def test_multiscale_beats_one_scale_with_the_same_iterations(files, tmp_path):
+    """Coarse to fine from YAML through the CLI: 24 px then 48 px, 10 Adam iterations each,
+    against 20 iterations at 48 px only: the final size is the target, the upsampled 24 px
+    result starts the 48 px scale far below the noise start, and the final loss is lower.
+
+    (Measured on random weights at this size: lower in 5 seeds out of 5 with Adam at
+    learning rate 4. With jaxopt's L-BFGS, whose restart at each scale idles for a few
+    iterations, a 10 + 10 split does not beat 20 single-scale iterations at 48 px.)
+    """
     p = tmp_path / "ms.yaml"
     p.write_text(yaml.safe_dump({
         "content": str(files["content"]), "style": str(files["style"]),
-        "image": {"size": W}, "model": {"weights": "random"}, "loss": LIGHT,
-        "solver": {"maxiter": 20}, "multiscale": {"sizes": [W // 2]}}))
-    assert cli.main(["run", str(p), "--out", str(tmp_path / "ms"), "--quiet"]) == 0
-    single = run.run(config.load(p, ["multiscale.sizes=null"]), tmp_path / "one", quiet=True)
+        "image": {"size": [W, H]}, "model": {"weights": "random"}, "loss": LIGHT,
+        "solver": dict(ADAM, learning_rate=4.0, maxiter=20), "multiscale": {"sizes": [W // 2]}}))
     d = tmp_path / "ms"
+    assert cli.main(["run", str(p), "--out", str(d), "--quiet"]) == 0
     assert Image.open(d / "final.png").size == (W, H)
     assert Image.open(d / "scale1_final.png").size == (W // 2, H // 2)
+    assert np.load(d / "last.npy").shape == (1, H, W, 3)
     rec = json.loads((d / "run.json").read_text())
+    assert rec["status"] == "done" and rec["content_size"] == [W, H]
     assert [s["size"] for s in rec["scales"]] == [[W // 2, H // 2], [W, H]]
     assert [s["iterations"] for s in rec["scales"]] == [10, 10] and rec["iterations"] == 20
     with open(d / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["scale", *run.HISTORY_COLUMNS]
-    assert (rows[-1]["scale"], rows[-1]["iter"]) == ("2", "20") and len(rows) == 22
-    ms_final = rec["final_loss"]["total"]
-    one_final = single.result.history[-1]["total"]
-    assert ms_final < one_final, (ms_final, one_final)
-    assert np.load(d / "last.npy").shape == (1, H, W, 3)
-    capsys.readouterr()
+    assert list(rows[0]) == ["scale", *run.HISTORY_COLUMNS] and len(rows) == 22
+    assert [(r["scale"], r["iter"]) for r in rows[10:13]] == [("1", "10"), ("2", "10"),
+                                                              ("2", "11")]
+    single = run.run(config.load(p, ["multiscale.sizes=null"]), tmp_path / "one", quiet=True)
+    noise_start, one_final = single.result.history[0]["total"], single.result.history[-1]["total"]
+    fine_start, ms_final = float(rows[11]["total"]), rec["final_loss"]["total"]
+    assert fine_start < 0.6 * noise_start, (fine_start, noise_start)
+    assert ms_final < 0.9 * one_final, (ms_final, one_final)
 
 
 # ---------------------------------------------------------------- output options
@@ -345,3 +357,19 @@ def test_exif_orientation_applied_and_16_bit_output_without_metadata(files, tmp_
     assert got.size == (H, W) and not got.getexif()
     want = np.asarray(ImageOps.exif_transpose(Image.open(jpg)).convert("RGB"), np.float64)
     assert np.abs(np.asarray(got.convert("RGB"), np.float64) - want).max() <= 1.0
+
+
+def test_multiscale_sizes_and_iterations(files):
+    cfg = make_cfg(files, image={"size": 400}, solver={"maxiter": 100},
+                   multiscale={"factor": 2, "steps": 3})
+    assert controls.scale_sizes(cfg, (400, 300)) == [(100, 75), (200, 150), (400, 300)]
+    assert controls.scale_iters(cfg, 3) == [33, 33, 34]  # the remainder to the finest
+    cfg = make_cfg(files, multiscale={"sizes": [100, 200], "maxiter": [5, 6, 7]})
+    assert controls.scale_sizes(cfg, (400, 300)) == [(100, 75), (200, 150), (400, 300)]
+    assert controls.scale_iters(cfg, 3) == [5, 6, 7]
+    with pytest.raises(UserError, match="not below the final size 400"):
+        controls.scale_sizes(make_cfg(files, multiscale={"sizes": [400]}), (400, 300))
+    with pytest.raises(UserError, match="coarsest scale is 4x3 pixels, but layer block3_conv2"):
+        controls.scale_sizes(make_cfg(files, multiscale={"sizes": [4]}), (400, 300))
+    with pytest.raises(UserError, match="style_scale 0.1 makes the style images 5x3"):
+        run.build(make_cfg(files, style_scale=0.1))

@@ -402,3 +402,11 @@ def test_resume_after_a_killed_sweep(tmp_path, home):
     assert json.loads((first / "run.json").read_text())["started"] == started
     assert sorted(os.listdir(out / "cells")) == [f"ratio-{i}" for i in range(1, 6)]
     assert {r["status"] for r in summary(out).values()} == {"done"}
+
+
+@pytest.mark.parametrize("name, cells, groups", [
+    ("ratio", 8, 1), ("pooling", 2, 2), ("content_layer", 2, 2), ("style_weights", 6, 1)])
+def test_shipped_sweeps_plan(name, cells, groups):
+    sw, c, g = prepared(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    assert (len(c), len(g)) == (cells, groups)
+    assert all(x.cfg is not None and x.cfg.model.weights == "hed" for x in c)
