@@ -487,7 +487,7 @@ def _content_hw(cfg: Config, cache: dict) -> tuple[int, int]:
     from nstjax import run
 
     im = cfg.image
-    key = (cfg.content, cfg.style, _canon(im.size), im.resample, im.max_pixels)
+    key = (cfg.content, tuple(cfg.styles), _canon(im.size), im.resample, im.max_pixels)
     if key not in cache:
         try:
             content, _ = run.load_images(cfg)
