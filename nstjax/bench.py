@@ -172,6 +172,13 @@ def _stats(times: Sequence[float]) -> dict:
             "evals_per_second": round(1e3 / med, 3) if ms else None, "repeats": len(ms)}
 
 
+def _per(seconds: float, iterations: int, evals: int) -> dict:
+    """ms per evaluation and per iteration, evaluations per iteration, of one solve."""
+    return {"ms_per_eval": round(1e3 * seconds / max(evals, 1), 4),
+            "ms_per_iteration": round(1e3 * seconds / max(iterations, 1), 4),
+            "evals_per_iteration": round(evals / max(iterations, 1), 3)}
+
+
 def _flops(compiled: Any) -> float | None:
     try:
         ca = compiled.cost_analysis()
@@ -271,7 +278,7 @@ def jax_solve(case: JaxCase, iters: int, chunk: int) -> dict:
     res = solvers.minimize(s, fun, case.x, case.args, chunk=chunk, compiled=(init_c, chunk_c))
     return {"solver": s.name, "iterations": res.iterations, "evaluations": res.evals,
             "compile_seconds": round(compile_s, 4), "solve_seconds": round(res.solve_seconds, 4),
-            "ms_per_eval": round(1e3 * res.solve_seconds / max(res.evals, 1), 4),
+            **_per(res.solve_seconds, res.iterations, res.evals),
             "initial_loss": res.history[0]["total"], "final_loss": res.history[-1]["total"],
             "status": res.status, "host_transfer_ops": host_transfer_ops(chunk_c)}
 
@@ -425,7 +432,7 @@ class TorchCase:
             final = float(self.loss(x))
         it = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
         return {"solver": "torch.optim.LBFGS", "iterations": it, "evaluations": evals,
-                "solve_seconds": round(secs, 4), "ms_per_eval": round(1e3 * secs / evals, 4),
+                "solve_seconds": round(secs, 4), **_per(secs, it, evals),
                 "initial_loss": initial, "final_loss": final}
 
     def peak_memory_bytes(self) -> int | None:
