@@ -1,15 +1,23 @@
-"""The `nstjax` command: a thin layer over the API. User mistakes exit 2 with one line."""
+"""The `nstjax` command: a thin layer over the API. User mistakes exit 2 with one line.
 
-import argparse
-import importlib
+Only the standard library's signal and sys and nstjax.errors are imported at module level:
+`main` installs its signal handlers first and imports the rest (JAX takes a second or more)
+inside the guarded region, so a signal at any moment ends the command with one line and
+128 + its number. A signal that is ignored when nstjax starts (SIGINT in a background job of a
+non-interactive shell, SIGHUP under nohup) stays ignored.
+"""
+
 import signal
 import sys
 
-from nstjax.errors import UserError
+from nstjax.errors import UserError, cut
+
+MAX_MESSAGE = 2000  # characters of one error line
 
 
-def _cache(a: argparse.Namespace) -> None:
+def _cache(a) -> None:
     from nstjax import run
+
 
     if not a.no_compile_cache:
         try:
@@ -35,8 +43,9 @@ def _report(r, cfg) -> int:
     return r.exit_code
 
 
-def _run(a: argparse.Namespace) -> int:
+def _run(a) -> int:
     from nstjax import config, run
+
 
     cfg = config.load(a.config, a.overrides)
     _cache(a)
@@ -44,16 +53,18 @@ def _run(a: argparse.Namespace) -> int:
     return _report(r, cfg)
 
 
-def _resume(a: argparse.Namespace) -> int:
+def _resume(a) -> int:
     from nstjax import config, run
+
 
     _cache(a)
     r = run.resume(a.run_dir, a.overrides, quiet=a.quiet)
     return _report(r, config.load(r.dir / "config.yaml"))
 
 
-def _weights(a: argparse.Namespace) -> int:
+def _weights(a) -> int:
     from nstjax import weights
+
 
     if a.wcmd == "list":
         for s in weights.sources():
@@ -67,7 +78,11 @@ def _weights(a: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser():
+    """The argparse parser (imports the sweep and bench modules, and so JAX)."""
+    import argparse
+    import importlib
+
     p = argparse.ArgumentParser(prog="nstjax", description="Neural style transfer in JAX.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -120,12 +135,64 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM outside a run's own handlers (e.g. while loading): exit 143, nothing written."""
 
 
-def _on_term(_signum, _frame):
-    raise _Terminated
+class _HungUp(KeyboardInterrupt):
+    """SIGHUP (terminal or ssh session closed) outside a run's own handlers: exit 129."""
 
 
-def main(argv: list[str] | None = None) -> int:
+_RAISE = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: _Terminated}
+if hasattr(signal, "SIGHUP"):
+    _RAISE[signal.SIGHUP] = _HungUp
+_SAY = {KeyboardInterrupt: "interrupted", _Terminated: "terminated", _HungUp: "hung up"}
+_pending: list[int] = []  # signals received by main's handlers during this command
+_defer = [True]  # while importing: record signals only (raising inside an import can crash)
+
+
+def _on_signal(signum: int, _frame) -> None:
+    _pending.append(signum)
+    if not _defer[0]:
+        raise _RAISE[signum]
+
+
+def _install() -> dict:
+    """Handlers for SIGINT, SIGTERM, SIGHUP (those not ignored); returns the previous ones."""
+    old = {}
+    for sig in _RAISE:
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by whoever started us: keep it
+                continue
+            old[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return old
+
+
+def _checkpoint() -> None:
+    """Raise for a signal recorded but not raised (during the imports, or swallowed)."""
+    if _pending:
+        raise _RAISE[_pending[0]]
+
+
+def _stopped(signum: int) -> int:
+    print(f"nstjax: {_SAY[_RAISE[signum]]}", file=sys.stderr)
+    return 128 + signum
+
+
+def _one_line(text: object) -> str:
+    return cut(" ".join(str(text).split("\n")), MAX_MESSAGE)
+
+
+def _main(argv: list[str] | None) -> int:
+    # The heavy imports (JAX, h5py, ...), with signals recorded but not raised: an exception
+    # raised inside an extension module's import can be swallowed, leave a half-made module
+    # (ImportError later) or crash the interpreter. The command stops right after them.
+    _defer[0] = True
     p = parser()
+    import nstjax.config
+    import nstjax.run
+    import nstjax.weights  # noqa: F401
+
+    _defer[0] = False
+    _checkpoint()
     args, extra = p.parse_known_args(argv)
     # Overrides may follow options (`run x.yaml --quiet solver.maxiter=5`).
     if hasattr(args, "overrides") and all(not e.startswith("-") for e in extra):
@@ -133,27 +200,48 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        old_term = signal.signal(signal.SIGTERM, _on_term)
-    except ValueError:  # not the main thread
-        old_term = None
-    try:
         return args.fn(args)
     except UserError as e:
-        print(f"nstjax: error: {e}", file=sys.stderr)
+        print(f"nstjax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment (a file, the disk), not a bug: one line
-        where = f": {e.filename}" if e.filename else ""
-        print(f"nstjax: error: {e.strerror or e}{where}", file=sys.stderr)
+        where = f": {cut(str(e.filename), 200)}" if e.filename else ""
+        print(f"nstjax: error: {_one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("nstjax: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("nstjax: interrupted", file=sys.stderr)
-        return 130
+
+
+def _unraisable(info) -> None:
+    """Quiet for our own signal's exception where Python cannot raise it (a gc callback, a
+    __del__): `_pending` still records it and main stops at its next checkpoint."""
+    if _pending and isinstance(info.exc_value, KeyboardInterrupt):
+        return
+    _hook[0](info)
+
+
+_hook = [sys.unraisablehook]
+
+
+def main(argv: list[str] | None = None) -> int:
+    _pending.clear()
+    _defer[0] = True
+    old = _install()
+    _hook[0], sys.unraisablehook = sys.unraisablehook, _unraisable
+    try:
+        code = _main(argv)
+        # A signal seen by these handlers whose exception something swallowed: still its exit.
+        return _stopped(_pending[0]) if _pending else code
+    except KeyboardInterrupt as e:
+        if _pending:
+            return _stopped(_pending[0])
+        return _stopped(next((s for s, c in _RAISE.items() if c is type(e)), signal.SIGINT))
+    except BaseException:
+        if _pending:  # e.g. an ImportError from a module whose import the signal cut short
+            return _stopped(_pending[0])
+        raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        sys.unraisablehook = _hook[0]
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

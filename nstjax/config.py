@@ -1,14 +1,17 @@
 """Run configuration: a typed schema, YAML loading, dotted overrides, one-line errors."""
 
+import dataclasses
 import difflib
+import math
+import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nstjax import solvers
-from nstjax.errors import UserError
+from nstjax.errors import PREVIEW, UserError, cut, preview
 from nstjax.weights import VGG16_CONVS
 
 LAYERS = tuple(name for name, _, _ in VGG16_CONVS)
@@ -17,28 +20,39 @@ INITS = ("noise", "content", "style")
 POST_STYLE_LAYERS = [f"block{i}_conv2" for i in range(1, 6)]
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
 
+# Sane maxima: a config or override past them is a mistake (or an attack), refused before use.
+MAX_NODES = 10_000  # values in one YAML document or override value, aliases expanded
+MAX_DEPTH = 50  # nesting of one YAML document or override value
+MAX_KEY_PARTS = 8  # parts of a dotted override key
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ITER = 10_000_000  # iterations, rounds, evaluations per round, chunk lengths
+MAX_SIDE = 65_536  # pixels on one side (image.size, multiscale.sizes)
+MAX_PIXELS = 1 << 32
+MAX_SCALES = 32
+MAX_STYLES = 64
+MAX_STYLE_SCALE = 100.0
+MAX_FACTOR = 1024.0
+
+NonNeg = Annotated[float, Field(ge=0)]
+Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
+Iters = Annotated[int, Field(ge=0, le=MAX_ITER)]
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field, list items included, is finite (one place).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ImageCfg(_Strict):
-    size: int | list[int | None] = Field(
+    size: Side | list[Side | None] = Field(
         default=256, description="[W, H] (one may be null to keep aspect) or the longer side")
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bicubic"
-    max_pixels: int = Field(default=40_000_000, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0, le=MAX_PIXELS)
 
     @field_validator("size")
     @classmethod
     def _size(cls, v):
-        if isinstance(v, int):
-            if v < 16:
-                raise ValueError("must be at least 16 pixels")
-            return v
-        if len(v) != 2 or all(s is None for s in v):
+        if isinstance(v, list) and (len(v) != 2 or all(s is None for s in v)):
             raise ValueError("must be [W, H] (one of them may be null) or one number")
-        if any(s is not None and s < 16 for s in v):
-            raise ValueError("each side must be at least 16 pixels")
         return v
 
 
@@ -51,10 +65,13 @@ class ModelCfg(_Strict):
 
 class LossCfg(_Strict):
     normalization: Literal["seed", "gatys"] = "seed"
-    content_layers: list[str] = Field(default_factory=lambda: ["block4_conv2"], min_length=1)
-    content_weights: list[float] | None = None
-    style_layers: list[str] = Field(default_factory=lambda: list(POST_STYLE_LAYERS), min_length=1)
-    style_weights: list[float] = Field(default_factory=lambda: list(POST_STYLE_WEIGHTS))
+    content_layers: list[str] = Field(
+        default_factory=lambda: ["block4_conv2"], min_length=1, max_length=len(LAYERS))
+    content_weights: list[NonNeg] | None = Field(default=None, max_length=len(LAYERS))
+    style_layers: list[str] = Field(
+        default_factory=lambda: list(POST_STYLE_LAYERS), min_length=1, max_length=len(LAYERS))
+    style_weights: list[NonNeg] = Field(
+        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
     style_to_content_ratio: float = Field(default=15.0, gt=0)
     tv_weight: float = Field(default=0.0, ge=0)
 
@@ -63,19 +80,12 @@ class LossCfg(_Strict):
     def _layers(cls, v):
         for n in v:
             if n not in LAYERS:
-                near = difflib.get_close_matches(n, LAYERS, 1)
+                near = difflib.get_close_matches(n, LAYERS, 1) if len(n) < 100 else []
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ValueError(
-                    f"{n!r} is not a VGG16 conv layer{hint}; valid: {', '.join(LAYERS)}")
+                    f"{preview(n)} is not a VGG16 conv layer{hint}; valid: {', '.join(LAYERS)}")
         if len(set(v)) != len(v):
             raise ValueError("lists a layer twice")
-        return v
-
-    @field_validator("style_weights", "content_weights")
-    @classmethod
-    def _weights(cls, v):
-        if v is not None and any(w < 0 for w in v):
-            raise ValueError("weights must be >= 0")
         return v
 
     @model_validator(mode="after")
@@ -94,22 +104,28 @@ class LossCfg(_Strict):
 
 class SolverCfg(_Strict):
     name: Literal[solvers.NAMES] = solvers.DEFAULT  # type: ignore[valid-type]
-    maxiter: int = Field(default=200, ge=0)
-    history_size: int = Field(default=10, ge=1)
-    maxls: int = Field(default=20, ge=1)
+    maxiter: Iters = 200
+    history_size: int = Field(default=10, ge=1, le=1000)
+    maxls: int = Field(default=20, ge=1, le=1000)
     tol: float = Field(default=0.0, ge=0)
     learning_rate: float = Field(default=5.0, gt=0)
-    rounds: int = Field(default=10, ge=1)
-    maxfun: int = Field(default=20, ge=1)
+    rounds: int = Field(default=10, ge=1, le=MAX_ITER)
+    maxfun: int = Field(default=20, ge=1, le=MAX_ITER)
     pgtol: float = Field(default=0.0, ge=0)
     factr: float = Field(default=0.0, ge=0)
+    maxevals: int = Field(default=0, ge=0, le=100 * MAX_ITER,
+                          description="stop after this many loss evaluations (0: no limit)")
 
     def settings(self) -> solvers.Settings:
-        return solvers.Settings(**self.model_dump())
+        # Only the fields solvers.Settings has (maxevals arrives there separately).
+        known = {f.name for f in dataclasses.fields(solvers.Settings)}
+        return solvers.Settings(**{k: v for k, v in self.model_dump().items() if k in known})
 
 
 class OutputCfg(_Strict):
-    save_every: int = Field(default=0, ge=0)
+    save_every: Iters = 0
+    progress_every: Iters = Field(
+        default=0, description="progress line every N iterations (0: once per chunk)")
     bits: Literal[8, 16] = 8
     format: Literal["png", "jpg"] = "png"
 
@@ -128,18 +144,21 @@ class ColorCfg(_Strict):
 
 class MasksCfg(_Strict):
     style: list[str] | None = Field(
-        default=None, description="one mask image per style image; white = that style's region")
+        default=None, max_length=MAX_STYLES,
+        description="one mask image per style image; white = that style's region")
     content: str | None = Field(
         default=None, description="white = stylize, black = keep the content's pixels")
 
 
 class MultiscaleCfg(_Strict):
-    sizes: list[int] | None = Field(
-        default=None, description="longer sides of the coarser scales, ascending; "
-        "the last scale is always image.size")
-    factor: float | None = Field(default=None, gt=1, description="size ratio between scales")
-    steps: int | None = Field(default=None, ge=1, description="number of scales, final included")
-    maxiter: int | list[int] | None = Field(
+    sizes: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = Field(
+        default=None, max_length=MAX_SCALES - 1, description="longer sides of the coarser "
+        "scales, ascending; the last scale is always image.size")
+    factor: float | None = Field(
+        default=None, gt=1, le=MAX_FACTOR, description="size ratio between scales")
+    steps: int | None = Field(
+        default=None, ge=1, le=MAX_SCALES, description="number of scales, final included")
+    maxiter: Iters | list[Iters] | None = Field(
         default=None, description="iterations per scale (one number or one per scale); "
         "null splits solver.maxiter (solver.rounds for scipy_lbfgsb) evenly")
 
@@ -149,17 +168,8 @@ class MultiscaleCfg(_Strict):
         if v is not None:
             if not v:
                 raise ValueError("give at least one size, or null for a single scale")
-            if any(s < 1 for s in v):
-                raise ValueError("sizes must be positive")
             if any(b <= a for a, b in zip(v, v[1:])):
                 raise ValueError("sizes must be strictly ascending")
-        return v
-
-    @field_validator("maxiter")
-    @classmethod
-    def _maxiter(cls, v):
-        if v is not None and any(n < 0 for n in (v if isinstance(v, list) else [v])):
-            raise ValueError("iterations must be >= 0")
         return v
 
     @model_validator(mode="after")
@@ -168,8 +178,16 @@ class MultiscaleCfg(_Strict):
             raise ValueError("give either sizes or factor and steps, not both")
         if (self.factor is None) != (self.steps is None):
             raise ValueError("factor and steps go together (e.g. factor: 2, steps: 3)")
+        if self.factor is not None and (self.steps - 1) * math.log2(self.factor) > math.log2(
+                MAX_SIDE):
+            raise ValueError(f"factor {self.factor:g} over {self.steps} steps shrinks the coarsest "
+                             f"scale by more than {MAX_SIDE}x (under 1 pixel): use a smaller "
+                             "factor or fewer steps")
         n = self.count
-        if isinstance(self.maxiter, list) and n and len(self.maxiter) != n:
+        if self.maxiter is not None and not n:
+            raise ValueError("maxiter is set but multi-scale is off: set multiscale.sizes or "
+                             "factor and steps (steps >= 2), or drop multiscale.maxiter")
+        if isinstance(self.maxiter, list) and len(self.maxiter) != n:
             raise ValueError(f"maxiter has {len(self.maxiter)} values for {n} scales: "
                              "give one per scale (the final one included) or one number")
         return self
@@ -184,13 +202,15 @@ class MultiscaleCfg(_Strict):
 
 class Config(_Strict):
     content: str
-    style: str | list[str]
-    style_blend: list[float] | None = Field(
-        default=None, description="weight of each style's Grams in the target (normalized)")
+    style: str | Annotated[list[str], Field(max_length=MAX_STYLES)]
+    style_blend: list[NonNeg] | None = Field(
+        default=None, max_length=MAX_STYLES,
+        description="weight of each style's Grams in the target (normalized)")
     style_scale: float = Field(
-        default=1.0, gt=0, description="style image size relative to the content's")
+        default=1.0, gt=0, le=MAX_STYLE_SCALE,
+        description="style image size relative to the content's")
     init: str = "noise"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="PRNG seed, 0 <= seed < 2**32")
     image: ImageCfg = Field(default_factory=ImageCfg)
     model: ModelCfg = Field(default_factory=ModelCfg)
     loss: LossCfg = Field(default_factory=LossCfg)
@@ -215,8 +235,10 @@ class Config(_Strict):
             if len(b) != n:
                 raise ValueError(f"style_blend has {len(b)} values but style lists {n} "
                                  "image(s): give one weight per style image")
-            if any(w < 0 for w in b) or sum(b) <= 0:
-                raise ValueError("style_blend: weights must be >= 0 and not all 0")
+            total = sum(b)
+            if not 0 < total < math.inf:
+                raise ValueError(f"style_blend: weights must be >= 0, not all 0, with a finite "
+                                 f"sum (got sum {total:g}): scale them (only ratios matter)")
         m = self.masks.style
         if m is not None:
             if len(m) != n:
@@ -233,6 +255,71 @@ class Config(_Strict):
         return [self.style] if isinstance(self.style, str) else list(self.style)
 
 
+# --------------------------------------------------------------------------- bounded YAML
+
+
+class _TooBig(Exception):
+    """A YAML document that nests or (through aliases) expands past the limits."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing a document nested deeper than MAX_DEPTH while composing it and
+    one whose aliases expand past MAX_NODES values (or refer to themselves) before building it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = self._nodes = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        self._nodes += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooBig(f"nests more than {MAX_DEPTH} levels deep")
+            if self._nodes > MAX_NODES:
+                raise _TooBig(f"has more than {MAX_NODES} values")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded(node, {}, set(), 1)
+        return node
+
+
+def _expanded(node: yaml.Node, memo: dict[int, int], active: set[int], depth: int) -> int:
+    """Values in `node` with every alias expanded: each distinct node is visited once."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _TooBig("has an alias inside the value it names (a loop)")
+    if depth > MAX_DEPTH:
+        raise _TooBig(f"nests more than {MAX_DEPTH} levels deep (aliases expanded)")
+    total = 1
+    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+        active.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else [
+            n for pair in node.value for n in pair]
+        for child in children:
+            total += _expanded(child, memo, active, depth + 1)
+            if total > MAX_NODES:
+                raise _TooBig(f"expands to more than {MAX_NODES} values (anchors & and "
+                              "aliases * repeat them): write it out plainly")
+        active.discard(key)
+    memo[key] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+# --------------------------------------------------------------------------- paths
+
+
 def _is_path_value(key: str, value: Any) -> bool:
     if not isinstance(value, str) or not value:
         return False
@@ -244,11 +331,17 @@ def _is_path_value(key: str, value: Any) -> bool:
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
-    if isinstance(value, list) and key in ("content", "style", "masks.style"):
-        return [_resolve(key, v, base) for v in value]
+    if isinstance(value, list) and key in LIST_PATH_KEYS:
+        if len(value) > MAX_STYLES:
+            raise UserError(f"{key}: lists {len(value)} images; at most {MAX_STYLES}")
+        return [_resolve(key, v, base) if isinstance(v, str) else v for v in value]
     if _is_path_value(key, value):
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
+        try:
+            return str(p if p.is_absolute() else (base / p).resolve())
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise UserError(f"{key}: {preview(value)}: cannot resolve the path ({e}); "
+                            "fix the link or give another path") from None
     return value
 
 
@@ -265,12 +358,13 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         nxt = d.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise UserError(f"override {dotted}: {part} is not a section")
+            raise UserError(f"override {preview(dotted)}: {preview(part)} is not a section")
         d = nxt
     d[parts[-1]] = value
 
 
 PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content")
+LIST_PATH_KEYS = ("content", "style", "masks.style")
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
@@ -282,20 +376,37 @@ def resolve_paths(raw: dict, base: Path) -> dict:
     return raw
 
 
+def _override_value(key: str, text: str) -> Any:
+    """A path key's value is the raw text (`content=a #1.png`), except that an empty value is
+    null and `style=[a.png, b.png]` is a YAML list; any other key's value is YAML."""
+    if key in PATH_KEYS and not (key in LIST_PATH_KEYS and text.lstrip().startswith("[")):
+        return text or None
+    if not text.strip():
+        return None
+    try:
+        return _load_yaml(text)
+    except _TooBig as e:
+        raise UserError(f"override {key}: the value {e}") from None
+    except yaml.YAMLError:
+        raise UserError(f"override {key}: value {preview(text)} is not valid YAML") from None
+
+
 def parse_overrides(items: list[str], base: Path | None = None) -> dict:
-    """`a.b=value` strings (values parsed as YAML) into a nested dict; paths relative to `base`."""
+    """`a.b=value` strings into a nested dict, values parsed as YAML except a path key's (the
+    raw text: see _override_value); paths relative to `base`."""
     out: dict = {}
     base = base or Path.cwd()
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
-        if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
-            raise UserError(f"bad override {item!r}: write key=value, e.g. solver.maxiter=50")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"override {key}: value {text!r} is not valid YAML") from None
-        _set(out, key, _resolve(key, value, base))
+        parts = key.split(".")
+        if len(parts) > MAX_KEY_PARTS:
+            raise UserError(f"bad override {preview(item)}: the key has {len(parts)} dotted "
+                            f"parts; config keys have at most 2 (e.g. solver.maxiter)")
+        if not sep or not key or any(not p.isidentifier() for p in parts):
+            raise UserError(f"bad override {preview(item)}: write key=value, "
+                            "e.g. solver.maxiter=50")
+        _set(out, key, _resolve(key, _override_value(key, text), base))
     return out
 
 
@@ -308,17 +419,28 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file (safe loader), with the line of any syntax error."""
+    """A YAML mapping from a file (safe loader, bounded size), with the line of any syntax error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config ({e.strerror or e}); check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path}: not a regular file; give a YAML config file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {st.st_size} bytes is too large for a config "
+                        f"(at most {MAX_CONFIG_BYTES}); is it the right file?")
+    try:
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
+    except _TooBig as e:
+        raise UserError(f"{path}: the YAML {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: YAML error{where}: {problem}") from None
+        raise UserError(f"{path}: YAML error{where}: {cut(problem)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config: {e}") from None
     if raw is None:
@@ -326,6 +448,9 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a YAML mapping of keys to values")
     return raw
+
+
+# --------------------------------------------------------------------------- errors
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -338,20 +463,34 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _pick(errors: list[dict]) -> dict:
+    """The first error; of a union's errors for that field, the one that got deepest (the
+    member matching the value's type: `image.size: [8, 8]` is about the list, not the int)."""
+    first = errors[0]
+    field = _field_loc(tuple(str(p) for p in first["loc"]))
+    same = [e for e in errors if _field_loc(tuple(str(p) for p in e["loc"])) == field]
+    return max(same, key=lambda e: len(e["loc"]))
+
+
 def _message(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
-    loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
-    key = ".".join(loc) or "config"
+    e = _pick(err.errors())
     if e["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(loc[-1], _fields_at(loc), 1)
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(preview(p) if len(p) > PREVIEW else p for p in loc)
+        near = difflib.get_close_matches(loc[-1], _fields_at(loc), 1) if len(loc[-1]) < 100 else []
         prefix = ".".join(loc[:-1])
         hint = f" (did you mean {prefix + '.' if prefix else ''}{near[0]}?)" if near else ""
         return f"{source}: unknown key {key}{hint}"
+    loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
+    key = ".".join(loc) or "config"
     if e["type"] == "missing":
         return f"{source}: missing key {key}: set it in the config or as {key}=..."
-    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "finite_number":
+        msg = "must be a finite number (not NaN or infinity)"
+    else:
+        msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) and value is not None else ""
+    shown = f" (got {preview(value)})" if not isinstance(value, dict) and value is not None else ""
     loc = _field_loc(loc)  # drop union member tags such as `str` in `style.str`
     return f"{source}: {'.'.join(loc)}: {msg}{shown}" if loc else f"{source}: {msg}{shown}"
 

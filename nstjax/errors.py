@@ -1,5 +1,24 @@
 """The one exception type for user mistakes: the CLI prints it as one line and exits 2."""
 
+import reprlib
+
+PREVIEW = 60  # characters of a user's value echoed in an error
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = PREVIEW
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
+_repr.maxlevel = 3
+
 
 class UserError(Exception):
     """Bad input from the user (file, config key, value): message names it and says what to do."""
+
+
+def cut(text: str, limit: int = PREVIEW) -> str:
+    """`text` cut to `limit` characters (ending in ...)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def preview(value: object) -> str:
+    """A short repr of a value of any size or depth, for echoing in a one-line error."""
+    return cut(_repr.repr(value))

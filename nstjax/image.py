@@ -1,4 +1,5 @@
-"""Image I/O and pixel-space transforms: reading, resizing, VGG "caffe" pre/deprocessing, saving.
+"""Image I/O and pixel-space transforms: reading, resizing, VGG "caffe" pre/deprocessing, saving,
+colour (YCbCr, luminance, histogram matching) and mask images.
 
 Arrays in *preprocessed space* are float32, shaped (1, H, W, 3), BGR order with ``MEAN_BGR``
 subtracted (Keras ``vgg16.preprocess_input``, mode "caffe"). Pillow is used only at the edges.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets
 import struct
 import warnings
 import zlib
@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from nstjax.errors import UserError
+from nstjax.runtime import npy_bytes, write_atomic
 
 MEAN_BGR = (103.939, 116.779, 123.68)
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 40_000_000  # the config's image.max_pixels default
 MIN_SIDE = 2
 
 RESAMPLE = {
@@ -58,13 +59,24 @@ _YCBCR_INV = np.linalg.inv(_YCBCR)
 
 def _check_file(path: Path) -> None:
     """Raise UserError if ``path`` is not an existing, readable, non-empty regular file."""
-    if not path.exists():
-        raise UserError(f"{path}: file not found; check the path")
-    if path.is_dir():
+    import stat  # here: this helper's edits stay inside it
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; check the path") from None
+    except OSError as e:  # a symlink loop, a name too long, ...
+        from nstjax.errors import cut
+
+        raise UserError(f"{cut(str(path), 200)}: cannot open ({e.strerror or e}); check the path"
+                        ) from None
+    if stat.S_ISDIR(st.st_mode):
         raise UserError(f"{path}: is a directory; give an image file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise UserError(f"{path}: not a regular file; give an image file")
     if not os.access(path, os.R_OK):
         raise UserError(f"{path}: permission denied; make the file readable")
-    if path.stat().st_size == 0:
+    if st.st_size == 0:
         raise UserError(f"{path}: file is empty; give a valid image")
 
 
@@ -346,10 +358,9 @@ def _encode(path: Path, x: np.ndarray, bits: int) -> bytes:
         )
     if bits not in (8, 16):
         raise UserError(f"{path}: bit depth {bits} is unsupported; use 8 or 16")
-    buf = io.BytesIO()
     if ext == ".npy":
-        np.save(buf, _as_hwc(x).astype(np.float32)[None], allow_pickle=False)
-        return buf.getvalue()
+        return npy_bytes(_as_hwc(x)[None])
+    buf = io.BytesIO()
     if bits == 16:
         if ext != ".png":
             raise UserError(f"{path}: 16-bit output needs a .png file; JPEG is 8-bit only")
@@ -364,34 +375,13 @@ def _encode(path: Path, x: np.ndarray, bits: int) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"{path}: cannot write file ({e.strerror or e})") from e
-    except BaseException:  # e.g. Ctrl-C: still no temp file left behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def save(path: str | os.PathLike, x: np.ndarray, bits: int = 8) -> None:
     """Save a preprocessed array as PNG (8/16-bit), JPEG (quality 95) or raw ``.npy``, atomically.
 
     The format follows the extension; no metadata (EXIF etc.) is written.
     """
     path = Path(path)
-    _atomic_write(path, _encode(path, np.asarray(x), bits))
+    write_atomic(path, _encode(path, np.asarray(x), bits))
 
 
 # ---------------------------------------------------------------- colour
@@ -429,3 +419,37 @@ def match_histogram(src_rgb: np.ndarray, ref_rgb: np.ndarray) -> np.ndarray:
     a = _sym_pow(cov_r, 0.5) @ _sym_pow(cov_s, -0.5)
     out = (flat - mu_s) @ a.T + mu_r
     return np.clip(out, 0.0, 255.0).reshape(src.shape)
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Y (BT.601, 0..255) of RGB (..., 3), as float64 (...)."""
+    return rgb_to_ycbcr(rgb)[..., 0]
+
+
+def gray(y: np.ndarray) -> np.ndarray:
+    """Y (H, W) replicated into an RGB (H, W, 3) array."""
+    return np.repeat(np.asarray(y, np.float64)[..., None], 3, axis=-1)
+
+
+def match_luminance(y_style: np.ndarray, y_content: np.ndarray) -> np.ndarray:
+    """The style's Y shifted and scaled to the content's mean and standard deviation."""
+    sd_s = max(float(y_style.std()), 1e-6)
+    return (y_style - y_style.mean()) * (float(y_content.std()) / sd_s) + y_content.mean()
+
+
+def recolor(x: np.ndarray, content_ycc: np.ndarray) -> np.ndarray:
+    """Preprocessed x with its own Y and the content's Cb/Cr (content_ycc (H, W, 3))."""
+    y = luminance(deprocess_float(x))
+    ycc = np.concatenate([y[..., None], content_ycc[..., 1:]], axis=-1)
+    return preprocess(ycbcr_to_rgb(ycc))
+
+
+# ---------------------------------------------------------------- masks
+
+
+def load_mask(path: str, wh: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """A mask image as float32 (H, W) in 0..1 (white = 1), resized bilinearly to `wh`."""
+    img = read(path, max_pixels=max_pixels).convert("L")
+    if img.size != tuple(wh):
+        img = resize(img, wh, "bilinear")
+    return np.asarray(img, np.float32) / 255.0

@@ -7,15 +7,26 @@ Two normalizations:
 - `gatys`: the paper. Gram = F^T F; style E_l = sum((G - A)^2) / (4 N_l^2 M_l^2);
   content = 1/2 sum((F - P)^2).
 Both: total = style + content / style_to_content_ratio + tv_weight * tv.
+
+Loss kinds: `Spec.kind` names a registered pair of functions (`register`); `gram` (the post's
+Gram loss, above) is the default and `adain` (channel mean/std statistics) the worked example of
+a user-defined kind. `targets` and `objective` dispatch on it, so the kind is part of every
+compiled program's cache key (the Spec).
 """
 
-from collections.abc import Sequence
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from nstjax import vgg16
+from nstjax.errors import UserError
 
 NORMALIZATIONS = ("seed", "gatys")
 
@@ -28,12 +39,13 @@ class Spec:
     style_layers: tuple[str, ...] = tuple(f"block{i}_conv2" for i in range(1, 6))
     pooling: str = "avg"
     normalization: str = "seed"
-    precision: str = "highest"
+    precision: str = "default"  # the config's default (model.precision)
     remat: bool = False
     # Spatial control (nstjax.controls): the number of masked styles (0: one target Gram per
     # layer, no masks) and whether a content mask blends the image with the content.
     style_masks: int = 0
     content_mask: bool = False
+    kind: str = "gram"  # a registered loss kind (`kinds()`)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -126,16 +138,6 @@ def tv_loss(x: jax.Array) -> jax.Array:
     return (dx + dy) / (h * w)
 
 
-def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> dict:
-    """Targets: content features {layer: (1,h,w,c)} and style Grams {layer: (1,c,c)}."""
-    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
-    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
-    return {
-        "content": {n: fc[n] for n in spec.content_layers},
-        "style": {n: gram(fs[n], spec.normalization) for n in spec.style_layers},
-    }
-
-
 def default_weights(spec: Spec, style_weights: Sequence[float], ratio: float,
                     tv: float = 0.0, content_weights: Sequence[float] | None = None) -> dict:
     """Loss weights as a pytree of float32 scalars (an argument of the compiled program)."""
@@ -149,51 +151,228 @@ def default_weights(spec: Spec, style_weights: Sequence[float], ratio: float,
     }
 
 
-def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec) -> dict:
-    """All loss terms {total, content, style, tv} of image x (1,H,W,3), preprocessed.
+def scored_image(x: jax.Array, tgt: dict, spec: Spec) -> jax.Array:
+    """The image the loss scores: x, or m * x + (1 - m) * content with `spec.content_mask`
+    (tgt["content_mask"] = {"mask": (1,H,W,1), "image": (1,H,W,3)})."""
+    if not spec.content_mask:
+        return x
+    cm = tgt["content_mask"]
+    return cm["mask"] * x + (1.0 - cm["mask"]) * cm["image"]
 
-    With `spec.content_mask` the image scored is m * x + (1 - m) * content, from
-    tgt["content_mask"] = {"mask": (1,H,W,1), "image": (1,H,W,3)}. With `spec.style_masks`,
-    tgt["style"][layer] is (S,c,c) and tgt["style_masks"][layer] (S,h,w,1): guided Grams.
+
+def gram_targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> dict:
+    """Targets: content features {layer: (1,h,w,c)} and style Grams {layer: (1,c,c)}."""
+    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
+    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
+    return {
+        "content": {n: fc[n] for n in spec.content_layers},
+        "style": {n: gram(fs[n], spec.normalization) for n in spec.style_layers},
+    }
+
+
+def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec) -> dict:
+    """The Gram loss's terms of image x (1,H,W,3), preprocessed: total, content, style, tv and
+    `style/<layer>` (weighted; with `seed`, divided by the first style layer's size, so they sum
+    to `style`), plus `content/<layer>` when there are several content layers.
+
+    With `spec.content_mask` the image scored is `scored_image(x, tgt, spec)`. With
+    `spec.style_masks`, tgt["style"][layer] is (S,c,c) and tgt["style_masks"][layer] (S,h,w,1):
+    guided Grams.
     """
-    if spec.content_mask:
-        cm = tgt["content_mask"]
-        x = cm["mask"] * x + (1.0 - cm["mask"]) * cm["image"]
+    x = scored_image(x, tgt, spec)
     feats = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
     norm = spec.normalization
-    content = sum(
-        weights["content"][n] * content_loss(feats[n], tgt["content"][n], norm)
-        for n in spec.content_layers
-    )
-    if spec.style_masks:
-        style = sum(
-            weights["style"][n]
-            * masked_style_layer_loss(feats[n], tgt["style_masks"][n], tgt["style"][n], norm)
-            for n in spec.style_layers
-        )
-        if norm == "seed":  # as in style_loss: divided by the first style layer's size
-            _, h, w, c = feats[spec.style_layers[0]].shape
-            style = style / (h * w * c)
-    else:
-        style = style_loss(
-            [feats[n] for n in spec.style_layers],
-            [tgt["style"][n] for n in spec.style_layers],
-            [weights["style"][n] for n in spec.style_layers],
-            norm,
-        )
+    per_content = {n: weights["content"][n] * content_loss(feats[n], tgt["content"][n], norm)
+                   for n in spec.content_layers}
+    per_style = {}
+    for n in spec.style_layers:
+        if spec.style_masks:
+            e = masked_style_layer_loss(feats[n], tgt["style_masks"][n], tgt["style"][n], norm)
+        else:
+            e = style_layer_loss(feats[n], tgt["style"][n], norm)
+        per_style[n] = weights["style"][n] * e
+    if norm == "seed":  # the post divides the weighted sum by the first style layer's size
+        _, h, w, c = feats[spec.style_layers[0]].shape
+        per_style = {n: v / (h * w * c) for n, v in per_style.items()}
+    content = sum(per_content.values())
+    style = sum(per_style.values())
     tv = tv_loss(x)
     total = style + content / weights["ratio"] + weights["tv"] * tv
-    return {"total": total, "content": content, "style": style, "tv": tv}
+    terms = {"total": total, "content": content, "style": style, "tv": tv}
+    terms.update({f"style/{n}": v for n, v in per_style.items()})
+    if len(per_content) > 1:
+        terms.update({f"content/{n}": v for n, v in per_content.items()})
+    return terms
+
+
+# ---------------------------------------------------------------- the registry
+
+TargetsFn = Callable[[dict, jax.Array, jax.Array, Spec], Any]
+TermsFn = Callable[[dict, jax.Array, Any, dict, Spec], dict[str, jax.Array]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A loss kind: how to compute its targets once, and its terms of an image.
+
+    - `targets(params, content_x, style_x, spec) -> pytree`: run once per problem (jitted,
+      spec static); content_x and style_x are preprocessed (1,H,W,3). Any pytree of arrays.
+    - `terms(params, x, tgt, weights, spec) -> {name: scalar}`: traced inside the solver. Must
+      contain "total" (what is minimized); by convention also "content", "style", "tv". Every
+      entry becomes a history.csv column; per-layer terms are named like "style/block1_conv2".
+      `weights` is `default_weights(...)`: {"content": {layer: w}, "style": {layer: w},
+      "ratio": r, "tv": t}, arguments of the compiled program, never constants.
+    Both must be pure and traceable by JAX (no Python control flow on array values).
+    """
+
+    name: str
+    targets: TargetsFn
+    terms: TermsFn
+    description: str = ""
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def _forget_programs() -> None:
+    targets.clear_cache()  # the module's jitted `targets` (register's argument shadows it)
+
+
+def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str = "",
+             replace: bool = False) -> Kind:
+    """Register a loss kind under `name`, selectable as `Spec(kind=name)` / `loss.kind: name`.
+
+    A name is registered once; `replace=True` swaps in new functions (e.g. re-running a
+    notebook cell) and drops `targets`' compiled programs. Programs cached by key elsewhere
+    should include `kind(spec.kind)` (a new object after a replace) in the key.
+    """
+    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"loss kind name must be a non-empty identifier, got {name!r}")
+    if not (callable(targets) and callable(terms)):
+        raise TypeError(f"loss kind {name!r}: targets and terms must be callables")
+    if name in _KINDS and not replace:
+        raise ValueError(f"loss kind {name!r} is already registered; pass replace=True to "
+                         "replace it")
+    k = Kind(name, targets, terms, description)
+    if name in _KINDS:
+        _forget_programs()
+    _KINDS[name] = k
+    return k
+
+
+def kinds() -> tuple[str, ...]:
+    """The registered loss kinds, sorted."""
+    return tuple(sorted(_KINDS))
+
+
+def kind(name: str) -> Kind:
+    """The registered kind `name`; a UserError naming `loss.kind` and the valid kinds if none."""
+    try:
+        return _KINDS[name]
+    except (KeyError, TypeError):
+        raise UserError(
+            f"loss.kind: unknown loss kind {name!r}; registered kinds: {', '.join(kinds())} "
+            "(a custom kind must be registered with nstjax.losses.register first)") from None
+
+
+def load_plugin(ref: str, here: str | Path | None = None) -> None:
+    """Import a module that registers loss kinds: a `.py` file (relative to `here`) or a dotted
+    module name. Importing the same file twice runs it once."""
+    if ref.endswith(".py") or "/" in ref or "\\" in ref:
+        path = Path(ref).expanduser()
+        if here is not None and not path.is_absolute():
+            path = Path(here) / path
+        path = path.resolve()
+        if not path.is_file():
+            raise UserError(f"{ref}: loss plugin file not found ({path})")
+        mod_name = f"nstjax_plugin_{abs(hash(str(path))):x}"
+        if mod_name in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise UserError(f"{ref}: importing the loss plugin failed: "
+                            f"{type(e).__name__}: {e}") from None
+        return
+    try:
+        importlib.import_module(ref)
+    except Exception as e:
+        raise UserError(f"{ref}: importing the loss plugin module failed: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> Any:
+    """The targets of `spec.kind` (gram: content features and style Grams), jitted with `spec`
+    static: the one compiled targets program every caller shares (run, sweep, bench, API), so
+    the targets a documented composition computes are bit-identical to a run's."""
+    return kind(spec.kind).targets(params, content_x, style_x, spec)
+
+
+targets = jax.jit(targets, static_argnums=(3,))
 
 
 def objective(spec: Spec):
-    """fun(x, params, tgt, weights) -> (total, terms): the function solvers minimize.
-
-    Params, targets and weights are arguments, never constants of the compiled program.
-    """
+    """fun(x, params, tgt, weights) -> (total, terms): the function solvers minimize, the terms
+    of the kind `spec.kind`. Params, targets and weights are arguments, never constants of the
+    compiled program."""
+    k = kind(spec.kind)
 
     def fun(x, params, tgt, weights):
-        terms = loss_terms(params, x, tgt, weights, spec)
+        terms = k.terms(params, x, tgt, weights, spec)
+        if "total" not in terms:
+            raise ValueError(f"loss kind {k.name!r}: terms() returned {sorted(terms)}; it "
+                             "must include 'total'")
         return terms["total"], terms
 
     return fun
+
+
+register("gram", targets=gram_targets, terms=loss_terms,
+         description="the post's loss: content features, Gram matrices, TV")
+
+
+# ---------------------------------------------------------------- a second kind: AdaIN statistics
+# Registered exactly as a user would (a file named in the config, or any imported module).
+
+
+def channel_stats(f: jax.Array, eps: float = 1e-5) -> dict:
+    """Per-channel mean and std {mean, std: (N, c)} over the positions of features (N,h,w,c)."""
+    f = f.astype(jnp.float32)
+    mean = jnp.mean(f, axis=(1, 2))
+    return {"mean": mean, "std": jnp.sqrt(jnp.var(f, axis=(1, 2)) + eps)}
+
+
+def adain_targets(params, content_x, style_x, spec):
+    if spec.style_masks:
+        raise UserError("loss.kind: adain does not support masks.style; use loss.kind: gram")
+    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
+    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
+    return {"content": {n: fc[n] for n in spec.content_layers},
+            "style": {n: channel_stats(fs[n]) for n in spec.style_layers}}
+
+
+def adain_terms(params, x, tgt, weights, spec):
+    """Style per layer: w_l * |mean_x - mean_s|^2 + |std_x - std_s|^2 (over channels), relative
+    to the style's |mean_s|^2 + |std_s|^2 (scale-free: about 1 for an unrelated image)."""
+    x = scored_image(x, tgt, spec)
+    feats = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
+    per = {}
+    for n in spec.style_layers:
+        s, t = channel_stats(feats[n]), tgt["style"][n]
+        d = jnp.sum(jnp.square(s["mean"] - t["mean"]) + jnp.square(s["std"] - t["std"]))
+        ref = jnp.sum(jnp.square(t["mean"]) + jnp.square(t["std"]))
+        per[f"style/{n}"] = weights["style"][n] * d / ref
+    content = sum(weights["content"][n] * content_loss(feats[n], tgt["content"][n],
+                                                      spec.normalization)
+                  for n in spec.content_layers)
+    style, tv = sum(per.values()), tv_loss(x)
+    total = style + content / weights["ratio"] + weights["tv"] * tv
+    return {"total": total, "content": content, "style": style, "tv": tv, **per}
+
+
+register("adain", targets=adain_targets, terms=adain_terms,
+         description="AdaIN-style statistics: per-layer channel mean/std distances")

@@ -1,14 +1,18 @@
 """All solvers behind one entry point, `minimize`.
 
-Compiled solvers (`jaxopt_lbfgs`, the default; `optax_lbfgs`; `adam`) are two pure functions,
-`init(x0, args)` and `chunk(state, args, n)`: `chunk` runs up to `length` iterations inside one
-compiled `lax.scan` and returns per-iteration loss terms, so the host syncs once per chunk, and
-the state carries over exactly between chunks. `scipy_lbfgsb` is the blog post's own scheme
-(scipy `fmin_l_bfgs_b`, `maxfun` evaluations per round, clip to [-127, 127] between rounds).
+Compiled solvers (`jaxopt_lbfgs`, the default; `lbfgs`; `optax_lbfgs`; `adam`) are two pure
+functions, `init(x0, args)` and `chunk(state, args, n, length)`: `chunk` runs a compiled
+`lax.scan` of `length` steps, at most `n` iterations, and returns per-step loss terms, so the
+host syncs once per chunk, and the state carries over exactly between chunks. A step is one
+iteration, except for `lbfgs` (nstjax.lbfgs), whose step is one evaluation: an iteration when
+its line search accepts the point (the trace's `accepted` flag). `scipy_lbfgsb` is the blog
+post's own scheme (scipy `fmin_l_bfgs_b`, `maxfun` evaluations per round, clip to [-127, 127]
+between rounds).
 
 `fun(x, *args) -> (total, terms)` where terms is a dict of scalars (`total` among them).
 """
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COMPILED = ("jaxopt_lbfgs", "optax_lbfgs", "adam")
+from nstjax import lbfgs
+
+COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
 NAMES = (*COMPILED, "scipy_lbfgsb")
 DEFAULT = "jaxopt_lbfgs"
 
@@ -29,6 +35,7 @@ class Settings:
 
     name: str = DEFAULT
     maxiter: int = 200
+    maxevals: int = 0  # compiled solvers: evaluation budget (0: none); a step may overshoot it
     history_size: int = 10
     maxls: int = 20
     tol: float = 0.0  # stop when |grad| <= tol * |grad at x0| (compiled solvers)
@@ -40,13 +47,26 @@ class Settings:
     clip: float = 127.0  # scipy_lbfgsb, between rounds
 
 
+class Status(str, enum.Enum):
+    DONE = "done"  # ran maxiter iterations (or the evaluation budget)
+    CONVERGED = "converged"  # tol reached, or no further decrease possible
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass
 class Result:
     x: np.ndarray
     history: list[dict] = field(default_factory=list)
     evals: int = 0
     iterations: int = 0
-    status: str = "done"  # done | converged | failed
+    status: Status = Status.DONE
     compile_seconds: float = 0.0
     solve_seconds: float = 0.0
     error: str = ""
@@ -64,6 +84,15 @@ def _jaxopt(s: Settings, fun: Callable):
                           history_size=s.history_size, maxls=s.maxls, linesearch="zoom",
                           linesearch_init="increase")
 
+    # jaxopt's zoom line search evaluates the objective at its start point every iteration only
+    # to fill `aux` (its `init_state`, TODO there). Give it a placeholder instead: it surfaces
+    # only when the search fails and keeps the start point, and then `step` keeps our terms.
+    def placeholder(x, *args, **kwargs):
+        _, aux = jax.eval_shape(fun, x, *args, **kwargs)
+        return jnp.zeros((), x.dtype), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux)
+
+    solver.linesearch_solver._fun_with_aux = placeholder
+
     def init(x, args):
         st = solver.init_state(x, *args)
         g = _norm(st.grad)
@@ -72,9 +101,12 @@ def _jaxopt(s: Settings, fun: Callable):
         gamma = jnp.where(g > 0, 1.0 / g, 1.0).astype(st.gamma.dtype)
         return st._replace(gamma=gamma), st.aux, g, st.num_fun_eval
 
-    def step(x, st, args, value):
-        x, new = solver.update(x, st, *args)
-        return x, new, new.aux, _norm(new.grad), new.num_fun_eval - st.num_fun_eval
+    def step(x, st, args, terms):
+        x_new, new = solver.update(x, st, *args)
+        same = jnp.all(x_new == x)
+        terms = jax.tree.map(lambda a, b: jnp.where(same, a, b), terms, new.aux)
+        # The placeholder call is counted in num_fun_eval: once per iteration.
+        return x_new, new, terms, _norm(new.grad), new.num_fun_eval - st.num_fun_eval - 1
 
     return init, step
 
@@ -93,13 +125,13 @@ def _optax(s: Settings, fun: Callable):
         (_, terms), g = vg(x, *args)
         return (opt.init(x), g), terms, _norm(g), jnp.int32(1)
 
-    def step(x, st, args, value):
+    def step(x, st, args, terms):
         ost, g = st
         n = jnp.int32(1)
         if s.name == "adam":
             upd, ost = opt.update(g, ost, x)
         else:
-            upd, ost = opt.update(g, ost, x, value=value, grad=g,
+            upd, ost = opt.update(g, ost, x, value=terms["total"], grad=g,
                                   value_fn=lambda y: fun(y, *args)[0])
             n += jnp.int32(optax.tree_utils.tree_get(ost, "num_linesearch_steps"))
         x = optax.apply_updates(x, upd)
@@ -109,8 +141,54 @@ def _optax(s: Settings, fun: Callable):
     return init, step
 
 
+def _make_lbfgs(s: Settings, fun: Callable, lazy: bool = False):
+    """(init, chunk) of nstjax.lbfgs: a step is one evaluation, `n` caps accepted iterations.
+
+    With `lazy`, init does not evaluate (its program holds no objective: quick to compile) and
+    returns a state with evals == 0; the next chunk, even with n == 0, evaluates x0 first.
+    """
+    opts = lbfgs.Options(history_size=s.history_size, maxls=s.maxls)
+
+    def outer(o: lbfgs.State, g0) -> dict:
+        gn = lbfgs.norm(o.g)
+        return {"x": o.x, "opt": o, "terms": o.terms, "gnorm": gn, "g0": g0(gn), "it": o.it,
+                "evals": o.evals, "done": o.stalled, "failed": jnp.bool_(False)}
+
+    def init(x0, args) -> dict:
+        o = (lbfgs.start if lazy else lbfgs.init)(fun, x0, args, opts)
+        return outer(o, lambda gn: gn)
+
+    def advance(st, args):
+        new = outer(lbfgs.step(fun, st["opt"], args, opts),
+                    lambda gn: jnp.where(st["evals"] == 0, gn, st["g0"]))
+        if s.tol > 0:
+            new["done"] |= new["opt"].accepted & (new["gnorm"] <= s.tol * new["g0"])
+        return new
+
+    def chunk(st, args, n, length: int):
+        it0 = st["it"]
+
+        def body(st, i):
+            active = ((st["it"] - it0 < n) | (st["evals"] == 0)) & ~st["done"]
+            if s.maxevals > 0:
+                active &= st["evals"] < s.maxevals
+            st = jax.lax.cond(active, lambda: advance(st, args), lambda: st)
+            return st, {**st["terms"], "it": st["it"], "evals": st["evals"], "active": active,
+                        "accepted": active & st["opt"].accepted, "failed": st["failed"]}
+
+        return jax.lax.scan(body, st, jnp.arange(length))
+
+    return init, chunk
+
+
 def make(s: Settings, fun: Callable):
-    """Pure (init, chunk) for a compiled solver; jit, vmap and shard them as needed."""
+    """Pure (init, chunk) for a compiled solver; jit, vmap and shard them as needed.
+
+    `chunk(state, args, n, length)` scans `length` steps and stops after `n` iterations: for
+    `lbfgs` a step is one evaluation, for the others one iteration.
+    """
+    if s.name == "lbfgs":
+        return _make_lbfgs(s, fun)
     if s.name == "jaxopt_lbfgs":
         init0, step0 = _jaxopt(s, fun)
     elif s.name in ("optax_lbfgs", "adam"):
@@ -125,7 +203,7 @@ def make(s: Settings, fun: Callable):
                 "failed": jnp.bool_(False)}
 
     def advance(st, args):
-        x, opt, terms, gnorm, n = step0(st["x"], st["opt"], args, st["terms"]["total"])
+        x, opt, terms, gnorm, n = step0(st["x"], st["opt"], args, st["terms"])
         bad = ~jnp.isfinite(terms["total"]) | ~jnp.all(jnp.isfinite(x))
         done = bad | (gnorm <= s.tol * st["g0"]) if s.tol > 0 else bad
         new = {**st, "x": x, "opt": opt, "terms": terms, "gnorm": gnorm, "it": st["it"] + 1,
@@ -137,25 +215,42 @@ def make(s: Settings, fun: Callable):
     def chunk(st, args, n, length: int):
         def body(st, i):
             active = (i < n) & ~st["done"]
+            if s.maxevals > 0:
+                active &= st["evals"] < s.maxevals
             st = jax.lax.cond(active, lambda: advance(st, args), lambda: st)
             return st, {**st["terms"], "it": st["it"], "evals": st["evals"], "active": active,
-                        "failed": st["failed"]}
+                        "accepted": active, "failed": st["failed"]}
 
         return jax.lax.scan(body, st, jnp.arange(length))
 
     return init, chunk
 
 
-def rows_of(trace: dict, t0: float) -> list[dict]:
-    """Host rows {iter, total, content, style, tv, seconds} of the active steps of a trace.
+_FLAGS = ("it", "evals", "active", "accepted", "failed")
+
+
+def rows_of(trace: dict, t0: float, *, start: float | None = None,
+            evals0: int | None = None) -> list[dict]:
+    """Host rows {iter, total, content, style, tv, seconds} of the accepted steps of a trace.
 
     A step dropped for a non-finite loss or image gets no row: history holds finite steps only.
+    `seconds` is the time since t0 at the end of the chunk; given the chunk's `start` time and
+    the evaluation count `evals0` before it, rows are placed within the chunk by evaluations.
     """
     trace = jax.device_get(trace)
-    keys = [k for k in trace if k not in ("it", "evals", "active", "failed")]
-    now = time.perf_counter() - t0
-    return [{"iter": int(trace["it"][i]), **{k: float(trace[k][i]) for k in keys}, "seconds": now}
-            for i in np.flatnonzero(trace["active"] & ~trace["failed"])]
+    keys = [k for k in trace if k not in _FLAGS]
+    t1 = time.perf_counter()
+    keep = np.flatnonzero(trace.get("accepted", trace["active"]) & ~trace["failed"])
+
+    def seconds(i) -> float:
+        if start is None or evals0 is None:
+            return t1 - t0
+        n = int(trace["evals"][-1]) - evals0
+        frac = (int(trace["evals"][i]) - evals0) / n if n > 0 else 1.0
+        return start - t0 + (t1 - start) * frac
+
+    return [{"iter": int(trace["it"][i]), **{k: float(trace[k][i]) for k in keys},
+             "seconds": seconds(i)} for i in keep]
 
 
 def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Result:
@@ -184,19 +279,19 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Resu
     res.history.append({"iter": 0, **terms_at(x), "seconds": 0.0})
     rounds = s.rounds
     if on_start is not None and on_start(res.x, res.history[0]):
-        res.status, rounds = "interrupted", 0
+        res.status, rounds = Status.INTERRUPTED, 0
     for r in range(rounds):
         x, _, _ = fmin_l_bfgs_b(f, x, maxfun=s.maxfun, pgtol=s.pgtol, factr=s.factr)
         x = np.clip(x, -s.clip, s.clip)
         row = {"iter": r + 1, **terms_at(x), "seconds": time.perf_counter() - t0}
         if not np.isfinite(row["total"]):
-            res.status, res.error = "failed", f"loss became {row['total']} in round {r + 1}"
+            res.status, res.error = Status.FAILED, f"loss became {row['total']} in round {r + 1}"
             break
         res.history.append(row)
         res.x = x.reshape(shape).astype(np.float32)
         res.iterations = r + 1
         if on_chunk is not None and on_chunk(res.x, [row]):
-            res.status = "interrupted"
+            res.status = Status.INTERRUPTED
             break
     res.evals = evals
     res.solve_seconds = time.perf_counter() - t0
@@ -227,6 +322,9 @@ def minimize(
     `state0` (compiled solvers) continues from a saved state (from `keep_state=True`, which puts
     the final state in `Result.state`) instead of starting at x0; its `it` numbers the rows.
     `first_chunk` (<= chunk) shortens the first chunk, e.g. to realign snapshots on resume.
+    Chunks are `chunk` iterations long; for `lbfgs`, `chunk` evaluations that end early at the
+    iteration multiples of `chunk`. The solve stops after `s.maxiter` iterations, `s.maxevals`
+    evaluations (when > 0) or at convergence.
     """
     if s.name == "scipy_lbfgsb":
         return _minimize_scipy(s, fun, x0, args, on_chunk, on_start)
@@ -235,39 +333,50 @@ def minimize(
     compile_s = 0.0 if compiled else time.perf_counter() - t
     t0 = time.perf_counter()
     st = init_c(x0, args) if state0 is None else state0
+    if int(st["evals"]) == 0:  # a lazy init (lbfgs): evaluate x0, no iteration
+        st, _ = chunk_c(st, args, jnp.int32(0))
     res = Result(x=np.asarray(st["x"]), compile_seconds=compile_s)
     res.history.append({"iter": int(st["it"]), **{k: float(v) for k, v in st["terms"].items()},
                         "seconds": 0.0})
-    left = s.maxiter
+    it0, done_its, stop = int(st["it"]), 0, False
     if on_start is not None and on_start(res.x, res.history[0]):
-        res.status, left = "interrupted", 0
-    size = min(first_chunk or chunk, chunk)
-    while left > 0:
-        n, size = min(left, size), chunk
+        res.status, stop = Status.INTERRUPTED, True
+    # Chunks end at iteration multiples of `chunk` (after `first_chunk`), or earlier for
+    # `lbfgs` when the chunk's `chunk` evaluations run out first.
+    boundary = min(first_chunk or chunk, chunk)
+    while not stop and done_its < s.maxiter:
+        n = min(s.maxiter, boundary) - done_its
+        evals0, start = int(st["evals"]), time.perf_counter()
         st, trace = chunk_c(st, args, jnp.int32(n))
-        rows = rows_of(trace, t0)
-        left -= n
+        rows = rows_of(trace, t0, start=start, evals0=evals0)
+        done_its = int(st["it"]) - it0
+        while done_its >= boundary:
+            boundary += chunk
         res.history += rows
         res.x = np.asarray(st["x"])
         if on_chunk is not None and on_chunk(res.x, rows):
-            res.status = "interrupted"
+            res.status = Status.INTERRUPTED
             break
-        if bool(st["done"]):
-            break
+        evals = int(st["evals"])
+        stop = bool(st["done"]) or (s.maxevals > 0 and evals >= s.maxevals) or evals == evals0
     res.iterations = int(st["it"])
     res.evals = int(st["evals"])
     if bool(st["failed"]):
-        res.status, res.error = "failed", f"loss became non-finite at iteration {res.iterations}"
-    elif bool(st["done"]) and res.status != "interrupted":
-        res.status = "converged"
+        res.status = Status.FAILED
+        res.error = f"loss became non-finite at iteration {res.iterations}"
+    elif bool(st["done"]) and res.status != Status.INTERRUPTED:
+        res.status = Status.CONVERGED
     res.solve_seconds = time.perf_counter() - t0
     res.state = st if keep_state else None
     return res
 
 
 def compile_program(s: Settings, fun: Callable, x0, args, chunk: int):
-    """Ahead-of-time compiled (init, chunk) executables for these shapes."""
-    init, chunk_fn = make(s, fun)
+    """Ahead-of-time compiled (init, chunk) executables for these shapes, for `minimize`.
+
+    For `lbfgs`, init is lazy (see `_make_lbfgs`): one program holds the objective, not two.
+    """
+    init, chunk_fn = _make_lbfgs(s, fun, lazy=True) if s.name == "lbfgs" else make(s, fun)
     init_c = jax.jit(init).lower(x0, args).compile()
     st = jax.eval_shape(init, x0, args)
     chunk_j = jax.jit(chunk_fn, static_argnames=("length",), donate_argnums=(0,))

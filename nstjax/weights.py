@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import IO, Any
 import h5py
 import numpy as np
 
-from nstjax.errors import UserError
+from nstjax.errors import UserError, cut, preview
 
 Params = dict[str, dict[str, np.ndarray]]
 ConvTable = Sequence[tuple[str, int, int]]
@@ -120,10 +121,15 @@ def _atomic_write(dest: Path) -> Iterator[IO[bytes]]:
         with open(tmp, "xb") as fh:
             yield fh
         os.replace(tmp, dest)
-    except OSError as e:
-        raise UserError(f"cannot write {dest}: {e}; check permissions / disk space") from e
+    except OSError as e:  # name the destination, not the temporary file
+        raise UserError(
+            f"cannot write {dest}: {e.strerror or e}; check the folder, permissions, disk space"
+        ) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the parent is not a directory: there is no temporary file
+            pass
 
 
 def _move_aside(path: Path, why: str) -> None:
@@ -139,10 +145,29 @@ def _move_aside(path: Path, why: str) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _array(label: str, layer: str, what: str, obj: Any) -> np.ndarray:
-    if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "fiu":
+def _need(convs: ConvTable) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{layer: {"kernel": (3, 3, in, out), "bias": (out,)}} for a conv table."""
+    return {name: {"kernel": (3, 3, cin, cout), "bias": (cout,)} for name, cin, cout in convs}
+
+
+def _check_header(label: str, layer: str, what: str, shape: Any, dtype: np.dtype,
+                  need: tuple[int, ...]) -> None:
+    """Refuse a declared shape or dtype before any data is read (a small file may declare a
+    huge array)."""
+    if dtype.kind not in "fiu" or dtype.hasobject:
+        raise UserError(f"weights file {label}: layer {layer} {what} has dtype {dtype}, "
+                        "not numbers; re-create the file")
+    if shape is None or tuple(shape) != need:
+        got = "no data" if shape is None else f"shape {_shape(shape)}"
+        raise UserError(f"weights file {label}: layer {layer} has {what} {got}, "
+                        f"VGG16 needs {_shape(need)}")
+
+
+def _dataset(label: str, layer: str, what: str, obj: Any, need: tuple[int, ...]) -> Any:
+    if not isinstance(obj, h5py.Dataset):
         raise UserError(f"weights file {label}: layer {layer} {what} is not a numeric dataset")
-    return np.asarray(obj[()]).astype(np.float32, copy=False)
+    _check_header(label, layer, what, obj.shape, obj.dtype, need)
+    return obj
 
 
 def _check(label: str, params: Params, convs: ConvTable) -> Params:
@@ -181,11 +206,17 @@ def read_h5(path: str | os.PathLike[str], *, convs: ConvTable | None = None) -> 
     label, convs = str(path), _table(convs)
     if not Path(path).is_file():
         raise UserError(f"weights file {label} not found")
-    names = {name for name, _, _ in convs}
+    names = _need(convs)
     try:
         with h5py.File(path, "r") as f:
             root = _legacy_root(f)
-            raw = _read_legacy(label, root, names) if root else _read_keras3(label, f, names)
+            found = _read_legacy(label, root, names) if root else _read_keras3(label, f, names)
+            # Every dataset's header is checked (in _kernel_bias) before any is read.
+            raw = {
+                name: {w: np.asarray(ds[()]).astype(np.float32, copy=False)
+                       for w, ds in layer.items()}
+                for name, layer in found.items()
+            }
     except (OSError, RuntimeError) as e:
         raise UserError(
             f"weights file {label} is not a readable HDF5 weights file ({e}); "
@@ -204,7 +235,7 @@ def _legacy_root(f: h5py.File) -> h5py.Group | None:
     return None
 
 
-def _read_legacy(label: str, root: h5py.Group, names: set[str]) -> Params:
+def _read_legacy(label: str, root: h5py.Group, names: dict[str, Any]) -> dict[str, Any]:
     """Keras 2: each layer group lists its datasets in ``weight_names`` (kernel, then bias)."""
     found: dict[str, list[Any]] = {}
     for layer in _strings(root.attrs["layer_names"]):
@@ -223,18 +254,21 @@ def _read_legacy(label: str, root: h5py.Group, names: set[str]) -> Params:
                     "but the dataset is missing; the file is damaged"
                 )
             found.setdefault(owner, []).append(group[wname])
-    return {name: _kernel_bias(label, name, ds) for name, ds in found.items()}
+    return {name: _kernel_bias(label, name, ds, names[name]) for name, ds in found.items()}
 
 
-def _kernel_bias(label: str, name: str, datasets: list[Any]) -> dict[str, np.ndarray]:
+def _kernel_bias(
+    label: str, name: str, datasets: list[Any], need: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """The kernel and bias datasets of a layer, their shapes and dtypes checked (not read)."""
     if len(datasets) != 2:
         raise UserError(
             f"weights file {label}: layer {name} has {len(datasets)} weights, "
             "VGG16 needs a kernel and a bias"
         )
     return {
-        "kernel": _array(label, name, "kernel", datasets[0]),
-        "bias": _array(label, name, "bias", datasets[1]),
+        "kernel": _dataset(label, name, "kernel", datasets[0], need["kernel"]),
+        "bias": _dataset(label, name, "bias", datasets[1], need["bias"]),
     }
 
 
@@ -242,7 +276,7 @@ _CONV2D = re.compile(r"conv2d(?:_(\d+))?")
 _BLOCK = re.compile(r"block(\d+)")
 
 
-def _read_keras3(label: str, f: h5py.File, names: set[str]) -> Params:
+def _read_keras3(label: str, f: h5py.File, names: dict[str, Any]) -> dict[str, Any]:
     """Keras 3: any group with ``vars/0`` (kernel) and ``vars/1`` (bias), named like VGG16."""
     candidates: list[str] = []
 
@@ -257,7 +291,7 @@ def _read_keras3(label: str, f: h5py.File, names: set[str]) -> Params:
         name = _keras3_name(f[path], path, positional, names)
         if name:
             where.setdefault(name, []).append(path)
-    params: Params = {}
+    params: dict[str, Any] = {}
     for name, paths in where.items():
         if len(paths) > 1:
             raise UserError(
@@ -265,12 +299,14 @@ def _read_keras3(label: str, f: h5py.File, names: set[str]) -> Params:
                 "convert the VGG16 part on its own"
             )
         vars_ = f[paths[0]]["vars"]
-        params[name] = _kernel_bias(label, name, [vars_.get(k) for k in ("0", "1") if k in vars_])
+        params[name] = _kernel_bias(
+            label, name, [vars_.get(k) for k in ("0", "1") if k in vars_], names[name]
+        )
     return params
 
 
 def _keras3_name(
-    group: h5py.Group, path: str, positional: dict[str, str], names: set[str]
+    group: h5py.Group, path: str, positional: dict[str, str], names: dict[str, Any]
 ) -> str | None:
     """VGG16 name of a Keras 3 layer group: its own name, HED position, or ``vars`` name attr."""
     base = path.rsplit("/", 1)[-1]
@@ -282,7 +318,7 @@ def _keras3_name(
     return attr if attr in names else None
 
 
-def _hed_positions(f: h5py.File, candidates: list[str], names: set[str]) -> dict[str, str]:
+def _hed_positions(f: h5py.File, candidates: list[str], names: dict[str, Any]) -> dict[str, str]:
     """HED nesting: ``blockN/layers/conv2d, conv2d_1, ...`` -> blockN_conv1, conv2, ... in order."""
     per_block: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for path in candidates:
@@ -319,43 +355,87 @@ def save_npz(params: Params, path: str | os.PathLike[str], meta: dict[str, Any])
     return meta
 
 
+MAX_META_BYTES = 1 << 20
+
+
 def read_npz(
     path: str | os.PathLike[str], *, convs: ConvTable | None = None
 ) -> tuple[Params, dict[str, Any]]:
-    """Read an .npz written by save_npz (no pickle); return (params, meta)."""
+    """Read an .npz written by save_npz (no pickle); return (params, meta).
+
+    Each member's .npy header is read and checked (shape, dtype) before any data is loaded."""
     label, convs = str(path), _table(convs)
     if not Path(path).is_file():
         raise UserError(f"weights file {label} not found")
-    arrays = _npz_arrays(label, path)
-    meta = _npz_meta(label, arrays.pop(META_KEY, None))
-    params: Params = {}
+    headers = _npz_headers(label, path)
+    need = _need(convs)
+    layers: dict[str, set[str]] = {}
+    for key, (shape, dtype) in headers.items():
+        name, _, what = key.rpartition("/")
+        if what in ("kernel", "bias") and dtype.kind in "fiu":
+            layers.setdefault(name, set()).add(what)
+            if name in need:
+                _check_header(label, name, what, shape, dtype, need[name][what])
+    for name, whats in layers.items():
+        if len(whats) != 2:
+            raise UserError(f"weights file {label}: layer {name} needs both kernel and bias")
+    meta = headers.get(META_KEY)
+    if meta is not None and (meta[1] != np.uint8 or len(meta[0]) != 1
+                             or meta[0][0] > MAX_META_BYTES):
+        raise UserError(f"weights file {label}: unreadable {META_KEY} metadata (declares "
+                        f"{meta[1]} {_shape(meta[0])}, expected at most {MAX_META_BYTES} bytes); "
+                        "re-create it with `nstjax weights convert`")
+    want = [f"{name}/{what}" for name in need if name in layers for what in ("kernel", "bias")]
+    arrays = _npz_arrays(label, path, want + ([META_KEY] if meta is not None else []))
+    meta_dict = _npz_meta(label, arrays.pop(META_KEY, None))
+    params: Params = {name: {} for name in layers}
     for key, arr in arrays.items():
         name, _, what = key.rpartition("/")
-        if what in ("kernel", "bias") and arr.dtype.kind in "fiu":
-            params.setdefault(name, {})[what] = arr.astype(np.float32, copy=False)
-    for name, layer in params.items():
-        if len(layer) != 2:
-            raise UserError(f"weights file {label}: layer {name} needs both kernel and bias")
-    return _check(label, params, convs), meta
+        params[name][what] = arr.astype(np.float32, copy=False)
+    return _check(label, params, convs), meta_dict
 
 
-def _npz_arrays(label: str, path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    unreadable = (
-        f"weights file {label} is not a readable .npz weights file; "
-        "re-create it with `nstjax weights convert`"
-    )
+def _unreadable(label: str) -> str:
+    return (f"weights file {label} is not a readable .npz weights file; "
+            "re-create it with `nstjax weights convert`")
+
+
+def _npz_headers(label: str, path: str | os.PathLike[str]) -> dict[str, tuple[Any, np.dtype]]:
+    """{member: (shape, dtype)} from each .npy member's header, no data read."""
     if not zipfile.is_zipfile(path):
-        raise UserError(unreadable)
+        raise UserError(_unreadable(label))
+    fmt = np.lib.format
+    out: dict[str, tuple[Any, np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = fmt.read_magic(fh)
+                    read = fmt.read_array_header_1_0 if version == (1, 0) else (
+                        fmt.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+                if dtype.hasobject:
+                    raise UserError(
+                        f"weights file {label} contains pickled objects ({info.filename}), which "
+                        "nstjax refuses to load; re-create it with `nstjax weights convert`")
+                out[info.filename.removesuffix(".npy")] = (shape, dtype)
+    except (ValueError, OSError, EOFError, SyntaxError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:
+        raise UserError(f"{_unreadable(label)} ({e})") from e
+    return out
+
+
+def _npz_arrays(label: str, path: str | os.PathLike[str], keys: list[str]) -> dict[str, np.ndarray]:
+    """The members `keys` (their headers already checked)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except ValueError as e:  # numpy's refusal of object arrays, which would need pickle
-        raise UserError(
-            f"weights file {label} contains pickled objects, which nstjax refuses to load; "
-            "re-create it with `nstjax weights convert`"
-        ) from e
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise UserError(f"{unreadable} ({e})") from e
+            return {key: npz[key] for key in keys}
+    except ValueError as e:  # numpy's refusal of object arrays, or a truncated member
+        raise UserError(f"{_unreadable(label)} ({e})") from e
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{_unreadable(label)} ({e})") from e
 
 
 def _npz_meta(label: str, raw: np.ndarray | None) -> dict[str, Any]:
@@ -363,14 +443,19 @@ def _npz_meta(label: str, raw: np.ndarray | None) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"weights file {label}: unreadable {META_KEY} metadata ({e})") from e
     if not isinstance(meta, dict):
         raise UserError(f"weights file {label}: {META_KEY} metadata is not a JSON object")
-    if int(meta.get("nstjax_format", 0)) > NPZ_FORMAT:
+    fmt = meta.get("nstjax_format", 0)
+    if type(fmt) is not int:
+        raise UserError(
+            f"weights file {label}: {META_KEY} nstjax_format is {json.dumps(fmt)[:40]}, expected "
+            f"an integer (at most {NPZ_FORMAT}); re-create it with `nstjax weights convert`")
+    if fmt > NPZ_FORMAT:
         raise UserError(
             f"weights file {label} was written by a newer nstjax "
-            f"(format {meta['nstjax_format']}); upgrade nstjax"
+            f"(format {fmt}); upgrade nstjax"
         )
     return meta
 
@@ -384,6 +469,9 @@ def convert(
     """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta."""
     if Path(out_path).suffix.lower() != ".npz":
         raise UserError(f"convert output {out_path}: only .npz output is supported; name it *.npz")
+    parent = Path(out_path).parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"convert output {out_path}: {parent} is not a directory")
     params = read_h5(in_path, convs=convs)
     meta = {"source": Path(in_path).name, "sha256": sha256_file(in_path)}
     return save_npz(params, out_path, meta)
@@ -633,20 +721,33 @@ def load(source: str, *, seed: int = 0, quiet: bool = False) -> tuple[Params, di
 def _load_path(source: str) -> tuple[Params, dict[str, Any]]:
     path = Path(source).expanduser()
     kind = path.suffix.lower().lstrip(".")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as e:  # a symlink loop, a name too long, a path through a file, ...
+        raise UserError(
+            f"model.weights: {cut(source, 200)}: cannot open ({e.strerror or e}); check the path"
+        ) from None
     if kind not in ("h5", "npz"):
-        if path.exists():
-            raise UserError(f"model.weights: {source}: unsupported file type; use an .h5 or .npz")
-        near = difflib.get_close_matches(path.name, SOURCE_NAMES, 1)
+        if st is not None:
+            raise UserError(
+                f"model.weights: {cut(source, 200)}: unsupported file type; use an .h5 or .npz"
+            )
+        near = difflib.get_close_matches(path.name, SOURCE_NAMES, 1) if len(source) < 100 else []
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UserError(
-            f"model.weights: unknown source {source!r}{hint}; use one of "
+            f"model.weights: unknown source {preview(source)}{hint}; use one of "
             f"{', '.join(SOURCE_NAMES)} or a path to an .h5/.npz file"
         )
-    if not path.is_file():
+    if st is None:
         raise UserError(
-            f"model.weights: file not found: {source}; "
+            f"model.weights: file not found: {cut(source, 200)}; "
             "use imagenet, hed, random or a path to an .h5/.npz"
         )
+    if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block), a device
+        raise UserError(f"model.weights: {cut(source, 200)}: not a regular file; "
+                        "give an .h5 or .npz file")
     params = read_h5(path) if kind == "h5" else read_npz(path)[0]
     return params, _info(source, path, sha256_file(path), kind)
 

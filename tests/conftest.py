@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
+import yaml
 
 # Implicit rank promotion is an easy source of silent shape bugs. "raise" is too strict for
 # nstjax: vgg16._conv adds the (c,) bias to (N, h, w, c) activations, a legitimate broadcast,
@@ -78,3 +83,53 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+# --------------------------------------------------------------------------- the tiny run
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+# The smallest real run: 32x32, random weights, one VGG layer, Adam. The in-process runs of the
+# CLI tests use these settings, so their compiled program is shared.
+TINY = {
+    "content": str(DEMO / "content.png"),
+    "style": str(DEMO / "style.png"),
+    "image": {"size": [32, 32]},
+    "model": {"weights": "random"},
+    "loss": {"content_layers": ["block1_conv1"], "style_layers": ["block1_conv1"],
+             "style_weights": [1.0]},
+    "solver": {"name": "adam", "learning_rate": 1.0, "maxiter": 6},
+    "output": {"save_every": 2},
+}
+
+
+def write_tiny(path: Path, **changes) -> Path:
+    """TINY as YAML at `path`, with changes by key (`solver__maxiter=3`; None deletes)."""
+    raw = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        d = raw
+        for p in parents:
+            d = d.setdefault(p, {})
+        if value is None:
+            d.pop(last, None)
+        else:
+            d[last] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """cwd = tmp_path, caches under it, no network, and the tiny config as `ok.yaml`."""
+    from nstjax import weights
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
+    def offline(url, timeout):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(weights, "_urlopen", offline)
+    write_tiny(tmp_path / "ok.yaml")
+    return tmp_path

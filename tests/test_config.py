@@ -219,3 +219,115 @@ def test_dump_round_trips(write, tmp_path):
     moved.parent.mkdir()
     moved.write_text(C.dump(cfg), encoding="utf-8")
     assert C.load(moved) == cfg
+
+
+# --------------------------------------------------------------------------- limits (issue 11)
+
+
+def test_aliases_within_the_limits_still_work(write):
+    """Anchors, aliases and merge keys that stay small load as PyYAML's own safe loader does."""
+    text = MINIMAL + ("loss:\n  style_layers: &l [block1_conv1, block2_conv1]\n"
+                      "  style_weights: [1, 2]\n  content_layers: *l\n"
+                      "solver: &s {maxiter: 7, maxls: 5}\nsweep_base: {<<: *s, tol: 0.5}\n")
+    import yaml
+
+    ref = yaml.safe_load(text)
+    got = C.read_yaml(write(text))
+    assert got == ref
+    assert got["sweep_base"] == {"maxiter": 7, "maxls": 5, "tol": 0.5}
+
+
+@pytest.mark.parametrize(("values", "ok"), [(C.MAX_NODES - 100, True), (C.MAX_NODES, False)])
+def test_value_count_limit(write, values, ok):
+    path = write("content: a.png\nstyle: [" + ", ".join(["a.png"] * values) + "]\n")
+    if ok:
+        assert len(C.read_yaml(path)["style"]) == values
+    else:
+        with pytest.raises(UserError, match="more than"):
+            C.read_yaml(path)
+
+
+@pytest.mark.parametrize(("depth", "ok"), [(C.MAX_DEPTH - 1, True), (C.MAX_DEPTH + 1, False)])
+def test_nesting_limit(write, depth, ok):
+    # The document's mapping is level 1, so `x` nested `depth - 1` lists deep is at level `depth`.
+    path = write("x: " + "[" * (depth - 1) + "1" + "]" * (depth - 1) + "\n")
+    if ok:
+        v = C.read_yaml(path)["x"]
+        for _ in range(depth - 2):
+            v = v[0]
+        assert v == [1]
+    else:
+        with pytest.raises(UserError, match="levels deep"):
+            C.read_yaml(path)
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(0, True), (2**32 - 1, True), (2**32, False),
+                                          (-1, False), (2**70, False)])
+def test_seed_range(write, seed, ok):
+    if ok:
+        assert C.load(write(MINIMAL), [f"seed={seed}"]).seed == seed
+    else:
+        assert "seed" in error_of(write(MINIMAL), [f"seed={seed}"])
+
+
+@pytest.mark.parametrize("factor", [2.0, 1.5, 16.0, 1.0001])
+def test_multiscale_factor_steps_bound(write, factor):
+    """factor**(steps-1) may not exceed MAX_SIDE (the coarsest scale would be under 1 px)."""
+    import math
+
+    largest = min(C.MAX_SCALES, 1 + int(math.log(C.MAX_SIDE) / math.log(factor)))
+    cfg = C.load(write(MINIMAL), [f"multiscale.factor={factor}", f"multiscale.steps={largest}"])
+    assert cfg.multiscale.count == largest
+    assert factor ** (largest - 1) <= C.MAX_SIDE * (1 + 1e-12)
+    if largest < C.MAX_SCALES:
+        msg = error_of(write(MINIMAL), [f"multiscale.factor={factor}",
+                                        f"multiscale.steps={largest + 1}"])
+        assert "multiscale" in msg and "factor" in msg
+
+
+def test_multiscale_maxiter_needs_scales(write):
+    assert "multiscale" in error_of(write(MINIMAL), ["multiscale.maxiter=5"])
+    cfg = C.load(write(MINIMAL), ["multiscale.sizes=[64]", "multiscale.maxiter=5"])
+    assert cfg.multiscale.maxiter == 5
+
+
+def test_style_blend_sum(write):
+    two = MINIMAL.replace("style: b.png", "style: [b.png, c.png]")
+    assert C.load(write(two), ["style_blend=[1e300, 1e300]"]).style_blend == [1e300, 1e300]
+    for bad in ("[1e308, 1e308]", "[0, 0]", "[.nan, 1]", "[.inf, 1]", "[-1, 2]"):
+        assert "style_blend" in error_of(write(two), [f"style_blend={bad}"])
+
+
+def test_new_keys_maxevals_and_progress_every(write, monkeypatch):
+    cfg = C.load(write(MINIMAL), ["solver.maxevals=7", "output.progress_every=3"])
+    assert (cfg.solver.maxevals, cfg.output.progress_every) == (7, 3)
+    defaults = C.load(write(MINIMAL))
+    assert (defaults.solver.maxevals, defaults.output.progress_every) == (0, 0)
+    s = cfg.solver.settings()
+    assert getattr(s, "maxevals", 7) == 7 and s.maxiter == cfg.solver.maxiter
+    # Whichever lands first: a Settings without maxevals still gets the other fields.
+    import dataclasses
+
+    fields = [(f.name, f.type, f.default) for f in dataclasses.fields(solvers.Settings)
+              if f.name != "maxevals"]
+    monkeypatch.setattr(solvers, "Settings", dataclasses.make_dataclass("Settings", fields))
+    assert cfg.solver.settings().maxiter == cfg.solver.maxiter
+
+
+def test_path_overrides_are_raw_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = C.parse_overrides(["content=a #1.png", "init=b: c.png", "style=[x.png, 'y #2.png']",
+                             "masks.content=", "model.weights=w #3.npz", "seed=5 # a comment"])
+    assert out["content"] == str(tmp_path / "a #1.png")
+    assert out["init"] == str(tmp_path / "b: c.png")
+    assert out["style"] == [str(tmp_path / "x.png"), str(tmp_path / "y #2.png")]
+    assert out["masks"]["content"] is None
+    assert out["model"]["weights"] == str(tmp_path / "w #3.npz")
+    assert out["seed"] == 5  # other keys stay YAML
+
+
+@pytest.mark.parametrize("value", ["x" * 10**6, ["y" * 1000] * 1000, {"k": "v" * 10**5}])
+def test_preview_is_short(value):
+    text = C.preview(value)
+    assert len(text) <= C.PREVIEW
+    assert text[:5] == repr(value)[:5]

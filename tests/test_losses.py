@@ -83,8 +83,18 @@ def reference_terms(feats_x, feats_c, feats_s, x, spec, style_w, ratio, tv_w, co
                       for n, w in zip(spec.content_layers, cw))
         style = sum(w * g_style_layer(g, s) for g, s, w in zip(gen, sty, style_w))
     tv = np_tv(x)
-    return {"total": style + content / ratio + tv_w * tv, "content": content, "style": style,
-            "tv": tv}
+    out = {"total": style + content / ratio + tv_w * tv, "content": content, "style": style,
+           "tv": tv}
+    # Per-layer terms, written out on their own (weighted; seed: / size of the FIRST layer).
+    for n, g, s, w in zip(spec.style_layers, gen, sty, style_w):
+        out[f"style/{n}"] = (w * np.sum(np.mean(np.square(k_gram(g) - k_gram(s)), axis=-1))
+                             / gen[0].size if spec.normalization == "seed"
+                             else w * g_style_layer(g, s))
+    if len(spec.content_layers) > 1:
+        for n, w in zip(spec.content_layers, cw):
+            f = k_content_loss if spec.normalization == "seed" else g_content_loss
+            out[f"content/{n}"] = w * f(feats_x[n], feats_c[n])
+    return out
 
 
 def close(a, b, rtol):
@@ -239,7 +249,10 @@ def test_loss_terms_end_to_end(vgg_params, images, np_feats, nst_feats, case):
 
     w = losses.default_weights(spec, c["style_w"], c["ratio"], c["tv"], c["content_w"])
     terms = jax.jit(losses.loss_terms, static_argnums=4)(vgg_params, x, tgt, w, spec)
-    assert set(terms) == {"total", "content", "style", "tv"}
+    per_layer = {f"style/{n}" for n in spec.style_layers}
+    if len(spec.content_layers) > 1:
+        per_layer |= {f"content/{n}" for n in spec.content_layers}
+    assert set(terms) == {"total", "content", "style", "tv"} | per_layer
 
     # 1) The loss formulas, on the very features nstjax computed (cast to float64).
     ref = reference_terms(*nst_feats, images[0], spec, c["style_w"], c["ratio"], c["tv"],
@@ -254,6 +267,12 @@ def test_loss_terms_end_to_end(vgg_params, images, np_feats, nst_feats, case):
     # All three terms matter in this test (none is negligible against the total).
     for k in ("content", "style", "tv"):
         assert float(terms[k]) > 0
+    # The per-layer terms add up to `style` (and `content`) as float64 sums of the float32 terms.
+    close(sum(np.float64(terms[k]) for k in per_layer if k.startswith("style/")), terms["style"],
+          1e-6)
+    if len(spec.content_layers) > 1:
+        close(sum(np.float64(terms[f"content/{n}"]) for n in spec.content_layers),
+              terms["content"], 1e-6)
 
 
 def test_objective_weights_and_targets_are_arguments(vgg_params):
@@ -332,3 +351,176 @@ def test_gradient_matches_finite_differences(norm):
                 fd = float(fd) / (12 * h)
                 # Features and Grams are float32 inside (see report), hence 1e-4, not 1e-8.
                 assert abs(fd - float(jnp.vdot(g, v))) <= 1e-4 * gnorm, (cw, sw, tv)
+
+
+# --------------------------------------------------------------------------- loss kinds
+
+
+def test_spec_defaults_match_the_config():
+    from nstjax import config
+
+    spec, cfg = losses.Spec(), config.validate({"content": "c.png", "style": "s.png"}, "t")
+    assert spec.precision == cfg.model.precision == "default"
+    assert spec.kind == "gram" and spec.pooling == cfg.model.pooling
+    assert spec.normalization == cfg.loss.normalization
+    assert list(spec.style_layers) == cfg.loss.style_layers
+
+
+def test_unknown_kind_is_a_user_error_listing_the_kinds(vgg_params):
+    from nstjax.errors import UserError
+
+    assert {"gram", "adain"} <= set(losses.kinds())
+    spec = losses.Spec(kind="nope")
+    for call in (lambda: losses.kind("nope"), lambda: losses.objective(spec),
+                 lambda: losses.targets(vgg_params, jnp.zeros((1, 16, 16, 3)),
+                                        jnp.zeros((1, 16, 16, 3)), spec)):
+        with pytest.raises(UserError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith("loss.kind: unknown loss kind 'nope'") and "\n" not in msg
+        assert "adain" in msg and "gram" in msg
+
+
+def test_register_refuses_duplicates_and_bad_names():
+    k = losses.kind("gram")
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register("gram", targets=k.targets, terms=k.terms)
+    with pytest.raises(ValueError, match="identifier"):
+        losses.register("bad name", targets=k.targets, terms=k.terms)
+    with pytest.raises(TypeError):
+        losses.register("t_nocall", targets=k.targets, terms=None)
+    assert losses.kind("gram") is k
+
+
+def np_stats(f: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and sqrt(var + eps) over the positions of one image's (h, w, c)."""
+    f = np.asarray(f, np.float64).reshape(-1, f.shape[-1])
+    mean = f.sum(0) / f.shape[0]
+    var = ((f - mean) ** 2).sum(0) / f.shape[0]
+    return mean, np.sqrt(var + eps)
+
+
+def test_adain_kind_against_float64_numpy(vgg_params, images, np_feats):
+    spec = losses.Spec(style_layers=("block1_conv1", "block2_conv2", "block3_conv1"),
+                       kind="adain", precision="highest")
+    style_w, ratio, tv_w = [2.0, 0.5, 1.5], 4.0, 1e-5
+    x, xc, xs = (jnp.asarray(im) for im in images)
+    tgt = losses.targets(vgg_params, xc, xs, spec)
+    for n in spec.style_layers:
+        m, s = np_stats(np_feats[2][n][0])
+        assert rel_err(tgt["style"][n]["mean"][0], m) < 1e-5
+        assert rel_err(tgt["style"][n]["std"][0], s) < 1e-5
+    w = losses.default_weights(spec, style_w, ratio, tv_w)
+    total, terms = jax.jit(losses.objective(spec))(x, vgg_params, tgt, w)
+    ref = {}
+    for n, wl in zip(spec.style_layers, style_w):
+        (mx, sx), (ms, ss) = np_stats(np_feats[0][n][0]), np_stats(np_feats[2][n][0])
+        ref[f"style/{n}"] = wl * (np.sum((mx - ms) ** 2 + (sx - ss) ** 2)
+                                  / np.sum(ms**2 + ss**2))
+    ref["style"] = sum(ref.values())
+    ref["content"] = k_content_loss(np_feats[0]["block4_conv2"], np_feats[1]["block4_conv2"])
+    ref["tv"] = np_tv(images[0])
+    ref["total"] = ref["style"] + ref["content"] / ratio + tv_w * ref["tv"]
+    assert set(terms) == set(ref)
+    for k in ref:
+        close(terms[k], ref[k], 1e-4)
+    assert float(total) == float(terms["total"])
+    for k in ("content", "style", "tv"):  # each term matters in the total
+        assert float(terms[k]) > 1e-3 * float(total) * (ratio if k == "content" else 1.0)
+    # Not the Gram loss: same spec otherwise, a different style term.
+    gspec = losses.Spec(**{**spec.__dict__, "kind": "gram"})
+    _, gterms = losses.objective(gspec)(x, vgg_params, losses.targets(vgg_params, xc, xs, gspec),
+                                        w)
+    assert abs(float(gterms["style"]) - float(terms["style"])) > 1e-3 * float(terms["style"])
+    close(gterms["content"], terms["content"], 1e-6)
+
+
+def test_a_user_kind_through_targets_and_objective(vgg_params, images, np_feats):
+    """A kind registered from outside the package: its targets are jitted (spec static), the
+    kind is part of the Spec (so of every cache key), and replacing it drops compiled targets."""
+    calls = []
+
+    def t(params, cx, sx, spec):
+        calls.append(spec.kind)
+        f = losses.vgg16.features(params, sx, spec.style_layers, spec.pooling, spec.precision)
+        return {n: jnp.mean(f[n]) for n in spec.style_layers}
+
+    def terms(params, x, tgt, weights, spec):
+        f = losses.vgg16.features(params, x, spec.style_layers, spec.pooling, spec.precision)
+        per = {f"style/{n}": weights["style"][n] * (jnp.mean(f[n]) - tgt[n]) ** 2
+               for n in spec.style_layers}
+        return {"total": sum(per.values()), **per}
+
+    losses.register("t_meanonly", targets=t, terms=terms, replace=True)
+    spec = losses.Spec(style_layers=("block1_conv1",), kind="t_meanonly", precision="highest")
+    x, xc, xs = (jnp.asarray(im) for im in images)
+    tgt = losses.targets(vgg_params, xc, xs, spec)
+    losses.targets(vgg_params, xc, xs, spec)
+    assert calls == ["t_meanonly"]  # traced once, then the compiled program
+    w = losses.default_weights(spec, [3.0], 1.0)
+    total, tr = losses.objective(spec)(x, vgg_params, tgt, w)
+    ref = 3.0 * (np_feats[0]["block1_conv1"].mean() - np_feats[2]["block1_conv1"].mean()) ** 2
+    close(total, ref, 1e-4)
+    assert set(tr) == {"total", "style/block1_conv1"}
+
+    def t2(params, cx, sx, spec):
+        calls.append("v2")
+        return {n: jnp.float32(0.0) for n in spec.style_layers}
+
+    losses.register("t_meanonly", targets=t2, terms=terms, replace=True)
+    tgt2 = losses.targets(vgg_params, xc, xs, spec)
+    assert calls == ["t_meanonly", "v2"] and float(tgt2["block1_conv1"]) == 0.0
+
+
+def test_targets_is_the_one_jitted_program(vgg_params, images):
+    """losses.targets equals a jit of the Gram targets bit for bit (the run's numbers)."""
+    spec = losses.Spec(style_layers=("block1_conv2", "block2_conv2"))
+    xc, xs = jnp.asarray(images[1]), jnp.asarray(images[2])
+    a = losses.targets(vgg_params, xc, xs, spec)
+    b = jax.jit(losses.gram_targets, static_argnums=3)(vgg_params, xc, xs, spec)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert hasattr(losses.targets, "lower")  # a jitted function, not a wrapper
+
+
+def test_load_plugin_registers_from_a_file(tmp_path):
+    from nstjax.errors import UserError
+
+    (tmp_path / "myloss.py").write_text(
+        "from nstjax import losses\n"
+        "g = losses.kind('gram')\n"
+        "losses.register('t_plugin', targets=g.targets, terms=g.terms, replace=True)\n")
+    losses.load_plugin("myloss.py", here=tmp_path)
+    assert losses.kind("t_plugin").terms is losses.loss_terms
+    with pytest.raises(UserError, match="not found"):
+        losses.load_plugin("missing.py", here=tmp_path)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(UserError, match="broken.py: importing the loss plugin failed: "
+                                        "RuntimeError: boom"):
+        losses.load_plugin(str(tmp_path / "broken.py"))
+
+
+def test_demo_plugin_centered_gram(vgg_params, images, np_feats):
+    """configs/demo/centered_gram.py: a kind defined outside the package, against numpy."""
+    from pathlib import Path
+
+    losses.load_plugin(str(Path(__file__).resolve().parents[1] / "configs" / "demo"
+                           / "centered_gram.py"))
+    spec = losses.Spec(style_layers=("block1_conv2", "block3_conv1"), kind="centered_gram",
+                       precision="highest")
+    x, xc, xs = (jnp.asarray(im) for im in images)
+    w = losses.default_weights(spec, [0.7, 1.3], 2.0, 1e-5)
+    tgt = losses.targets(vgg_params, xc, xs, spec)
+    _, terms = losses.objective(spec)(x, vgg_params, tgt, w)
+
+    def cov(f):
+        f = np.asarray(f[0], np.float64).reshape(-1, f.shape[-1])
+        f = f - f.mean(0)
+        return f.T @ f / f.shape[0]
+
+    for n, wl in zip(spec.style_layers, [0.7, 1.3]):
+        cs = cov(np_feats[2][n])
+        ref = wl * np.sum((cov(np_feats[0][n]) - cs) ** 2) / np.sum(cs**2)
+        close(terms[f"style/{n}"], ref, 1e-4)
+    content = k_content_loss(np_feats[0]["block4_conv2"], np_feats[1]["block4_conv2"])
+    close(terms["total"], float(terms["style"]) + content / 2.0 + 1e-5 * np_tv(images[0]), 1e-4)

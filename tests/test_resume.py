@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
 import signal
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY
 from PIL import Image
 
 from nstjax import cli, image, run, solvers
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
-TINY = {
-    "content": str(DEMO / "content.png"),
-    "style": str(DEMO / "style.png"),
-    "image": {"size": [32, 32]},
-    "model": {"weights": "random"},
-    "loss": {"content_layers": ["block1_conv1"], "style_layers": ["block1_conv1"],
-             "style_weights": [1.0]},
-    "solver": {"name": "adam", "learning_rate": 1.0, "maxiter": 6},
-    "output": {"save_every": 2},
-}
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
-    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(TINY))
-    return tmp_path
 
 
 def nstjax(capsys, *argv: str) -> tuple[int, str]:
@@ -63,8 +49,10 @@ def one_error(err: str, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
-def interrupted_run(capsys, monkeypatch, out: str, chunks: int = 1, *overrides: str) -> Path:
-    """`nstjax run ok.yaml --out out` that gets a real SIGINT during its `chunks`-th chunk."""
+def interrupted_run(capsys, monkeypatch, out: str, chunks: int = 1, *overrides: str,
+                    sig: int = signal.SIGINT, code: int = 130) -> Path:
+    """`nstjax run ok.yaml --out out` that gets a real signal `sig` during its `chunks`-th chunk
+    and exits `code`."""
     real = solvers.minimize
 
     def minimize(*a, on_chunk=None, **kw):
@@ -73,15 +61,15 @@ def interrupted_run(capsys, monkeypatch, out: str, chunks: int = 1, *overrides: 
         def wrapped(x, rows):
             n[0] += 1
             if n[0] == chunks:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return on_chunk(x, rows)
 
         return real(*a, on_chunk=wrapped, **kw)
 
     monkeypatch.setattr(solvers, "minimize", minimize)
-    code, err = nstjax(capsys, "run", "ok.yaml", *overrides, "--out", out)
+    got, err = nstjax(capsys, "run", "ok.yaml", *overrides, "--out", out)
     monkeypatch.setattr(solvers, "minimize", real)
-    assert code == 130, err
+    assert got == code, err
     d = Path(out).resolve()
     assert record(d)["status"] == "interrupted"
     return d
@@ -233,10 +221,6 @@ def test_resume_refuses_a_pickled_or_wrong_last_image(env, capsys, monkeypatch):
 
 
 def test_resume_refuses_a_multiscale_run(env, capsys, monkeypatch):
-    from nstjax import config
-
-    if "multiscale" not in config.Config.model_fields:
-        pytest.skip("no multiscale in this config schema")
     d = interrupted_run(capsys, monkeypatch, "part", 1)
     raw = yaml.safe_load((d / "config.yaml").read_text())
     raw["multiscale"] = {"sizes": [16]}
@@ -244,3 +228,96 @@ def test_resume_refuses_a_multiscale_run(env, capsys, monkeypatch):
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 2
     one_error(err, "multi-scale", "cannot be resumed")
+
+
+# ---------------------------------------------------------------- locks, hostile run files
+
+
+def test_resume_refuses_a_locked_run_naming_the_holder(env, capsys, monkeypatch):
+    """Another process holds the run directory's lock: exit 2 naming its pid, nothing changed;
+    once it is gone (its lock file left behind), the resume runs."""
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom nstjax.runtime import DirLock\n"
+         "DirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)", str(d)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p.name: p.read_bytes() for p in d.iterdir()}
+        code, err = nstjax(capsys, "resume", str(d))
+        assert code == 2
+        one_error(err, str(d), "in use", f"pid {holder.pid}")
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (d / "run.lock").is_file()  # a killed holder's file: no longer locked by anyone
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    assert record(d)["status"] == "done" and not (d / "run.lock").exists()
+
+
+@pytest.mark.parametrize("field, value", [("wall_seconds", "soon"), ("evaluations", 2.5),
+                                          ("resumed", {"a": 1}), ("weights", [1]),
+                                          ("pid", "me")])
+def test_resume_refuses_a_wrong_typed_run_json_field(env, capsys, monkeypatch, field, value):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    rec = record(d)
+    rec[field] = value
+    (d / "run.json").write_text(json.dumps(rec))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "run.json", repr(field), "resume")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert record(d)["status"] == "interrupted"
+
+
+def test_resume_refuses_a_run_json_that_is_not_an_object(env, capsys, monkeypatch):
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    (d / "run.json").write_text("[]")
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "run.json", "not a JSON object")
+
+
+def npy_header_only(path: Path, shape: tuple, dtype=np.float32, body: bytes = b"") -> bytes:
+    """A .npy file whose header declares `shape`/`dtype` but holds only `body`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": shape})
+    data = buf.getvalue()
+    path.write_bytes(data + body)
+    return data + body
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1 << 19, 1 << 19, 3), np.float32),
+                                          ((1, 32, 32, 3), np.float64),
+                                          ((1, 32, 32, 3), np.float32)])
+def test_resume_refuses_last_npy_from_its_header(env, capsys, monkeypatch, shape, dtype):
+    """A small last.npy declaring a 3 TiB image, the wrong dtype, or more data than it holds:
+    refused from the header (no MemoryError, no read of the data)."""
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    npy_header_only(d / "last.npy", shape, dtype, b"\0" * 64)
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 2
+    one_error(err, "last.npy", "cannot resume")
+    assert record(d)["status"] == "interrupted"
+
+
+def test_resume_ignores_a_solver_state_declaring_a_huge_leaf(env, capsys, monkeypatch):
+    """A solver_state.npz member whose header claims 4 TiB: not read, a warning, the solver
+    state restarts and the resume completes."""
+    d = interrupted_run(capsys, monkeypatch, "part", 1)
+    path = d / run.STATE_FILE
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["leaf_0000.npy"] = npy_header_only(env / "x.npy", (1 << 40,), np.float32, b"\0" * 8)
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    assert "solver_state.npz: not used" in err and "Traceback" not in err
+    assert record(d)["resumed"][0]["solver_state"] == "restarted"

@@ -110,3 +110,51 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
     assert "loss.style_wieghts" in p.stderr and "style_weights" in p.stderr
+
+
+def _strict_json(path: Path) -> dict:
+    """run.json parsed as standard JSON: NaN/Infinity (not JSON) raise."""
+    def bad(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def test_sighup_is_an_interrupt(env, capsys, monkeypatch):
+    """SIGHUP (terminal or ssh closed) stops the run as SIGTERM does: exit 129, status
+    interrupted, final image = last.npy, solver state saved."""
+    import os
+    import signal
+
+    from nstjax import image, solvers
+
+    real = solvers.minimize
+
+    def minimize(*a, on_chunk=None, **kw):
+        def hangup(x, rows):
+            os.kill(os.getpid(), signal.SIGHUP)
+            return on_chunk(x, rows)
+
+        return real(*a, on_chunk=hangup, **kw)
+
+    monkeypatch.setattr(solvers, "minimize", minimize)
+    code = cli.main(["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"])
+    assert code == 129, capsys.readouterr().err
+    d = env / "r"
+    rec = _strict_json(d / "run.json")
+    assert rec["status"] == "interrupted" and rec["signal"] == signal.SIGHUP
+    assert rec["iterations"] == 2 and (d / run.STATE_FILE).is_file()
+    x = np.load(d / "last.npy")
+    assert np.array_equal(np.asarray(Image.open(d / "final.png")), image.deprocess(x))
+    assert not (d / "run.lock").exists()
+
+
+def test_run_json_of_an_overflowing_run_is_standard_json(env, capsys):
+    """A loss that is inf at the start: run.json has null plus the text, never bare Infinity."""
+    code = cli.main(["run", "ok.yaml", "loss.style_weights=[1e38]", "--out", "r", "--quiet",
+                     "--no-compile-cache"])
+    assert code == 1, capsys.readouterr().err
+    rec = _strict_json(env / "r" / "run.json")
+    assert rec["status"] == "failed"
+    assert rec["final_loss"]["total"] is None and rec["final_loss"]["total_text"] == "inf"
+    assert rec["initial_loss"]["style"] is None and rec["initial_loss"]["style_text"] == "inf"

@@ -1,5 +1,10 @@
 """Faults during a run: SIGINT/SIGTERM on a real `nstjax run` process, a second Ctrl-C, a signal
-while compiling, NaN/Inf, a crash, two runs at once, and atomic writes (no partial files)."""
+while compiling, NaN/Inf, a crash, two runs at once, and atomic writes (no partial files); and
+signals before the run (while importing, while loading), a signal ignored when nstjax starts.
+
+Tests that send signals set the handlers they rely on (in-process: `_default_sigint`; children:
+`_cli`), so the suite passes however pytest was started (a background job of a
+non-interactive shell inherits SIGINT ignored; nohup, SIGHUP ignored)."""
 
 from __future__ import annotations
 
@@ -77,6 +82,29 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Python's own SIGINT handler, as in an interactive shell (see the module docstring)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def _cli(*args: str, ignored: tuple[int, ...] = ()) -> list[str]:
+    """argv running `nstjax args` with SIGINT, SIGTERM, SIGHUP as in an interactive shell, except
+    `ignored` (as if its parent ignored them). Not a preexec_fn: forking a process that runs JAX
+    threads can deadlock."""
+    setup = ("import runpy, signal, sys\n"
+             "for s in (signal.SIGTERM, signal.SIGHUP):\n"
+             "    signal.signal(s, signal.SIG_DFL)\n"
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             f"for s in {[int(s) for s in ignored]}:\n"
+             "    signal.signal(s, signal.SIG_IGN)\n"
+             "sys.argv = ['nstjax', *sys.argv[1:]]\n"
+             "runpy.run_module('nstjax.cli', run_name='__main__')\n")
+    return [sys.executable, "-c", setup, *args]
+
+
 def nstjax(capsys, *argv: str) -> tuple[int, str]:
     code = cli.main([*argv, "--quiet", "--no-compile-cache"])
     return code, capsys.readouterr().err
@@ -87,9 +115,8 @@ def nstjax(capsys, *argv: str) -> tuple[int, str]:
 
 def _start(cfg: Path, cwd: Path, home: Path, *where: str) -> subprocess.Popen:
     env = {**os.environ, "NSTJAX_HOME": str(home), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "nstjax.cli", "run", str(cfg), *where,
-                             "--quiet"], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(_cli("run", str(cfg), *where, "--quiet"), env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _dir_of(p: subprocess.Popen, runs: Path) -> Path | None:
@@ -259,7 +286,8 @@ def test_interrupt_while_writing_leaves_no_partial_file(env, capsys, monkeypatch
     assert_complete(env / "r", "interrupted")
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                      (signal.SIGHUP, 129)])
 def test_signal_while_loading_writes_nothing(env, capsys, monkeypatch, sig, code):
     """Before the run directory exists a signal just ends the command: 130/143, nothing made."""
     def build(cfg):
@@ -323,7 +351,8 @@ def test_nan_mid_run_keeps_the_last_finite_image(env, capsys, monkeypatch):
         return f
 
     monkeypatch.setattr(losses, "objective", poisoned)
-    monkeypatch.setattr(run, "_PROGRAMS", {})  # not the healthy program compiled before
+    # Not the healthy program compiled before (the cache lives in nstjax.record).
+    monkeypatch.setattr("nstjax.record._PROGRAMS", {})
     code, err = nstjax(capsys, "run", "ok.yaml", "solver.maxiter=20", "--out", "r")
     assert code == 1, err
     assert err.strip().splitlines()[-1].startswith("nstjax: error: loss became non-finite")
@@ -379,3 +408,101 @@ def test_an_existing_run_is_never_overwritten(env, capsys):
     run.make_run_dir(env / "empty", cfg)  # claims it: a second run given it is refused
     with pytest.raises(run.UserError, match="not empty"):
         run.make_run_dir(env / "empty", cfg)
+
+
+# --------------------------------------------------------------------------- before the run
+
+
+SAY = {signal.SIGINT: "nstjax: interrupted", signal.SIGTERM: "nstjax: terminated",
+       signal.SIGHUP: "nstjax: hung up"}
+
+
+def _handled(pid: int) -> int:
+    """The signals process `pid` catches (SigCgt bit mask), 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _cli_process(env: Path, *ignored: int) -> subprocess.Popen:
+    """`nstjax run ok.yaml`, returned once main has installed its handlers (nstjax is then
+    importing JAX: a second or more), with `ignored` signals ignored from the start."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc")
+    p = subprocess.Popen(_cli("run", "ok.yaml", "--quiet", "--no-compile-cache", ignored=ignored),
+                         cwd=env, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 60
+    while not _handled(p.pid) & (1 << (signal.SIGTERM - 1)):  # nothing else catches SIGTERM
+        if p.poll() is not None or time.monotonic() > end:
+            p.kill()
+            pytest.fail(f"no handlers installed: {p.communicate()}")
+        time.sleep(0.002)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_while_importing(env, sig):
+    """A signal during the imports: the command stops right after them, 128 + signum and one
+    line, never "Exception ignored", an ImportError, a crash or a completed run."""
+    p = _cli_process(env)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert err.strip() == SAY[sig] and not out
+    assert not (env / "runs").exists()
+
+
+def test_ignored_signals_stay_ignored(env):
+    """Started with SIGINT and SIGHUP ignored (a background job of a non-interactive shell, nohup):
+    they stay ignored; SIGTERM still stops the command."""
+    p = _cli_process(env, signal.SIGINT, signal.SIGHUP)
+    caught = _handled(p.pid)
+    assert not caught & (1 << (signal.SIGINT - 1)) and not caught & (1 << (signal.SIGHUP - 1))
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert err.strip() == "nstjax: terminated"
+
+
+def test_handlers_come_before_heavy_imports(env, capsys, monkeypatch):
+    """In process: main's handlers are in place when the parser (and so JAX) is imported; a signal
+    then is held until the imports are done (raising inside an import is unsafe)."""
+    real = cli.parser
+    seen = {}
+
+    def parser():
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # delivered here, but deferred
+        seen["imported"] = True
+        return real()
+
+    monkeypatch.setattr(cli, "parser", parser)
+    code, err = nstjax(capsys, "run", "ok.yaml")
+    assert code == 143 and err.strip() == "nstjax: terminated"
+    assert seen == {"handler": cli._on_signal, "imported": True}
+    assert signal.getsignal(signal.SIGTERM) is not cli._on_signal  # restored
+    assert not (env / "runs").exists()
+
+
+def test_cli_module_imports_nothing_heavy():
+    """`nstjax` (the entry point nstjax.cli:main) imports only the stdlib's signal and sys and
+    nstjax.errors before main runs."""
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts", name="nstjax")] == [
+        "nstjax.cli:main"]
+    code = ("import sys; before = set(sys.modules); import nstjax.cli; "
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert set(out) <= {"nstjax", "nstjax.cli", "nstjax.errors", "signal"}, out

@@ -163,3 +163,147 @@ def test_block_number():
     assert vgg16.block("block4_conv2") == 4
     assert [vgg16.block(n) for n in vgg16.NAMES] == [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
     assert vgg16.CHANNELS["block3_conv3"] == 256
+
+
+# --------------------------------------------------------------------------- custom-VJP conv
+
+LAX_PRECISION = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT,
+                 "bfloat16": None}
+
+
+def plain_conv(x, kernel, precision="highest"):
+    """The convolution as jax.grad differentiates it by default (what vgg16.conv replaces)."""
+    if precision == "bfloat16":
+        x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=LAX_PRECISION[precision])
+
+
+def conv_layer_loss(conv, precision, remat):
+    """grad (x, kernel, bias) of a nonlinear scalar of relu(conv + bias), jitted."""
+
+    def f(x, k, b):
+        y = conv(x, k, precision)
+        y = jax.nn.relu(y + b.astype(y.dtype).reshape(1, 1, 1, -1))
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    return jax.jit(jax.grad(jax.checkpoint(f) if remat else f, argnums=(0, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def conv_data():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)  # odd sizes
+    k = (0.3 * rng.standard_normal((3, 3, 5, 6))).astype(np.float32)
+    b = (0.5 * rng.standard_normal(6)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(k), jnp.asarray(b)
+
+
+@pytest.mark.parametrize("precision", vgg16.PRECISIONS)
+@pytest.mark.parametrize("remat", [False, True])
+def test_conv_gradients_equal_plain_conv(conv_data, precision, remat):
+    ours = conv_layer_loss(vgg16.conv, precision, remat)(*conv_data)
+    ref = conv_layer_loss(plain_conv, precision, remat)(*conv_data)
+    for name, g, r in zip(("x", "kernel", "bias"), ours, ref):
+        assert g.dtype == r.dtype == jnp.float32, name
+        assert float(jnp.max(jnp.abs(r))) > 0, name
+        assert rel_err(g, r) < 1e-6, (name, rel_err(g, r))
+    fx = vgg16.conv(conv_data[0], conv_data[1], precision)
+    np.testing.assert_array_equal(fx, plain_conv(conv_data[0], conv_data[1], precision))
+
+
+def test_conv_gradients_match_numpy(conv_data):
+    # Hand-derived float64 reference: for L = sum(conv(x, k) * G),
+    # dL/dk[i,j,c,o] = sum_nhw xpad[n,h+i,w+j,c] G[n,h,w,o] and dL/dx = conv(G, k flipped, c<->o).
+    x, k, _ = (np.asarray(a, np.float64) for a in conv_data)
+    cot = np.random.default_rng(8).standard_normal((2, 7, 9, 6))
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    gp = np.pad(cot, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dk = np.zeros_like(k)
+    dx = np.zeros_like(x)
+    for i in range(3):
+        for j in range(3):
+            dk[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i : i + h, j : j + w], cot)
+            dx += np.einsum("nhwo,co->nhwc", gp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w], k[i, j])
+    _, vjp = jax.vjp(lambda a, b: vgg16.conv(a, b, "highest"), conv_data[0], conv_data[1])
+    gx, gk = vjp(jnp.asarray(cot, jnp.float32))
+    assert rel_err(gx, dx) < 1e-5
+    assert rel_err(gk, dk) < 1e-5
+
+
+def test_conv_under_vmap_and_jit(conv_data):
+    x, k, b = conv_data
+    xs = jnp.stack([x, 2.0 * x, -x])
+    grad = conv_layer_loss(vgg16.conv, "highest", False)
+    batched = jax.jit(jax.vmap(grad, in_axes=(0, None, None)))(xs, k, b)
+    single = [conv_layer_loss(plain_conv, "highest", False)(xi, k, b) for xi in xs]
+    for i in range(3):
+        for g, r in zip(batched, single[i]):
+            assert rel_err(g[i], r) < 1e-6
+
+
+def count_transposed_convs(jaxpr) -> int:
+    """Convolutions whose kernel is read in/out-swapped: jax.grad's transposed conv."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            n += tuple(eqn.params["dimension_numbers"].rhs_spec) == (2, 3, 0, 1)
+        for v in eqn.params.values():
+            for j in (v, getattr(v, "jaxpr", None)):
+                if hasattr(j, "eqns"):
+                    n += count_transposed_convs(j)
+    return n
+
+
+@pytest.mark.parametrize(
+    ("precision", "remat", "layers"),
+    [("highest", False, ["block1_conv2", "block2_conv2", "block3_conv1", "block4_conv2",
+                         "block5_conv2"]),
+     ("bfloat16", True, ["block1_conv2", "block2_conv2", "block3_conv1"])],  # bf16 is slow on CPU
+)
+def test_features_gradient_equals_plain_conv(vgg_params, image, monkeypatch, precision, remat,
+                                             layers):
+    n_convs = vgg16.NAMES.index(layers[-1]) + 1
+    x = jnp.asarray(image)
+
+    def value_and_grad():  # a new function each time: no cached trace is reused
+        def scalar(x, params):
+            f = vgg16.features(params, x, layers, "avg", precision, remat)
+            return sum(jnp.sum(jnp.sin(v / (1.0 + jnp.max(v)))) for v in f.values())
+
+        return jax.value_and_grad(scalar, argnums=(0, 1))
+
+    ours = jax.jit(value_and_grad()).trace(x, vgg_params)
+    v1, (gx1, gp1) = ours.lower().compile()(x, vgg_params)
+    monkeypatch.setattr(vgg16, "conv", plain_conv)
+    plain = jax.jit(value_and_grad()).trace(x, vgg_params)
+    v0, (gx0, gp0) = plain.lower().compile()(x, vgg_params)
+    # The backward really differs: no transposed convolutions with the custom VJP.
+    assert count_transposed_convs(ours.jaxpr.jaxpr) == 0
+    assert count_transposed_convs(plain.jaxpr.jaxpr) == n_convs
+    assert float(v1) == float(v0)
+    assert float(jnp.max(jnp.abs(gx0))) > 0
+    assert rel_err(gx1, gx0) < 1e-6
+    for n in vgg16.NAMES[:n_convs]:
+        for leaf in ("kernel", "bias"):
+            assert rel_err(gp1[n][leaf], gp0[n][leaf]) < 1e-6, (n, leaf)
+
+
+def test_features_under_vmap_with_remat(vgg_params, image):
+    # Lanes of a sweep: vmap over images of the remat'd flax module equals one image at a time.
+    layers = ["block1_conv2", "block2_conv1"]
+    xs = jnp.asarray(image[None, :, :9, :11]) * jnp.array([1.0, -0.5]).reshape(2, 1, 1, 1, 1)
+
+    def scalar(x):
+        f = vgg16.features(vgg_params, x, layers, "max", "highest", True)
+        return sum(jnp.sum(jnp.sin(v / 50.0)) for v in f.values())
+
+    vg = jax.value_and_grad(scalar)
+    values, grads = jax.jit(jax.vmap(vg))(xs)
+    for i in range(2):
+        v, g = jax.jit(vg)(xs[i])
+        assert abs(float(values[i]) - float(v)) <= 1e-5 * abs(float(v))
+        assert float(jnp.max(jnp.abs(g))) > 0
+        assert rel_err(grads[i], g) < 1e-5

@@ -551,3 +551,89 @@ def test_sources_lists_named() -> None:
     rows = W.sources()
     assert [r["name"] for r in rows] == ["imagenet", "hed", "random"]
     assert not rows[0]["cached"] and rows[0]["path"] is None and rows[0]["size"] is None
+
+
+# --------------------------------------------------------------------------- declared sizes
+
+
+def _no_data_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any array data is read (np.load of an npz member, h5py dataset read)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("data was read before the header was checked")
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", refuse)
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", refuse)
+
+
+def _npz_with_member(src: Path, dst: Path, member: str, header: dict) -> None:
+    """Copy an npz, replacing one member by a bare .npy header (no data) declaring `header`."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"fortran_order": False, **header})
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for info in zi.infolist():
+            data = buf.getvalue() if info.filename == member + ".npy" else zi.read(info)
+            zo.writestr(info.filename, data)
+
+
+@pytest.mark.parametrize(("member", "header", "says"), [
+    ("block3_conv1/kernel", {"descr": "<f4", "shape": (3, 3, 100_000, 1_000_000)},
+     "layer block3_conv1 has kernel shape (3,3,100000,1000000), VGG16 needs (3,3,3,2)"),
+    ("block3_conv1/bias", {"descr": "<f8", "shape": (2**40,)},
+     "layer block3_conv1 has bias shape (1099511627776), VGG16 needs (2)"),
+    ("block2_conv1/kernel", {"descr": "|O", "shape": (3, 3, 2, 3)},
+     "contains pickled objects (block2_conv1/kernel.npy)"),
+    ("__meta__", {"descr": "|u1", "shape": (2**40,)}, "unreadable __meta__"),
+    ("__meta__", {"descr": "<f4", "shape": (3,)}, "unreadable __meta__"),
+])
+def test_npz_declared_shapes_checked_from_the_header(tmp_path, monkeypatch, member, header, says):
+    W.save_npz(make_params(), tmp_path / "ok.npz", {})
+    _npz_with_member(tmp_path / "ok.npz", tmp_path / "bad.npz", member, header)
+    _no_data_reads(monkeypatch)
+    with pytest.raises(UserError) as e:
+        W.read_npz(tmp_path / "bad.npz", convs=TINY)
+    assert str(e.value).startswith(f"weights file {tmp_path / 'bad.npz'}") and says in str(e.value)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "keras3"])
+def test_h5_declared_shapes_checked_before_reading(tmp_path, monkeypatch, layout):
+    params = make_params()
+    params["block2_conv2"]["kernel"] = np.zeros((3, 3, 3, 4), np.float32)  # needs (3,3,3,3)
+    path = tmp_path / "w.h5"
+    (write_legacy if layout == "legacy" else write_keras3)(path, params)
+    _no_data_reads(monkeypatch)
+    with pytest.raises(UserError, match=r"layer block1_conv1 has kernel shape|block2_conv2"):
+        W.read_h5(path, convs=TINY)
+    monkeypatch.undo()
+    with pytest.raises(UserError) as e:
+        W.convert(path, tmp_path / "out.npz", convs=TINY)
+    assert "layer block2_conv2 has kernel shape (3,3,3,4), VGG16 needs (3,3,3,3)" in str(e.value)
+    assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("fmt", [None, "1", 1.0, True, [1], {}])
+def test_npz_meta_format_must_be_an_integer(tmp_path, fmt):
+    path = tmp_path / "m.npz"
+    W.save_npz(make_params(), path, {})
+    meta = np.frombuffer(json.dumps({"nstjax_format": fmt}).encode(), np.uint8)
+    arrays = dict(np.load(path))
+    arrays[W.META_KEY] = meta
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=r"m\.npz: __meta__ nstjax_format is .*expected an integer"):
+        W.read_npz(path, convs=TINY)
+
+
+def test_convert_names_the_destination_when_its_parent_is_a_file(tmp_path):
+    src = write_legacy(tmp_path / "w.h5", make_params())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError) as e:
+        W.convert(src, tmp_path / "afile" / "x.npz", convs=TINY)
+    assert str(e.value).startswith(f"convert output {tmp_path / 'afile' / 'x.npz'}: ")
+    assert ".part" not in str(e.value)
+    # _atomic_write itself names the destination, not its temporary file.
+    with pytest.raises(UserError) as e:
+        W.save_npz(make_params(), tmp_path / "afile" / "y.npz", {})
+    assert f"cannot write {tmp_path / 'afile' / 'y.npz'}:" in str(e.value)
+    assert ".part" not in str(e.value)

@@ -1,0 +1,207 @@
+"""From a Config to a `Problem`: the arrays one solve needs, built in one direction:
+images -> params -> targets -> loss weights -> x0.
+
+A single style is a blend of one; the artistic controls are options of the same pipeline:
+- `style: [a, b]`, `style_blend: [0.7, 0.3]`: targets 0.7 T(a) + 0.3 T(b) (weights normalized
+  to sum 1; default equal), T the loss kind's style targets (Grams for `gram`).
+- `style_scale: s`: the style images are resized to s times the content's size before their
+  targets are computed. With `gatys` normalization a Gram is a sum over positions, so the
+  style's Grams are rescaled by (positions of the output / positions of the style) per layer.
+- `color.preserve: luminance` (Gatys et al. 2016): content and styles become their luminance
+  (each style's matched to the content's mean and deviation); saved images take the output's Y
+  with the content's Cb/Cr. `histogram`: each style's RGB mean and covariance are matched to
+  the content's first.
+- `masks.style: [ma, mb]`: per-region guided Grams (Gatys et al. 2017); the masks, pooled to
+  each layer's resolution as the network pools, are targets.
+- `masks.content: m` (white = stylize): the image scored and saved is m x + (1 - m) content.
+What users sweep (blend weights, scale, mask contents) only changes the targets, arguments of
+the compiled program; the number of masked styles and a content mask are in `losses.Spec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nstjax import image, losses, vgg16, weights
+from nstjax.config import Config
+from nstjax.errors import UserError
+
+
+@dataclass
+class Problem:
+    """Everything a solve needs, as arrays: built once per run (or per sweep cell)."""
+
+    spec: losses.Spec
+    params: dict
+    content: jax.Array  # (1,H,W,3) preprocessed (luminance with color.preserve: luminance)
+    style: jax.Array  # (1,h,w,3) the first style image, as its targets were computed
+    targets: dict
+    weights: dict
+    x0: jax.Array
+    info: dict  # weights source, sizes
+    post: Callable[[np.ndarray], np.ndarray] | None = None  # x -> the image to save
+
+
+def spec_of(cfg: Config) -> losses.Spec:
+    return losses.Spec(
+        content_layers=tuple(cfg.loss.content_layers),
+        style_layers=tuple(cfg.loss.style_layers),
+        pooling=cfg.model.pooling,
+        normalization=cfg.loss.normalization,
+        precision=cfg.model.precision,
+        remat=cfg.model.remat,
+        style_masks=len(cfg.styles) if cfg.masks.style else 0,
+        content_mask=cfg.masks.content is not None,
+        kind=getattr(cfg.loss, "kind", "gram"),
+    )
+
+
+def loss_weights(cfg: Config, spec: losses.Spec) -> dict:
+    return losses.default_weights(spec, cfg.loss.style_weights, cfg.loss.style_to_content_ratio,
+                                  cfg.loss.tv_weight, cfg.loss.content_weights)
+
+
+def blend_weights(cfg: Config) -> np.ndarray:
+    """`style_blend` normalized to sum 1 (equal weights when unset)."""
+    n = len(cfg.styles)
+    b = np.ones(n) if cfg.style_blend is None else np.asarray(cfg.style_blend, np.float64)
+    return b / b.sum()
+
+
+def check_depth(wh: tuple[int, int], layers, what: str, fix: str) -> None:
+    """Refuse a size at which the deepest of `layers` would have no pixels (after its pools)."""
+    deepest = max(layers, key=vgg16.block)
+    need = 2 ** (vgg16.block(deepest) - 1)
+    if min(wh) < need:
+        raise UserError(f"{what} {wh[0]}x{wh[1]} pixels, but layer {deepest} needs at least "
+                        f"{need} on each side; {fix}")
+
+
+def style_size(cfg: Config, content_wh: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of the style images: the content's size times `style_scale`."""
+    s = cfg.style_scale
+    wh = (max(1, round(content_wh[0] * s)), max(1, round(content_wh[1] * s)))
+    check_depth(wh, cfg.loss.style_layers, f"style_scale {s:g} makes the style images",
+                "raise style_scale or image.size")
+    if wh[0] * wh[1] > cfg.image.max_pixels:
+        raise UserError(f"style_scale {s:g}: the style images would be {wh[0]}x{wh[1]} pixels, "
+                        f"over image.max_pixels ({cfg.image.max_pixels}); lower style_scale")
+    return wh
+
+
+def layer_masks(masks: np.ndarray, layers, pooling: str = "avg") -> dict[str, np.ndarray]:
+    """Masks (S, H, W) at each layer's resolution: {layer: float32 (S, h, w, 1)}."""
+    by_block = {1: np.asarray(masks, np.float32)}
+    for b in range(2, 6):
+        m = by_block[b - 1]  # 2x2 stride-2 pooling as vgg16 pools (odd sizes drop a row)
+        s, h, w = m.shape
+        m = m[:, : h // 2 * 2, : w // 2 * 2].reshape(s, h // 2, 2, w // 2, 2)
+        by_block[b] = m.max(axis=(2, 4)) if pooling == "max" else m.mean(axis=(2, 4))
+    return {n: by_block[vgg16.block(n)][..., None] for n in layers}
+
+
+def styles_at(cfg: Config, wh: tuple[int, int], content_rgb: np.ndarray) -> np.ndarray:
+    """The style images at `wh`, colour control applied: float32 (S, H, W, 3) preprocessed."""
+    out = []
+    for path in cfg.styles:
+        x = image.load(path, list(wh), cfg.image.resample, max_pixels=cfg.image.max_pixels)
+        if cfg.color.preserve != "none":
+            rgb = image.deprocess_float(x)
+            if cfg.color.preserve == "histogram":
+                rgb = image.match_histogram(rgb, content_rgb)
+            else:
+                rgb = image.gray(image.match_luminance(image.luminance(rgb),
+                                                       image.luminance(content_rgb)))
+            x = image.preprocess(rgb)
+        out.append(x[0])
+    return np.stack(out)
+
+
+def style_targets(params: dict, content_x, styles_x, spec: losses.Spec,
+                  blend: np.ndarray | None) -> dict:
+    """`losses.targets` for S style images: per-style targets (leading axis S) with masks
+    (`blend` None), else blended into one. Gatys Grams are rescaled to the content's positions."""
+    tgt = dict(losses.targets(params, jnp.asarray(content_x), jnp.asarray(styles_x), spec))
+    (_, h, w, _), (_, hs, ws, _) = content_x.shape, styles_x.shape
+    if spec.kind == "gram" and spec.normalization == "gatys" and (h, w) != (hs, ws):
+        tgt["style"] = {n: g * (((h >> k) * (w >> k)) / ((hs >> k) * (ws >> k)))
+                        for n, g in tgt["style"].items() for k in [vgg16.block(n) - 1]}
+    if blend is not None:
+        b = jnp.asarray(blend, jnp.float32)
+        tgt["style"] = jax.tree.map(lambda t: jnp.tensordot(b, t, axes=1)[None], tgt["style"])
+    return tgt
+
+
+def initial_image(cfg: Config, content: np.ndarray, style: np.ndarray) -> jax.Array:
+    """x0: `noise` (the post's uniform(-2.5, 2.5)/100 from the seed), `content`, `style`, a file."""
+    if cfg.init == "noise":
+        key = jax.random.key(cfg.seed)
+        return jax.random.uniform(key, content.shape, jnp.float32, -2.5, 2.5) / 100.0
+    if cfg.init == "content":
+        return jnp.asarray(content)
+    if cfg.init == "style":
+        return jnp.asarray(style)
+    h, w = content.shape[1:3]
+    x0 = image.load(cfg.init, [w, h], cfg.image.resample, max_pixels=cfg.image.max_pixels)
+    if x0.shape != content.shape:
+        raise UserError(f"init: {cfg.init} has shape {x0.shape[1:3]}, the run needs {(h, w)}")
+    return jnp.asarray(x0)
+
+
+def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) -> Problem:
+    """Load images and weights, compute targets, weights and x0: the arrays a solve needs."""
+    mp = cfg.image.max_pixels
+    content = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
+    h, w = content.shape[1:3]
+    check_depth((w, h), cfg.loss.content_layers + cfg.loss.style_layers,
+                "the content image is", "raise image.size or use an image with a less extreme "
+                "aspect ratio")
+    content_rgb = image.deprocess_float(content)
+    swh = style_size(cfg, (w, h))
+    styles = styles_at(cfg, swh, content_rgb)
+    lum = cfg.color.preserve == "luminance"
+    content_ycc = image.rgb_to_ycbcr(content_rgb) if lum else None
+    if lum:
+        content = image.preprocess(image.gray(content_ycc[..., 0]))
+    if params is None:
+        params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
+    params = jax.tree.map(jnp.asarray, params)
+    spec = spec_of(cfg)
+    tgt = style_targets(params, content, styles, spec,
+                        None if spec.style_masks else blend_weights(cfg))
+    if spec.style_masks:
+        masks = np.stack([image.load_mask(p, (w, h), mp) for p in cfg.masks.style])
+        tgt["style_masks"] = {n: jnp.asarray(v) for n, v in
+                              layer_masks(masks, spec.style_layers, spec.pooling).items()}
+    cmask = None
+    if spec.content_mask:
+        cmask = image.load_mask(cfg.masks.content, (w, h), mp)[None, :, :, None]
+        tgt["content_mask"] = {"mask": jnp.asarray(cmask), "image": jnp.asarray(content)}
+    style0 = styles[:1]
+    if cfg.init == "style" and swh != (w, h):
+        style0 = styles_at(cfg.model_copy(update={"style": cfg.styles[:1]}), (w, h), content_rgb)
+    x0 = initial_image(cfg, content, style0)
+
+    def post(x: np.ndarray) -> np.ndarray:
+        if cmask is not None:
+            x = cmask * x + (1.0 - cmask) * content
+        return image.recolor(x, content_ycc) if lum else x
+
+    info = {"weights": winfo, "content_size": [w, h]}
+    if controls_used(cfg):
+        info.update(style_size=list(swh), styles=len(cfg.styles),
+                    style_blend=blend_weights(cfg).round(6).tolist())
+    return Problem(spec, params, jnp.asarray(content), jnp.asarray(styles[:1]), tgt,
+                   loss_weights(cfg, spec), jnp.asarray(x0), info,
+                   post if (cmask is not None or lum) else None)
+
+
+def controls_used(cfg: Config) -> bool:
+    """Whether `cfg` uses an artistic control (several styles, scale, colour, masks)."""
+    return (len(cfg.styles) > 1 or cfg.style_scale != 1.0 or cfg.color.preserve != "none"
+            or cfg.masks.style is not None or cfg.masks.content is not None)

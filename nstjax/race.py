@@ -1,0 +1,251 @@
+"""`nstjax bench --race`: time to reach a loss, nstjax against PyTorch eager + scipy L-BFGS-B.
+
+One script run, side by side, on the config's real problem (images, weights, loss):
+- the peer: the same VGG16 prefix and loss in PyTorch eager (`bench.TorchCase`), value and
+  gradient handed to scipy's `fmin_l_bfgs_b` (m=10, no tolerances): the post's own scheme. Its
+  loss after `iters` iterations is the target.
+- optionally `torch.optim.LBFGS` (strong Wolfe, history 10), made to move as `bench.TorchCase`
+  does: a unit-length first step and no gradient/change tolerances.
+- each nstjax solver as a user runs it: `nstjax run CONFIG ... --out DIR --no-compile-cache` in a
+  fresh process (cold compilation cache). From its run directory: seconds from process start to
+  final.png, compile seconds, and from history.csv the first iteration at or below the target
+  (time to target = compile + that row's solve seconds), evaluations per iteration, and the run's
+  own ms per evaluation (run.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nstjax.errors import UserError
+
+
+def _problem(cfg_path: str, overrides: list[str]):
+    """A `bench.Inputs` holding the config's own images, weights and x0 (host arrays)."""
+    import jax
+
+    from nstjax import bench, config, problem
+
+    cfg = config.load(cfg_path, overrides)
+    pb = problem.build(cfg)
+    host = jax.device_get
+    bp = bench.Inputs(width=int(pb.content.shape[2]), height=int(pb.content.shape[1]),
+                       params=host(pb.params), content=np.asarray(host(pb.content)),
+                       style=np.asarray(host(pb.style)), x0=np.asarray(host(pb.x0)),
+                       loss_cfg=cfg.loss)
+    return cfg, bp
+
+
+def torch_scipy(tc: Any, iters: int, m: int = 10) -> dict:
+    """`iters` iterations of scipy's L-BFGS-B over PyTorch eager value+gradient."""
+    from scipy.optimize import fmin_l_bfgs_b
+
+    torch = tc.torch
+    shape = tuple(tc.x0.shape)
+    evals, trace = 0, []
+    last = {}
+
+    def f(z: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal evals
+        evals += 1
+        x = torch.from_numpy(z.reshape(shape).astype(np.float32))
+        x = x.contiguous(memory_format=tc.fmt).requires_grad_(True)
+        v = tc.loss(x)
+        v.backward()
+        last["f"] = float(v.detach())
+        return last["f"], x.grad.detach().numpy().astype(np.float64).ravel()
+
+    t0 = time.perf_counter()
+
+    def cb(_xk: np.ndarray) -> None:  # the iterate's loss is the last evaluation's
+        trace.append((len(trace) + 1, time.perf_counter() - t0, last["f"], evals))
+
+    x0 = tc.x0.detach().cpu().numpy().astype(np.float64).ravel()
+    f0 = f(x0)[0]
+    evals = 0
+    t0 = time.perf_counter()
+    fmin_l_bfgs_b(f, x0, m=m, maxiter=iters, maxfun=100 * iters, pgtol=0.0, factr=0.0,
+                  callback=cb)
+    secs = time.perf_counter() - t0
+    return {"solver": "pytorch+scipy_lbfgsb", "iterations": len(trace), "evaluations": evals,
+            "compile_seconds": 0.0, "solve_seconds": secs, "initial_loss": f0,
+            "final_loss": trace[-1][2] if trace else f0, "trace": trace}
+
+
+def torch_lbfgs(tc: Any, iters: int) -> dict:
+    """`iters` iterations of torch.optim.LBFGS (strong Wolfe), one `step` per iteration."""
+    torch = tc.torch
+    x = tc.x0.contiguous().clone().requires_grad_(True)
+    evals, trace = 0, []
+
+    def closure() -> Any:
+        nonlocal evals
+        evals += 1
+        opt.zero_grad()
+        v = tc.loss(x)
+        v.backward()
+        return v
+
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=0.0,
+                            tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        f0 = float(tc.loss(x))
+    spent = 0.0
+    for i in range(iters):
+        t = time.perf_counter()
+        if i == 0:  # unit-length first step: PyTorch's own min(1, 1/|g|_1) does not move here
+            closure()
+            g = x.grad.detach()
+            g1, g2 = float(g.abs().sum()), float(g.norm())
+            opt.param_groups[0]["lr"] = 1.0 / (g2 * min(1.0, 1.0 / g1)) if g2 > 0 else 1.0
+        opt.step(closure)
+        if i == 0:
+            opt.param_groups[0]["lr"] = 1.0
+        spent += time.perf_counter() - t
+        with torch.no_grad():  # not timed
+            trace.append((i + 1, spent, float(tc.loss(x)), evals))
+    return {"solver": "pytorch+torch.optim.LBFGS", "iterations": iters, "evaluations": evals,
+            "compile_seconds": 0.0, "solve_seconds": spent, "initial_loss": f0,
+            "final_loss": trace[-1][2] if trace else f0, "trace": trace}
+
+
+def torch_ms_per_eval(tc: Any, repeats: int) -> float:
+    tc.call()
+    return 1e3 * float(np.median([tc.call() for _ in range(repeats)]))
+
+
+def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out: Path) -> dict:
+    """`nstjax run` in a fresh process, cold compilation cache; what its run directory says."""
+    cmd = [sys.executable, "-m", "nstjax.cli", "run", cfg_path, *overrides,
+           f"solver.name={solver}", f"solver.maxiter={iters}", "output.save_every=0",
+           "--out", str(out), "--quiet", "--no-compile-cache"]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0 or not (out / "run.json").is_file():
+        raise UserError(f"race: nstjax run with {solver} failed: {p.stderr.strip()[-300:]}")
+    rec = json.loads((out / "run.json").read_text())
+    with open(out / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    trace = [(int(r["iter"]), float(r["seconds"]), float(r["total"]), None) for r in rows[1:]]
+    return {"solver": solver, "iterations": rec["iterations"], "evaluations": rec["evaluations"],
+            "compile_seconds": rec["compile_seconds"], "solve_seconds": rec["solve_seconds"],
+            "ms_per_evaluation": rec.get("ms_per_evaluation"), "wall_seconds": wall,
+            "initial_loss": float(rows[0]["total"]), "final_loss": trace[-1][2] if trace else None,
+            "trace": trace}
+
+
+def reach(row: dict, target: float) -> dict:
+    """Iteration, evaluations and seconds (compile + solve) at which row first gets <= target."""
+    for it, secs, loss, evals in row["trace"]:
+        if loss <= target:
+            return {"reach_iter": it, "reach_seconds": row["compile_seconds"] + secs,
+                    "reach_evals": evals}
+    return {"reach_iter": None, "reach_seconds": None, "reach_evals": None}
+
+
+def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 80,
+         threads: int = 0, torch_optim: bool = False, speed_size: str | None = None,
+         repeats: int = 5, quiet: bool = False) -> dict:
+    """The side-by-side report (see the module docstring)."""
+    from nstjax import bench, bench_torch
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[race] {msg}", file=sys.stderr, flush=True)
+
+    cfg, pb = _problem(cfg_path, overrides)
+    spec = pb.spec(cfg.model.precision)
+    tc = bench_torch.TorchCase(pb, spec, threads, "nhwc")
+    say(f"{pb.width}x{pb.height}: PyTorch eager + scipy L-BFGS-B, {iters} iterations")
+    rows = [torch_scipy(tc, iters)]
+    target = rows[0]["final_loss"]
+    if torch_optim:
+        say("PyTorch eager + torch.optim.LBFGS")
+        rows.append(torch_lbfgs(tc, iters))
+    with tempfile.TemporaryDirectory(prefix="nstjax-race-") as tmp:
+        for s in solvers:
+            say(f"nstjax run, solver {s}")
+            rows.append(nstjax_run(cfg_path, overrides, s, iters, Path(tmp) / s))
+        speed = None
+        if speed_size:
+            w, h = bench.parse_sizes(speed_size)[0]
+            sz = [f"image.size=[{w},{h}]"]
+            say(f"{w}x{h}: ms per evaluation, PyTorch eager vs the run's own (run.json)")
+            _, pb2 = _problem(cfg_path, [*overrides, *sz])
+            tc2 = bench_torch.TorchCase(pb2, spec, threads, "nhwc")
+            torch_ms = torch_ms_per_eval(tc2, repeats)
+            runs = {s: nstjax_run(cfg_path, [*overrides, *sz], s, 10, Path(tmp) / f"speed-{s}")
+                    for s in solvers}
+            speed = {"size": f"{w}x{h}", "torch_ms_per_eval": torch_ms,
+                     "run_ms_per_eval": {s: r["ms_per_evaluation"] for s, r in runs.items()}}
+    for r in rows:
+        r.update(reach(r, target))
+        r["evals_per_iteration"] = r["evaluations"] / max(r["iterations"], 1)
+    return {"size": f"{pb.width}x{pb.height}", "iters": iters, "target_loss": target,
+            "weights": cfg.model.weights, "threads": tc.torch.get_num_threads(),
+            "rows": rows, "speed": speed}
+
+
+def table(report: dict) -> str:
+    """Markdown table of a race report."""
+    peer = report["rows"][0]["solve_seconds"]
+    out = [f"{report['size']}, {report['iters']} iterations, target loss "
+           f"{report['target_loss']:.4g} (PyTorch+scipy's final), {report['threads']} threads",
+           "", "| system | evals | evals/iter | compile s | solve s | final loss | "
+           "reaches target at (it, s) | / peer solve s |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        at = (f"{r['reach_iter']}, {r['reach_seconds']:.1f}" if r["reach_iter"] is not None
+              else "never")
+        ratio = f"{r['reach_seconds'] / peer:.2f}" if r["reach_seconds"] is not None else "-"
+        out.append(f"| {r['solver']} | {r['evaluations']} | {r['evals_per_iteration']:.2f} | "
+                   f"{r['compile_seconds']:.1f} | {r['solve_seconds']:.1f} | "
+                   f"{r['final_loss']:.4g} | {at} | {ratio} |")
+    sp = report.get("speed")
+    if sp:
+        runs = ", ".join(f"{k} {v:.0f}" for k, v in sp["run_ms_per_eval"].items())
+        out += ["", f"{sp['size']}: PyTorch eager {sp['torch_ms_per_eval']:.0f} ms/eval; "
+                f"nstjax runs' own ms/eval (run.json): {runs}"]
+    return "\n".join(out)
+
+
+def main(a: Any) -> int:
+    """`nstjax bench --race CONFIG`."""
+    solvers = [s for s in a.race_solvers.split(",") if s]
+    report = race(a.race, list(a.race_overrides or []), solvers, iters=a.race_iters,
+                  threads=a.torch_threads, torch_optim=a.race_torch_optim,
+                  speed_size=a.race_speed_size, repeats=a.repeats, quiet=a.quiet)
+    text = table(report)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m nstjax.race CONFIG [overrides]
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nstjax.race")
+    p.add_argument("race")
+    p.add_argument("race_overrides", nargs="*")
+    p.add_argument("--solvers", dest="race_solvers", default="jaxopt_lbfgs")
+    p.add_argument("--iters", dest="race_iters", type=int, default=80)
+    p.add_argument("--threads", dest="torch_threads", type=int, default=0)
+    p.add_argument("--torch-optim", dest="race_torch_optim", action="store_true")
+    p.add_argument("--speed-size", dest="race_speed_size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out")
+    p.add_argument("--quiet", action="store_true")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main(p.parse_args()))

@@ -1,0 +1,524 @@
+"""The run directory: its format, a `Recorder` that writes it as a solve goes, and `solve`, the
+one loop that turns solver chunks into it (single runs, multi-scale runs and sweep cells).
+
+A run directory holds `config.yaml`, `run.json` (status `running` until the end, then `done`,
+`converged`, `failed` or `interrupted`, written last), `history.csv`, `last.npy` (the newest
+image, preprocessed float32), snapshots `[<prefix>]iter_NNNNNN.<fmt>`, `final.<fmt>` and, for
+a compiled solver stopped by a signal, `solver_state.npz`. While a process writes it, it holds
+`run.lock` (see `runtime.DirLock`).
+
+Recorder API (all files are written atomically; `d` exists):
+
+    rec = Recorder(d, cfg, record, post=problem.post)  # record: the run.json fields so far
+    rec.start()                     # config.yaml, run.json (status running)
+    rec.stage(total=n)              # before each solve: snapshot prefix, iteration offsets
+    rec.first(row)                  # the start row, unless history goes on from earlier rows
+    rec.add(x, rows)                # after each chunk: shift rows, snapshot, last.npy, history
+    rec.close(res, t_start, flag, crash)  # last.npy, final image, history, run.json; -> crash
+    rec.write_record()              # run.json as it is now (e.g. after adding fields)
+
+`solve(rec, problem, settings, flag, chunk=...)` runs one solve through a Recorder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from nstjax import image, losses, solvers
+from nstjax.config import Config, dump
+from nstjax.errors import UserError
+from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
+from nstjax.solvers import Status
+
+HISTORY_COLUMNS = ("iter", "total", "content", "style", "tv", "seconds")
+STATE_FILE = "solver_state.npz"
+FINISHED = (Status.DONE, Status.CONVERGED)
+RESUMABLE = (Status.INTERRUPTED, Status.FAILED, Status.RUNNING)
+_PROGRAMS: dict = {}
+
+
+# ---------------------------------------------------------------- formats
+
+
+def history_csv(rows: list[dict], columns: tuple[str, ...] = HISTORY_COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv rows as dicts (iter an int, the rest floats); [] if there is none."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return [{k: int(v) if k == "iter" else float(v) for k, v in r.items()} for r in rows]
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable history ({e}); cannot resume") from None
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float as null; in a dict, key `k` also gets `k_text` ("nan",
+    "inf", "-inf"), so run.json stays standard JSON and keeps what happened."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k] = json_safe(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_text"] = str(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def record_json(record: dict) -> str:
+    return json.dumps(json_safe(record), indent=2, default=str, allow_nan=False)
+
+
+def start_record(cfg: Config, problem) -> dict:
+    """The run.json fields known before solving."""
+    import jax
+
+    return {"status": Status.RUNNING.value, "versions": versions(), "device": str(jax.devices()[0]),
+            "platform": jax.default_backend(), **problem.info, "solver": cfg.solver.name,
+            "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid(),
+            "host": platform.node()}
+
+
+def _losses(row: dict) -> dict:
+    return {k: row[k] for k in ("total", "content", "style", "tv")}
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def as_user_error(e: BaseException, size) -> BaseException:
+    """Out-of-memory errors as a one-line UserError with what to change; others unchanged."""
+    text = str(e)
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        return UserError(f"out of memory at image size {size} ({first}); lower image.size, or "
+                         "set model.remat: true or model.precision: bfloat16")
+    return e
+
+
+# ---------------------------------------------------------------- directories
+
+
+def _slug(text: str) -> str:
+    s = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in text)
+    return s.strip("-")[:40] or "run"
+
+
+def make_run_dir(out: str | Path | None, cfg: Config, parent: str | Path = "runs") -> Path:
+    """A new run directory: `out` if it is absent or empty, else a unique name under `parent`."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} exists and is not empty: pick a new directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # Claimed by creating run.json exclusively: two runs given one --out never share it.
+            fd = os.open(out / "run.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise UserError(f"--out {out} exists and is not empty: pick a new directory") from None
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create directory: {e.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write('{"status": "starting"}\n')
+        return out
+    parent = Path(parent)
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_slug(Path(cfg.content).stem)}-" \
+           f"{_slug(Path(cfg.styles[0]).stem)}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(10_000):
+            d = parent / (stem if i == 0 else f"{stem}-{i}")
+            try:
+                d.mkdir()  # atomic: two runs at once never share a directory
+                return d
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"cannot create a run directory in {parent}: {e.strerror}") from None
+    raise UserError(f"no free run directory name under {parent}")
+
+
+def check_out(out: str | Path | None, parent: str | Path = "runs") -> None:
+    """Fail fast, before loading images or weights, where no run directory could be made."""
+    target = Path(out) if out is not None else Path(parent)
+    what = "--out" if out is not None else "--runs-dir"
+    if out is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"--out {target} exists and is not empty: pick a new directory")
+    probe = target.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {target}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {target}: {probe} is not writable (permission denied); "
+                        "pick another directory")
+
+
+# ---------------------------------------------------------------- the recorder
+
+
+class Stage(NamedTuple):
+    """How one solve's rows and snapshots are placed in the run's history."""
+
+    total: int = 0  # iterations of this solve: no snapshot at the last one (final.* is it)
+    prefix: str = ""  # snapshot names: f"{prefix}iter_{k:06d}"
+    offset: int = 0  # added to the solver's row numbers
+    base: int = 0  # snapshot k = (shifted) iter - base
+    seconds: float = 0.0  # added to the rows' seconds
+    extra: dict = {}  # more columns, e.g. {"scale": 2}
+    keep_start: bool = False  # record the start row even after earlier rows (a new scale)
+
+
+class Recorder:
+    """Writes one run directory (see the module docstring for the API)."""
+
+    def __init__(self, d: Path, cfg: Config, record: dict, *, post: Callable | None = None,
+                 columns: tuple[str, ...] = HISTORY_COLUMNS, history: list[dict] = (),
+                 bar: Any = None):
+        self.d, self.cfg, self.record, self.post, self.columns = Path(d), cfg, record, post, columns
+        self.history = [dict(r) for r in history]
+        self.bar = bar
+        self.x: np.ndarray | None = None  # the newest image written to last.npy
+        self.now = Stage()
+
+    def image_path(self, stem: str) -> Path:
+        return self.d / f"{stem}.{self.cfg.output.format}"
+
+    def visible(self, x) -> np.ndarray:
+        """The image to save for x: `post(x)` (content mask, colour) if set, else x."""
+        return self.post(np.asarray(x)) if self.post is not None else np.asarray(x)
+
+    def save_image(self, stem: str, x) -> None:
+        image.save(self.image_path(stem), self.visible(x), bits=self.cfg.output.bits)
+
+    def write_record(self) -> None:
+        write_atomic(self.d / "run.json", record_json(self.record))
+
+    def write_history(self) -> None:
+        write_atomic(self.d / "history.csv", history_csv(self.history, self.columns))
+
+    def start(self) -> None:
+        write_atomic(self.d / "config.yaml", dump(self.cfg))
+        self.write_record()
+
+    def stage(self, **kw) -> Stage:
+        self.now = Stage(**kw)
+        return self.now
+
+    def shift(self, rows: list[dict]) -> list[dict]:
+        s = self.now
+        return [{**r, **s.extra, "iter": r["iter"] + s.offset, "seconds": r["seconds"] + s.seconds}
+                for r in rows]
+
+    def first(self, row: dict) -> None:
+        if not self.history or self.now.keep_start:
+            self.history.append(self.shift([row])[0])
+            self.write_history()
+
+    def add(self, x, rows: list[dict]) -> list[dict]:
+        rows = self.shift(rows)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+            if rows:
+                self.bar.set_postfix(loss=f"{rows[-1]['total']:.4g}")
+        every, s = self.cfg.output.save_every, self.now
+        k = rows[-1]["iter"] - s.base if rows else 0
+        if every and k and k % every == 0 and k < s.total:
+            self.save_image(f"{s.prefix}iter_{k:06d}", x)
+        # last.npy before history.csv: killed in between, a resume repeats no work it counted.
+        self.x = np.asarray(x)
+        write_atomic(self.d / "last.npy", npy_bytes(x))
+        self.history.extend(rows)
+        self.write_history()
+        return rows
+
+    def finish(self, res: solvers.Result, t_start: float) -> dict:
+        """Final image, history.csv and the completed run.json (last: it marks completion)."""
+        self.save_image("final", res.x)
+        self.write_history()
+        self.record.update(
+            status=Status(res.status).value, error=res.error,
+            iterations=res.iterations, evaluations=res.evals,
+            compile_seconds=round(res.compile_seconds, 4),
+            solve_seconds=round(res.solve_seconds, 4),
+            ms_per_evaluation=round(1e3 * res.solve_seconds / max(res.evals, 1), 4),
+            wall_seconds=round(time.perf_counter() - t_start, 4),
+            final_loss=_losses(self.history[-1]) if self.history else None,
+            initial_loss=_losses(self.history[0]) if self.history else None,
+            finished=datetime.now().isoformat(timespec="seconds"),
+        )
+        self.write_record()
+        return self.record
+
+    def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
+              crash: BaseException | None = None) -> BaseException | None:
+        """End the run whatever happened: status from the flag and the crash, then last.npy,
+        final image, history, run.json and (stopped by a signal) the solver state. Returns the
+        error to raise (the crash, or a failed write), if any."""
+        flag.finishing = True
+        if self.bar is not None:
+            self.bar.close()
+        res.history = self.history
+        if flag.stopped and res.status != Status.FAILED:
+            res.status = Status.INTERRUPTED
+        if crash is not None:
+            res.status, res.error = Status.FAILED, one_line(crash)
+        self.record["signal"] = flag.signum
+        try:
+            write_atomic(self.d / "last.npy", npy_bytes(res.x))
+            self.finish(res, t_start)
+            save_state(self.d, self.cfg, res)
+        except UserError as e:  # e.g. the disk filled up: keep what is written, say so
+            self.record.update(status=Status.FAILED.value, error=str(e))
+            with suppress(UserError):
+                self.write_record()
+            crash = crash or e
+        res.state = None  # on disk if needed; do not hold the device memory
+        return crash
+
+
+@contextmanager
+def guarded(flag: StopFlag, errors: list, size=None):
+    """Catch what ends a solve early: a second signal (stop now) or an exception (appended to
+    `errors`, out-of-memory errors as a UserError), so that the directory can be completed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        flag.stop()
+    except Exception as e:  # noqa: BLE001 - recorded in run.json, then re-raised
+        errors.append(as_user_error(e, size))
+
+
+# ---------------------------------------------------------------- solving
+
+
+def chunk_size(cfg: Config) -> int:
+    n = max(cfg.solver.maxiter, 1)
+    return cfg.output.save_every if cfg.output.save_every else min(n, 25)
+
+
+def program(spec: losses.Spec, s: solvers.Settings, x0, args, chunk: int):
+    """Compiled (init, chunk) for these shapes, reused by later runs in this process."""
+    import jax
+
+    s = replace(s, maxiter=0)  # not part of a compiled program: runs of any length share it
+    key = (spec, s, chunk, jax.tree.structure(args),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves((x0, args))))
+    hit = key in _PROGRAMS
+    if not hit:
+        _PROGRAMS[key] = solvers.compile_program(s, losses.objective(spec), x0, args, chunk)
+    return _PROGRAMS[key], hit
+
+
+def steps(s: solvers.Settings) -> int:
+    """The solver's own count: rounds for scipy_lbfgsb, else iterations."""
+    return s.rounds if s.name == "scipy_lbfgsb" else s.maxiter
+
+
+def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk: int,
+          done: int = 0, state0=None, compile_fn: Callable = program) -> solvers.Result:
+    """Solve `problem` from `problem.x0`, recording into `rec` under its current stage.
+
+    `done` iterations were made before (resume): the solve makes `steps(s) - done` more, rows
+    numbered on, chunks aligned so snapshots stay where they would have been. A signal stops
+    it after the current chunk; a non-finite loss at the start image fails it at once.
+    """
+    args = (problem.params, problem.targets, problem.weights)
+    compiled, compile_s = None, 0.0
+    if s.name in solvers.COMPILED:
+        t = time.perf_counter()
+        compiled, hit = compile_fn(problem.spec, s, problem.x0, args, chunk)
+        compile_s = 0.0 if hit else time.perf_counter() - t
+    bad: list[float] = []
+
+    def on_start(x, row: dict) -> bool:
+        if done:  # rows continue the run's own numbering
+            rec.now = rec.now._replace(offset=done - row["iter"])
+        rec.first(row)
+        if not np.isfinite(row["total"]):  # e.g. overflowing loss weights: no step can help
+            bad.append(row["total"])
+            return True
+        return flag.stopped
+
+    def on_chunk(x, rows: list[dict]) -> bool:
+        rec.add(x, rows)
+        return flag.stopped
+
+    key = "rounds" if s.name == "scipy_lbfgsb" else "maxiter"
+    res = solvers.minimize(replace(s, **{key: max(steps(s) - done, 0)}),
+                           losses.objective(problem.spec), problem.x0, args, chunk=chunk,
+                           on_chunk=on_chunk, on_start=on_start, compiled=compiled,
+                           state0=state0, keep_state=s.name in solvers.COMPILED,
+                           first_chunk=chunk - done % chunk)
+    res.compile_seconds = max(res.compile_seconds, compile_s)
+    res.iterations = rec.history[-1]["iter"] - rec.now.base if rec.history else done
+    if bad:
+        res.status, res.error = Status.FAILED, f"loss is {bad[0]} at the start image"
+    return res
+
+
+# ---------------------------------------------------------------- solver state
+
+
+def save_state(d: Path, cfg: Config, res: solvers.Result) -> None:
+    """solver_state.npz (the state pytree's leaves and a JSON meta; no pickle) when interrupted.
+
+    Without it (host solver, a hard stop, a killed process) a resume restarts the solver's
+    memory (L-BFGS history, Adam moments) from the last image.
+    """
+    import jax
+
+    path = d / STATE_FILE
+    if res.status != Status.INTERRUPTED or res.state is None:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)  # a stale state is never resumed from
+        return
+    leaves = [np.asarray(v) for v in jax.tree.leaves(res.state)]
+    meta = {"solver": cfg.solver.name, "iteration": res.iterations, "leaves": len(leaves)}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+             **{f"leaf_{i:04d}": v for i, v in enumerate(leaves)})
+    try:
+        write_atomic(path, buf.getvalue())
+    except UserError as e:  # optional: a resume then restarts the solver's memory
+        print(f"warning: {e}; a resume will restart the solver state", file=sys.stderr)
+
+
+def _member(z: zipfile.ZipFile, name: str, shape: tuple, dtype) -> np.ndarray:
+    """One `.npy` member, its header checked against `shape`/`dtype` before any data is read."""
+    info = z.getinfo(f"{name}.npy")
+    with z.open(info) as f:
+        got = npy_header(f)
+        if got != (tuple(shape), np.dtype(dtype)):
+            raise ValueError(f"{name} declares {got[0]} {got[1]}, expected {shape} {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if info.file_size != f.tell() + nbytes:
+            raise ValueError(f"{name} is {info.file_size} bytes, not a {shape} {dtype} array")
+        return np.frombuffer(f.read(nbytes), np.dtype(dtype)).reshape(shape)
+
+
+def load_state(d: Path, cfg: Config, problem, done: int):
+    """The saved solver state if it matches this solver, its shapes and iteration `done`; else
+    None (with a warning where the file exists but does not fit). No data is read unless every
+    member's header declares the shape and dtype the solver's state has."""
+    import jax
+    import jax.numpy as jnp
+
+    path = d / STATE_FILE
+    if cfg.solver.name not in solvers.COMPILED or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("meta.npy")
+            if info.file_size > 10_000:
+                raise ValueError(f"meta is {info.file_size} bytes")
+            with z.open(info) as f:
+                meta = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes())
+            if meta.get("solver") != cfg.solver.name or meta.get("iteration") != done:
+                return None
+            init, _ = solvers.make(cfg.solver.settings(), losses.objective(problem.spec))
+            ref = jax.eval_shape(init, problem.x0,
+                                 (problem.params, problem.targets, problem.weights))
+            flat = jax.tree.leaves(ref)
+            if meta.get("leaves") != len(flat):
+                raise ValueError(f"{meta.get('leaves')} leaves, the solver has {len(flat)}")
+            leaves = []
+            for i, a in enumerate(flat):
+                v = _member(z, f"leaf_{i:04d}", a.shape, a.dtype)
+                leaves.append(jnp.asarray(v.item()) if a.weak_type else jnp.asarray(v))
+        return jax.tree.unflatten(jax.tree.structure(ref), leaves)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError,
+            zipfile.BadZipFile) as e:
+        print(f"warning: {path}: not used ({str(e)[:200]}); the solver state restarts",
+              file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------- resume checks
+
+# run.json fields a resume reads, and the types they must have.
+_RECORD_TYPES: dict[str, tuple] = {
+    "status": (str,), "pid": (int,), "host": (str,), "weights": (dict,),
+    "evaluations": (int,), "solve_seconds": (int, float), "compile_seconds": (int, float),
+    "wall_seconds": (int, float), "resumed": (list,),
+}
+
+
+def read_record(d: Path) -> dict:
+    """run.json of `d`, its fields of the types a resume relies on (null where optional)."""
+    path = d / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:200]}); cannot resume") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: holds a {type(record).__name__}, not a JSON object; "
+                        "cannot resume")
+    for key, types in _RECORD_TYPES.items():
+        v = record.get(key)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            want = " or ".join(t.__name__ for t in types)
+            raise UserError(f"{path}: field {key!r} is {json.dumps(v)[:60]}, not {want}; "
+                            "fix or remove it to resume")
+    return record
+
+
+def read_last(path: Path, hw_max: int) -> np.ndarray:
+    """last.npy as a finite float32 (1, H, W, 3) array with H*W <= hw_max, checked from its
+    header before any data is read."""
+    if not path.is_file():
+        raise UserError(f"{path.parent}: no last.npy to resume from; start a new run")
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = npy_header(f)
+            start = f.tell()
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:200]}); cannot resume") from None
+    ok = (dtype == np.float32 and len(shape) == 4 and shape[0] == 1 and shape[3] == 3
+          and 0 < shape[1] * shape[2] <= hw_max)
+    if not ok:
+        raise UserError(f"{path}: declares a {dtype} array of shape {shape}, not a float32 "
+                        "(1, H, W, 3) image of this run's size; cannot resume")
+    if path.stat().st_size != start + 12 * shape[1] * shape[2]:
+        raise UserError(f"{path}: is {path.stat().st_size} bytes, not the {shape} array its "
+                        "header declares; cannot resume")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:200]}); cannot resume") from None
+    if not np.isfinite(x).all():
+        raise UserError(f"{path}: holds non-finite values; cannot resume")
+    return x

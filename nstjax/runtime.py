@@ -1,0 +1,237 @@
+"""Process-level plumbing shared by every command: atomic files, `.npy` bytes, versions, cache
+directories, the compilation-cache switch, run-directory locks and a `StopFlag` for signals.
+
+Nothing here imports JAX at module level (the CLI imports this before JAX is loaded).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import platform
+import secrets
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from nstjax import __version__
+from nstjax.errors import UserError
+
+# Exit status of a run stopped by a signal: 128 + the signal's number, as shells report it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LOCK_FILE = "run.lock"
+
+
+def signal_exit_code(signum: int | None) -> int:
+    return 128 + int(signum) if signum else 0
+
+
+# ---------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `path` complete (written to a temp name, fsynced, renamed)
+    only if the block succeeds; on any error, Ctrl-C included, no temporary file is left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # honours umask
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; check permissions and free "
+                        "disk space") from None
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def npy_bytes(x) -> bytes:
+    """`x` as the bytes of a float32 `.npy` file (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(x, np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the `.npy` data at `f`'s position, reading no data
+    (`f` is left at the first data byte). Raises ValueError for a bad or Fortran-order header."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(f, max_header_size=10_000)
+    if fortran:
+        raise ValueError("Fortran-ordered array")
+    return tuple(shape), np.dtype(dtype)
+
+
+# ---------------------------------------------------------------- environment
+
+
+def versions() -> dict:
+    """Versions of nstjax, Python and the packages a run depends on (None where absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"nstjax": __version__, "python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "jaxopt", "optax", "numpy", "scipy", "pillow", "h5py"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cache_dir() -> Path:
+    """``$NSTJAX_HOME``, else ``$XDG_CACHE_HOME/nstjax``, else ``~/.cache/nstjax``."""
+    if os.environ.get("NSTJAX_HOME"):
+        return Path(os.environ["NSTJAX_HOME"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "nstjax"
+    return Path.home() / ".cache" / "nstjax"
+
+
+def enable_compile_cache(path: str | Path | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache (default: `<cache dir>/jax`)."""
+    import jax
+
+    path = Path(path) if path else cache_dir() / "jax"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+# ---------------------------------------------------------------- locks
+
+
+class DirLock:
+    """An exclusive `flock` on `<dir>/run.lock`, holding this process's pid; removed on release.
+
+    `acquire` never waits: if another process holds the lock it raises UserError naming that
+    process's pid. The kernel drops the lock when the holder dies, so a killed run's stale
+    file never blocks anyone.
+    """
+
+    def __init__(self, d: str | os.PathLike, what: str = "the run"):
+        self.path = Path(d) / LOCK_FILE
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> DirLock:
+        import fcntl
+
+        for _ in range(100):  # the file may be removed by its releasing holder under us
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"{self.path}: cannot create the lock file "
+                                f"({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise UserError(f"{self.path}: cannot lock ({e.strerror or e})") from None
+                raise UserError(f"{self.path.parent}: {self.what} is in use by another nstjax "
+                                f"process ({self._holder()}); wait for it or stop it first"
+                                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # locked a file its holder had just removed: lock the new one
+        raise UserError(f"{self.path}: cannot lock (the lock file keeps changing)")
+
+    def _holder(self) -> str:
+        with suppress(OSError, ValueError):
+            pid, _, host = self.path.read_text().strip().partition(" ")
+            return f"pid {int(pid)}" + (f" on {host}" if host and host != platform.node() else "")
+        return "pid unknown"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with suppress(OSError):
+            self.path.unlink()  # before unlocking: a waiter then re-checks the inode
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """SIGINT, SIGTERM and SIGHUP ask a solve to stop after its current chunk.
+
+    `with flag.installed(): ...` sets the handlers (main thread only) and restores them after.
+    The first signal is recorded in `signum`; a second one raises KeyboardInterrupt when control
+    is back in Python, unless `finishing` is set (final files are being written: signals are then
+    ignored, as finishing is quick). A SIGINT that was ignored when the process started (a
+    background job of a non-interactive shell) stays ignored.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.finishing = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return signal_exit_code(self.signum)
+
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def _handler(self, signum: int, _frame) -> None:
+        if self.finishing:
+            return
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        old = {}
+        try:
+            for sig in STOP_SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
+                old[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: no handlers
+            pass
+        try:
+            yield self
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)

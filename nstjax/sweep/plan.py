@@ -1,0 +1,315 @@
+"""Planning a sweep: groups of cells that share one compiled program, this process's share,
+the batch and lane layout, a cost model and the dry run (which writes nothing)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nstjax.sweep.store as store
+from nstjax.errors import UserError
+from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
+
+if TYPE_CHECKING:
+    from nstjax.config import Config
+
+# Rough evaluations per iteration (measured on the demo images; for the estimate only).
+_EVALS_PER_ITER = {"jaxopt_lbfgs": 5.0, "optax_lbfgs": 3.0, "adam": 1.0}
+
+
+@dataclass
+class Group:
+    """Cells sharing one compiled program."""
+
+    name: str
+    key: tuple
+    cells: list[Cell]
+    hw: tuple[int, int]
+    label: str = ""
+
+    @property
+    def spec(self):
+        return self.key[0]
+
+    @property
+    def settings(self):
+        return self.key[1]
+
+    @property
+    def chunk(self) -> int:
+        return self.key[2]
+
+    @property
+    def host(self) -> bool:
+        """Cells run one by one, as `nstjax run` runs them (not batched)."""
+        return self.key[5]
+
+
+def structure(cfg: Config, hw: tuple[int, int]) -> tuple:
+    """What shapes the compiled program: (spec, solver settings, chunk, weights, (H, W), host).
+
+    `host`: the cell runs on its own, as `nstjax run` does (a host-side solver, multi-scale).
+    """
+    from nstjax import problem, record, solvers
+
+    s = cfg.solver.settings()
+    host = s.name not in solvers.COMPILED or multiscale(cfg)
+    return (problem.spec_of(cfg), s, record.chunk_size(cfg), cfg.model.weights, tuple(hw), host)
+
+
+def params_key(cfg: Config) -> tuple:
+    """Cells with equal keys share VGG params (random weights depend on the seed)."""
+    w = cfg.model.weights
+    return (w, cfg.seed if w == "random" else None)
+
+
+def _content_hw(cfg: Config, cache: dict) -> tuple[int, int]:
+    from nstjax import image
+
+    im = cfg.image
+    key = (cfg.content, tuple(cfg.styles), canon(im.size), im.resample, im.max_pixels)
+    if key not in cache:
+        try:
+            content = image.load(cfg.content, im.size, im.resample, max_pixels=im.max_pixels)
+            h, w = int(content.shape[1]), int(content.shape[2])
+            image.load(cfg.styles[0], [w, h], im.resample, max_pixels=im.max_pixels)  # readable?
+            cache[key] = (h, w)
+        except (UserError, OSError, ValueError) as e:
+            cache[key] = str(e)
+    if isinstance(cache[key], str):
+        raise UserError(cache[key])
+    return cache[key]
+
+
+def make_groups(sw: Sweep, cells: list[Cell]) -> list[Group]:
+    """Group the valid cells by structure (loads each distinct image once to know its shape)."""
+    shapes: dict = {}
+    by_key: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        if c.cfg is None:
+            continue
+        try:
+            hw = _content_hw(c.cfg, shapes)
+        except UserError as e:
+            c.error = str(e)
+            continue
+        c.key = structure(c.cfg, hw)
+        by_key.setdefault(c.key, []).append(c)
+    groups = [Group("", k, cs, k[4]) for k, cs in by_key.items()]
+    _name_groups(sw, groups)
+    return groups
+
+
+def _name_groups(sw: Sweep, groups: list[Group]) -> None:
+    """g0, g1, ... plus the values of the dims that separate the groups (e.g. g1-pool-max)."""
+    split = []
+    for j in range(len(sw.dims)):
+        constant = all(len({c.combo[j] for c in g.cells}) == 1 for g in groups)
+        if constant and len({g.cells[0].combo[j] for g in groups}) > 1:
+            split.append(j)
+    for i, g in enumerate(groups):
+        g.label = "__".join(g.cells[0].parts[j] for j in split)
+        g.name = safe_name(f"g{i}-{g.label}" if g.label else f"g{i}", 64)
+        for c in g.cells:
+            c.group = g.name
+
+
+def owned(groups: list[Group], cells: list[Cell], process: int, count: int) -> list[Cell]:
+    """This process's share: a contiguous slice of the cells ordered by group, then index."""
+    order = [c for g in groups for c in g.cells] + [c for c in cells if c.key is None]
+    n = len(order)
+    return order[process * n // count:(process + 1) * n // count]
+
+
+def device_memory(devices: list) -> int:
+    """Bytes free for one device: its allocator limit, else the host's RAM shared by devices."""
+    try:
+        st = devices[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        st = {}
+    if st.get("bytes_limit"):
+        return int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return ram // len(devices)
+
+
+def _conv_layers(spec, hw: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(h, w, cin, cout) of every conv the objective computes."""
+    from nstjax import vgg16
+
+    last = max(vgg16.NAMES.index(n) for n in spec.layers)
+    out, cin = [], 3
+    for n in vgg16.NAMES[: last + 1]:
+        b = vgg16.block(n)
+        out.append((hw[0] >> (b - 1), hw[1] >> (b - 1), cin, vgg16.CHANNELS[n]))
+        cin = vgg16.CHANNELS[n]
+    return out
+
+
+def cell_bytes(g: Group) -> tuple[int, int]:
+    """Rough device bytes of one cell: (its solver state, one evaluation's working set)."""
+    acts = sum(h * w * c for h, w, _, c in _conv_layers(g.spec, g.hw))
+    x = g.hw[0] * g.hw[1] * 3
+    return 4 * (2 * g.settings.history_size + 16) * x, int(4 * 1.5 * 4 * acts)
+
+
+def lanes_for(g: Group, per_device: int, asked: int | None, backend: str,
+              devices: list | None = None) -> int:
+    """Cells per device solved in lockstep with vmap (1: one after another in the program).
+
+    Under vmap the line search's branches become selects that evaluate the objective in every
+    branch (~3x the evaluations), which pays off only when one cell leaves the device idle:
+    auto is 1 on CPU; on accelerators, as many lanes as make ~20 GFLOP per evaluation and fit
+    in half the device's free memory.
+    """
+    if asked:
+        return max(1, min(asked, per_device))
+    if backend == "cpu":
+        return 1
+    lanes = int(20e9 // max(eval_flops(g), 1.0))
+    if devices:
+        lanes = min(lanes, int(0.5 * device_memory(devices) // sum(cell_bytes(g))))
+    return max(1, min(per_device, lanes))
+
+
+def batch_size(g: Group, n: int, devices: list, asked: int | None, lanes: int | None = None,
+               backend: str = "cpu") -> int:
+    """Cells per compiled batch, a multiple of the device count.
+
+    `asked` if given; else one vmap width per device (`lanes_for`): more cells per batch would
+    run one after another anyway, and smaller batches finish (and can be resumed) sooner.
+    """
+    ndev = len(devices)
+
+    def up(k: int) -> int:
+        return max(ndev, -(-k // ndev) * ndev)
+
+    if asked:
+        return up(min(asked, n))
+    per_dev = -(-n // ndev)
+    return up(min(n, ndev * lanes_for(g, per_dev, lanes, backend, devices)))
+
+
+def batches(cells: list[Cell], b: int) -> list[list[Cell]]:
+    """Split into batches of at most b; a new batch whenever the VGG params change."""
+    out: list[list[Cell]] = []
+    for _, grp in itertools.groupby(sorted(cells, key=lambda c: (params_key(c.cfg), c.index)),
+                                    key=lambda c: params_key(c.cfg)):
+        grp = list(grp)
+        out += [grp[i:i + b] for i in range(0, len(grp), b)]
+    return out
+
+def _throughput(devices: list) -> float:
+    """Measured float32 matmul FLOP/s of one device (a fraction of a second)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 512
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t, reps = time.perf_counter(), 0
+    while time.perf_counter() - t < 0.2:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def eval_flops(g: Group) -> float:
+    """FLOPs of one loss+gradient evaluation of one cell (convolutions only, fwd + bwd)."""
+    return 3.0 * sum(2 * 9 * h * w * ci * co for h, w, ci, co in _conv_layers(g.spec, g.hw))
+
+
+def layout(g: Group, n: int, devices: list, batch: int | None, lanes: int | None,
+           backend: str, share: int = 0) -> tuple[int, int, int]:
+    """(batch size, lanes per device, number of batches) for n cells of a group."""
+    if n == 0:
+        return 0, 0, 0
+    b = batch_size(g, max(n, share), devices, batch, lanes, backend)
+    return b, lanes_for(g, b // len(devices), lanes, backend, devices), -(-n // b)
+
+
+def estimate(groups: list[Group], todo: list[Cell], devices: list, batch: int | None,
+             lanes: int | None, backend: str) -> dict:
+    """Rough seconds: a constant per compilation plus conv FLOPs over a measured matmul rate."""
+    # Conv efficiency relative to a matmul, measured on a 2-core CPU; a guess on accelerators.
+    rate = (0.15 if backend == "cpu" else 0.35) * _throughput(devices)
+    per_compile = 25.0 if backend == "cpu" else 30.0
+    compiles, solve = 0, 0.0
+    for g in groups:
+        cells = [c for c in todo if c.key == g.key]
+        if not cells:
+            continue
+        s, f = g.settings, eval_flops(g)
+        if g.host:
+            compiles += len(cells)
+            evals = (s.rounds * s.maxfun + s.rounds if s.name == "scipy_lbfgsb"
+                     else s.maxiter * _EVALS_PER_ITER.get(s.name, 3.0))
+            solve += len(cells) * (evals + 1) * f / rate
+            continue
+        b, k, _ = layout(g, len(cells), devices, batch, lanes, backend, share=len(g.cells))
+        nb = len(batches(cells, b))
+        compiles += 1
+        evals = s.maxiter * _EVALS_PER_ITER.get(s.name, 3.0) + 1
+        redundancy = 3.0 if k > 1 and s.name != "adam" else 1.0  # vmapped line-search branches
+        per_dev = b // len(devices)
+        steps = -(-per_dev // k) * k * (len(devices) if backend == "cpu" else 1)
+        solve += nb * steps * evals * redundancy * f / rate
+    return {"compilations": compiles, "compile_s": compiles * per_compile, "solve_s": solve}
+
+
+def dry_run(sw: Sweep, cells: list[Cell], groups: list[Group], out: Path, devices: list,
+            batch: int | None, lanes: int | None, count: int = 1) -> str:
+    """The plan as text: cells and groups, compilations, a time estimate."""
+    backend = devices[0].platform
+    lines = [f"sweep {sw.name} ({sw.source}): {len(cells)} cell(s), {len(groups)} group(s), "
+             f"{len(devices)} {backend} device(s) -> {out}"]
+    for d in sw.dims:
+        lines.append(f"  {' + '.join(d.keys)}: {len(d)} value(s)"
+                     + (f" ({', '.join(d.labels)})" if d.labels else ""))
+    if out.exists():
+        store.check_target(out, sw)
+    moved = {c.name for c in store.locate(out, cells)}
+    done = {c.name for c in cells if store.finished(store.cell_dir(out, c))}
+    owner = {c.name: p for p in range(count) for c in owned(groups, cells, p, count)}
+    todo = [c for c in cells if c.name not in done and c.key is not None]
+    for g in groups:
+        n = sum(1 for c in g.cells if c.name not in done)
+        s = g.settings
+        b, k, nb = layout(g, n, devices, batch, lanes, backend, share=len(g.cells))
+        how = "one by one, as `nstjax run`" if g.host else (
+            f"{nb} batch(es) of {b}, {k} lane(s) per device" if n else "nothing to run")
+        lines.append(f"group {g.name}: {len(g.cells)} cell(s), {n} to run, "
+                     f"{g.hw[1]}x{g.hw[0]}, {s.name} {s.maxiter} it, {how}")
+        for c in g.cells:
+            state = "finished" if c.name in done else "to run"
+            if c.name in moved:
+                keys = ", ".join(store.differing_keys(out, c)) or "other files"
+                state += f" in cells/{c.dir}: cells/{c.name} has other settings: {keys}"
+            who = f"  [process {owner[c.name]}]" if count > 1 else ""
+            lines.append(f"    {c.name:40s} {c.label}  ({state}){who}")
+    for c in cells:
+        if c.key is None:
+            lines.append(f"  invalid {c.name}: {c.error}")
+    est = estimate(groups, todo, devices, batch, lanes, backend)
+    total = est["compile_s"] + est["solve_s"]
+    lines.append(f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
+                 f"{len(done)} finished")
+    lines.append(f"estimate (rough model, not a measurement): ~{est['compile_s']:.0f} s compiling "
+                 f"+ ~{est['solve_s']:.0f} s solving = ~{total:.0f} s"
+                 + (" (less when the persistent compilation cache has the program)"
+                    if est["compilations"] else ""))
+    return "\n".join(lines)
+
+
+def multiscale(cfg: Config) -> bool:
+    ms = getattr(cfg, "multiscale", None)
+    return bool(ms is not None and ms.count)
+

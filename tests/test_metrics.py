@@ -1,0 +1,117 @@
+"""nstjax.metrics: the fixed reference evaluation against float64 numpy formulas."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import np_vgg16
+
+from nstjax import metrics
+from nstjax.errors import UserError
+
+
+def np_gram(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, np.float64).reshape(-1, f.shape[-1])
+    return f.T @ f
+
+
+def np_gatys_style(fx: np.ndarray, fs: np.ndarray) -> float:
+    """The paper's E_l = sum((G - A)^2) / (4 N^2 M^2), Grams per image's own positions M."""
+    mx, ms, n = fx.shape[0] * fx.shape[1], fs.shape[0] * fs.shape[1], fx.shape[-1]
+    return float(np.sum((np_gram(fx) / mx - np_gram(fs) / ms) ** 2) / (4.0 * n**2))
+
+
+def np_seed_style(fx: np.ndarray, fs: np.ndarray) -> float:
+    return float(np.sum(np.mean((np_gram(fx) / fx.size - np_gram(fs) / fs.size) ** 2, -1)))
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    r = np.random.default_rng(5)
+    x = (40.0 * r.standard_normal((1, 24, 20, 3))).astype(np.float32)
+    c = (x + 20.0 * r.standard_normal(x.shape)).astype(np.float32)
+    s = (40.0 * r.standard_normal((1, 32, 28, 3))).astype(np.float32)  # another size
+    return x, c, s
+
+
+@pytest.fixture(scope="module")
+def np_feats(vgg_params, imgs):
+    return [np_vgg16(vgg_params, im, "block5_conv2") for im in imgs]
+
+
+def test_default_evaluation_against_numpy(vgg_params, imgs, np_feats):
+    got = metrics.evaluate(vgg_params, *imgs)
+    fx, fc, fs = np_feats
+    names = [f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2)]
+    assert set(got) == {f"style.{n}" for n in names} | {"style", "content"}
+    assert all(isinstance(v, float) for v in got.values())
+    for n in names:
+        # With M_x != M_s (the style is larger) the per-position Grams are compared.
+        ref = np_gatys_style(fx[n][0], fs[n][0])
+        assert got[f"style.{n}"] == pytest.approx(ref, rel=1e-4), n
+        assert ref > 0
+    assert got["style"] == pytest.approx(sum(got[f"style.{n}"] for n in names), rel=1e-6)
+    c = 0.5 * np.sum((fx["block4_conv2"] - fc["block4_conv2"]) ** 2)
+    assert got["content"] == pytest.approx(c, rel=1e-4) and c > 0
+
+
+def test_same_size_gatys_is_the_papers_formula(vgg_params, imgs, np_feats):
+    """When x and the style have one size, the distance is E_l = sum((G-A)^2)/(4 N^2 M^2)."""
+    x, c, _ = imgs
+    spec = metrics.EvalSpec(style_layers=["block1_conv1", "block3_conv2"],
+                            content_layers=["block2_conv1", "block4_conv2"])
+    got = metrics.evaluate(vgg_params, x, c, c, spec)
+    fx, fc = np_feats[0], np_feats[1]
+    for n in spec.style_layers:
+        h, w, nc = fx[n].shape[1:]
+        e = np.sum((np_gram(fx[n][0]) - np_gram(fc[n][0])) ** 2) / (4.0 * nc**2 * (h * w) ** 2)
+        assert got[f"style.{n}"] == pytest.approx(e, rel=1e-4)
+    for n in spec.content_layers:
+        assert got[f"content.{n}"] == pytest.approx(0.5 * np.sum((fx[n] - fc[n]) ** 2), rel=1e-4)
+    assert got["content"] == pytest.approx(got["content.block2_conv1"]
+                                           + got["content.block4_conv2"], rel=1e-6)
+
+
+def test_seed_normalization(vgg_params, imgs, np_feats):
+    spec = metrics.EvalSpec(normalization="seed", style_layers=("block2_conv2", "block5_conv1"))
+    got = metrics.evaluate(vgg_params, *imgs, spec)
+    fx, fc, fs = np_feats
+    for n in spec.style_layers:
+        assert got[f"style.{n}"] == pytest.approx(np_seed_style(fx[n][0], fs[n][0]), rel=1e-4)
+    d = fx["block4_conv2"] - fc["block4_conv2"]
+    ref = np.sum(np.mean(d**2, -1)) / d.size
+    assert got["content"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_zero_at_the_targets_and_compiled_once(vgg_params, imgs):
+    x, c, s = imgs
+    a = metrics.evaluate(vgg_params, c, c, c)
+    assert a["content"] == 0.0 and a["style"] == 0.0
+    metrics.evaluate(vgg_params, x, c, s)
+    metrics.evaluate(vgg_params, x + 1.0, c, s)
+    n = metrics.score._cache_size()
+    metrics.evaluate(vgg_params, x - 1.0, c + 1.0, s)
+    assert metrics.score._cache_size() == n  # same shapes and cfg: no new program
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.evaluate(vgg_params, x[:, :16], c, s)
+
+
+def test_eval_spec_from_config_section():
+    spec = metrics.EvalSpec.from_dict({"style_layers": ["block1_conv1"], "normalization": "seed"})
+    assert spec.style_layers == ("block1_conv1",) and hash(spec)
+    assert metrics.EvalSpec.from_dict(None) == metrics.EvalSpec()
+    assert len(metrics.EvalSpec().style_layers) == 10
+    for d, msg in [({"layers": ["block1_conv1"]}, "eval.layers: unknown key"),
+                   ({"style_layers": ["block1_conv3"]}, "eval.style_layers: 'block1_conv3'"),
+                   ({"style_layers": []}, "eval.style_layers"),
+                   ({"normalization": "l2"}, "eval.normalization: 'l2' is not one of")]:
+        with pytest.raises(UserError, match=msg):
+            metrics.EvalSpec.from_dict(d)
+
+
+def test_jnp_inputs_accepted(vgg_params, imgs):
+    x, c, s = imgs
+    a = metrics.evaluate(vgg_params, jnp.asarray(x), jnp.asarray(c), jnp.asarray(s),
+                         metrics.EvalSpec(style_layers=("block1_conv1",)))
+    assert set(a) == {"style.block1_conv1", "style", "content"}

@@ -1,0 +1,75 @@
+"""nstjax.problem: one build from a Config (blend weights, depth checks, masks per layer,
+targets against a float64 numpy reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DEMO, TINY, np_pool2x2, np_vgg16
+from PIL import Image
+
+from nstjax import config, image, losses, problem
+from nstjax.errors import UserError
+
+
+def make_cfg(**extra) -> config.Config:
+    return config.validate(config.merge(TINY, extra))
+
+
+def test_blend_weights_are_normalized():
+    two = [str(DEMO / "content.png"), str(DEMO / "style.png")]
+    np.testing.assert_allclose(problem.blend_weights(make_cfg(style=two)), [0.5, 0.5])
+    np.testing.assert_allclose(
+        problem.blend_weights(make_cfg(style=two, style_blend=[3, 1])), [0.75, 0.25])
+    np.testing.assert_allclose(problem.blend_weights(make_cfg()), [1.0])
+
+
+def test_check_depth_names_the_layer():
+    problem.check_depth((8, 8), ["block4_conv1"], "x is", "fix")
+    with pytest.raises(UserError, match="x is 8x7 pixels, but layer block4_conv1 needs at least 8"):
+        problem.check_depth((8, 7), ["block1_conv1", "block4_conv1"], "x is", "fix")
+    with pytest.raises(UserError, match="style_scale 0.1 makes the style images 3x3"):
+        problem.build(make_cfg(style_scale=0.1, loss={"style_layers": ["block3_conv1"],
+                                                      "style_weights": [1.0]}))
+
+
+def test_layer_masks_pool_as_the_network_does():
+    rng = np.random.default_rng(1)
+    m = rng.random((2, 11, 9))
+    got = problem.layer_masks(m, ["block1_conv1", "block2_conv2", "block3_conv1"])
+    for name, blocks in (("block1_conv1", 0), ("block2_conv2", 1), ("block3_conv1", 2)):
+        ref = m[..., None]
+        for _ in range(blocks):  # the numpy VGG's own pooling (conftest), float64
+            ref = np_pool2x2(ref, "avg")
+        assert got[name].shape == ref.shape
+        np.testing.assert_allclose(got[name], ref, rtol=1e-6)
+
+
+def test_two_styles_blend_their_grams_linearly(tmp_path, vgg_params):
+    """Targets of style [a, b] with blend [3, 1] = 0.75 G(a) + 0.25 G(b), G in float64."""
+    rng = np.random.default_rng(2)
+    paths = []
+    for name in ("a", "b"):
+        p = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(p)
+        paths.append(str(p))
+    cfg = make_cfg(style=paths, style_blend=[3, 1])
+    params = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in vgg_params.items()}
+    p = problem.build(cfg, params, {"source": "test"})
+    want = 0
+    for path, w in zip(paths, (0.75, 0.25)):
+        f = np_vgg16(params, image.load(path, [32, 32]), "block1_conv1")["block1_conv1"]
+        flat = f.reshape(-1, f.shape[-1])
+        want = want + w * (flat.T @ flat) / flat.size
+    got = np.asarray(p.targets["style"]["block1_conv1"], np.float64)
+    assert got.shape == (1, 64, 64)
+    np.testing.assert_allclose(got[0], want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+    assert p.info["style_blend"] == [0.75, 0.25] and p.spec == problem.spec_of(cfg)
+    assert p.weights["style"]["block1_conv1"] == np.float32(1.0)
+
+
+def test_initial_image_noise_is_the_posts_uniform():
+    content = np.zeros((1, 8, 8, 3), np.float32)
+    x0 = np.asarray(problem.initial_image(make_cfg(init="noise"), content, content))
+    assert x0.shape == content.shape and np.abs(x0).max() <= 0.025 and x0.std() > 0.01
+    assert isinstance(problem.spec_of(make_cfg()), losses.Spec)

@@ -1,0 +1,277 @@
+"""Running sweeps: reruns (finished cells skipped, failed or unfinished ones rerun), failing cells,
+two processes, resume after SIGKILL, and data safety: nothing the sweep did not write, and no
+finished cell, is ever changed or removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+from sweep_helpers import (
+    DEMO,
+    base_config,
+    child_env,
+    copy_of,
+    prepared,
+    summary,
+    tree,
+    write_sweep,
+)
+from sweep_helpers import ratio_sweep as _ratio_sweep
+
+from nstjax import cli, sweep
+
+
+@pytest.fixture(scope="module")
+def ratio_sweep(tmp_path_factory):
+    return _ratio_sweep(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """One NSTJAX_HOME (and persistent compilation cache) for this module's subprocesses."""
+    return tmp_path_factory.mktemp("home")
+
+
+def test_rerun_skips_finished_and_reruns_failed_or_changed(ratio_sweep, tmp_path):
+    p, cells, outs = ratio_sweep
+    out = copy_of(outs[1].out, tmp_path / "out")
+    d1, d5 = (sweep.cell_dir(out, c) for c in cells[:2])
+    rec = json.loads((d1 / "run.json").read_text())
+    rec["status"] = "failed"
+    (d1 / "run.json").write_text(json.dumps(rec))  # a failed cell reruns
+    (d5 / "run.json").unlink()  # an unfinished one too
+    stale = out / ".partial" / "ratio-15.tmp-99999"  # left by a killed run
+    stale.mkdir()
+    (stale / "last.npy").write_bytes(b"x")
+    users = out / "cells" / ".ratio-15.tmp-99999"  # not the sweep's: kept
+    users.mkdir()
+    carried = out / ".partial" / "ratio-15.old-99998"  # died carrying a user's file: kept
+    carried.mkdir()
+    (carried / "notes.txt").write_text("mine")
+    before = (sweep.cell_dir(out, cells[2]) / "run.json").read_text()
+    sw, cells2, groups = prepared(p)
+    o = sweep.run_sweep(sw, cells2, groups, out, lanes=1, quiet=True)
+    assert sorted(o.ran) == ["ratio-1", "ratio-5"] and o.skipped == ["ratio-15"]
+    assert o.compilations == 0  # the program of this process is reused
+    assert (sweep.cell_dir(out, cells[2]) / "run.json").read_text() == before
+    assert not stale.exists() and users.is_dir()
+    assert (carried / "notes.txt").read_text() == "mine"
+    assert {r["status"] for r in summary(out).values()} == {"done"}
+    # A changed config (here: more iterations) is not "finished": every cell runs, into a new
+    # directory, since the old ones hold other settings.
+    sw, cells3, groups = prepared(p, ["solver.maxiter=7"])
+    text = sweep.dry_run(sw, cells3, groups, out, jax.local_devices(), None, None)
+    assert text.count("(to run in cells/ratio-") == 3
+    assert "has other settings: solver.maxiter" in text
+
+
+def test_changed_settings_keep_finished_cells_and_user_files(ratio_sweep, tmp_path, capsys):
+    p, cells, outs = ratio_sweep
+    out = copy_of(outs[1].out, tmp_path / "out")
+    (out / "cells" / "ratio-1" / "notes.txt").write_text("mine")
+    (out / "mine.txt").write_text("mine")
+    before = tree(out / "cells")
+    args = ["sweep", str(p), "--out", str(out), "--quiet", "--no-compile-cache"]
+    assert cli.main([*args, "loss.tv_weight=0.5"]) == 0
+    assert "0 finished already" in capsys.readouterr().out
+    assert {k: v for k, v in tree(out / "cells").items() if k in before} == before
+    assert (out / "mine.txt").read_text() == "mine"
+    rows = summary(out)
+    for c in cells:
+        d = out / rows[c.name]["dir"]
+        assert d.name.startswith(f"{c.name}-") and d.parent == out / "cells"
+        rec = json.loads((d / "run.json").read_text())
+        assert rec["status"] == "done" and rec["sweep"]["dir"] == d.name
+        assert "tv_weight: 0.5" in (d / "config.yaml").read_text()
+    # Back to the first settings: the original cells are found again, nothing reruns.
+    after = tree(out / "cells")
+    assert cli.main(args) == 0
+    assert "3 finished already" in capsys.readouterr().out
+    assert tree(out / "cells") == after
+    assert [summary(out)[c.name]["dir"] for c in cells] == [f"cells/{c.name}" for c in cells]
+
+
+def test_unreadable_run_json_reruns_with_a_warning(ratio_sweep, tmp_path, capsys):
+    p, cells, outs = ratio_sweep
+    out = copy_of(outs[1].out, tmp_path / "out")
+    d = out / "cells" / "ratio-5"
+    (d / "run.json").write_text("[]")
+    (d / "notes.txt").write_text("mine")
+    (out / "cells" / "ratio-15" / "run.json").write_text("{garbage")
+    assert cli.main(["sweep", str(p), "--out", str(out), "--no-compile-cache"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"nstjax: warning: {d / 'run.json'}: not a run record; the cell runs again" in err
+    assert json.loads((d / "run.json").read_text())["status"] == "done"
+    assert (d / "notes.txt").read_text() == "mine"  # carried into the rerun's directory
+    assert {r["status"] for r in summary(out).values()} == {"done"}
+
+
+def test_a_sweep_writes_only_into_its_own_directory(tmp_path, capsys):
+    p = write_sweep(tmp_path / "s.yaml", axes={"seed": [0, 1]})
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.csv").write_text("mine")
+    (foreign / "sweep.json").write_text('{"mine": true}')
+    before = tree(foreign)
+    for extra in ([], ["--summarize-only"]):
+        assert cli.main(["sweep", str(p), "--out", str(foreign), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "not a sweep directory" in err, err
+        assert tree(foreign) == before and sorted(os.listdir(foreign)) == ["summary.csv",
+                                                                           "sweep.json"]
+    # Another sweep's directory is refused too (by name), as is a missing one.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sweep.json").write_text(json.dumps({"format": "nstjax-sweep/1", "name": "x"}))
+    assert cli.main(["sweep", str(p), "--out", str(other), "--summarize-only"]) == 2
+    assert "holds the sweep 'x', not 's'" in capsys.readouterr().err
+    assert cli.main(["sweep", str(p), "--out", str(tmp_path / "nope"), "--summarize-only"]) == 2
+    assert not (tmp_path / "nope").exists()
+
+
+def test_failing_cells_do_not_stop_the_others(tmp_path, capsys):
+    p = write_sweep(tmp_path / "f.yaml",
+                    base=base_config(solver={"name": "adam", "maxiter": 4, "learning_rate": 1}),
+                    axes={"loss.tv_weight": [0, 1.0e38],
+                          "style": [str(DEMO / "style.png"), str(tmp_path / "missing.png")]})
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(p), "--out", str(out), "--quiet", "--no-compile-cache"]) == 1
+    rows = summary(out)
+    ok, inf = rows["tv-0__style-style"], rows["tv-1e38__style-style"]
+    assert ok["status"] == "done" and float(ok["total"]) > 0
+    assert inf["status"] == "failed" and "non-finite" in inf["error"]
+    for name in ("tv-0__style-missing", "tv-1e38__style-missing"):
+        assert rows[name]["status"] == "failed" and "missing.png" in rows[name]["error"]
+        rec = json.loads((out / "cells" / name / "run.json").read_text())
+        assert rec["status"] == "failed" and (out / "cells" / name / "config.yaml").is_file()
+    assert "1 ran" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_split_the_cells(tmp_path, home):
+    p = write_sweep(tmp_path / "mp.yaml",
+                    base=base_config(solver={"name": "adam", "maxiter": 3, "learning_rate": 1}),
+                    axes={"model.pooling": ["avg", "max"], "loss.style_to_content_ratio": [1, 5]})
+    out = tmp_path / "out"
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "nstjax.cli", "sweep", str(p), "--out", str(out), "--quiet",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(home))
+        for i in range(2)]
+    results = [pr.communicate(timeout=600) for pr in procs]
+    for pr, (_, se) in zip(procs, results):
+        assert pr.returncode == 0, se[-3000:]
+    by_process: dict[int, list[str]] = {0: [], 1: []}
+    for d in (out / "cells").iterdir():
+        assert not d.name.startswith(".")
+        rec = json.loads((d / "run.json").read_text())
+        assert rec["status"] == "done"
+        by_process[rec["sweep"]["process"]].append(d.name)
+    assert sorted(by_process[0] + by_process[1]) == sorted(summary(out))
+    assert len(by_process[0]) == len(by_process[1]) == 2
+    assert {summary(out)[n]["group"] for n in by_process[0]} != {
+        summary(out)[n]["group"] for n in by_process[1]}  # contiguous: one group each
+    assert {r["status"] for r in summary(out).values()} == {"done"}
+
+
+def test_resume_after_a_killed_sweep(tmp_path, home):
+    p = write_sweep(tmp_path / "k.yaml",
+                    base=base_config(solver={"name": "adam", "maxiter": 300,
+                                             "learning_rate": 1}),
+                    axes={"loss.style_to_content_ratio": [1, 2, 3, 4, 5]},
+                    sweep={"batch_size": 1})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "nstjax.cli", "sweep", str(p), "--out", str(out), "--quiet"]
+    pr = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=child_env(home))
+    first = out / "cells" / "ratio-1"
+    deadline = time.monotonic() + 600
+    while not first.exists() and pr.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pr.send_signal(signal.SIGKILL)
+    pr.communicate()
+    done = sorted(d.name for d in (out / "cells").iterdir() if not d.name.startswith("."))
+    assert "ratio-1" in done and len(done) < 5, done
+    started = json.loads((first / "run.json").read_text())["started"]
+    mtime = (first / "run.json").stat().st_mtime_ns
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(home), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{len(done)} finished already" in r.stdout
+    assert (first / "run.json").stat().st_mtime_ns == mtime  # not rerun
+    assert json.loads((first / "run.json").read_text())["started"] == started
+    assert sorted(os.listdir(out / "cells")) == [f"ratio-{i}" for i in range(1, 6)]
+    assert {r["status"] for r in summary(out).values()} == {"done"}
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGHUP, 129)])
+def test_a_signal_stops_the_sweep_with_complete_cells(tmp_path, home, sig, code):
+    """SIGHUP (a closed terminal) stops like SIGTERM: after the current chunk, every cell of
+    the batch written as interrupted (final image, last.npy, signal), the summary written."""
+    p = write_sweep(tmp_path / "h.yaml",
+                    base=base_config(solver={"name": "adam", "maxiter": 100000,
+                                             "learning_rate": 1}),
+                    axes={"loss.style_to_content_ratio": [1, 2]})
+    out = tmp_path / "out"
+    pr = subprocess.Popen([sys.executable, "-m", "nstjax.cli", "sweep", str(p), "--out",
+                           str(out), "--quiet", "--batch-size", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=child_env(home))
+    deadline = time.monotonic() + 600
+    while pr.poll() is None and time.monotonic() < deadline:
+        hist = list((out / ".partial").glob("ratio-1.tmp-*/history.csv"))
+        if hist and len(hist[0].read_text().splitlines()) > 2:
+            break
+        time.sleep(0.05)
+    pr.send_signal(sig)
+    _, err = pr.communicate(timeout=600)
+    assert pr.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    for name in ("ratio-1", "ratio-2"):
+        d = out / "cells" / name
+        rec = json.loads((d / "run.json").read_text())
+        assert rec["status"] == "interrupted" and rec["signal"] == sig
+        assert 0 < rec["iterations"] < 100000 and (d / "final.png").is_file()
+        assert (d / "last.npy").is_file()
+    assert {r["status"] for r in summary(out).values()} == {"interrupted"}
+    assert not [d for d in (out / ".partial").iterdir() if d.name.startswith("ratio-")]
+
+
+def test_host_cells_run_as_nstjax_run_and_keep_user_files(tmp_path, capsys):
+    """A host-side solver's cells run one by one through `run.run`; rerunning a failed one
+    replaces its directory but keeps the files a user added to it."""
+    p = write_sweep(tmp_path / "h.yaml",
+                    base=base_config(image={"size": [32, 24]},
+                                     solver={"name": "scipy_lbfgsb", "rounds": 2, "maxfun": 3}),
+                    axes={"loss.style_to_content_ratio": [1, 5]})
+    out = tmp_path / "out"
+    args = ["sweep", str(p), "--out", str(out), "--quiet", "--no-compile-cache"]
+    assert cli.main(args) == 0
+    d = out / "cells" / "ratio-1"
+    rec = json.loads((d / "run.json").read_text())
+    assert rec["status"] == "done" and rec["sweep"]["batch"] == "1/1" and rec["iterations"] > 0
+    assert (d / "final.png").is_file() and not (d / "run.lock").exists()
+    rec["status"] = "failed"
+    (d / "run.json").write_text(json.dumps(rec))
+    (d / "notes.txt").write_text("mine")
+    kept = tree(out / "cells" / "ratio-5")
+    assert cli.main(args) == 0
+    assert "1 ran, 0 failed, 1 finished already" in capsys.readouterr().out
+    assert json.loads((d / "run.json").read_text())["status"] == "done"
+    assert (d / "notes.txt").read_text() == "mine"
+    assert tree(out / "cells" / "ratio-5") == kept

@@ -1,0 +1,50 @@
+"""`nstjax sweep` reports: summary.csv, contact sheet and loss plots, and --summarize-only, which
+rebuilds them only in a directory a sweep wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sweep_helpers import copy_of, summary, tree
+from sweep_helpers import ratio_sweep as _ratio_sweep
+
+from nstjax import cli
+
+
+@pytest.fixture(scope="module")
+def ratio_sweep(tmp_path_factory):
+    return _ratio_sweep(tmp_path_factory)
+
+
+def test_summary_contact_sheet_and_plots(ratio_sweep):
+    from PIL import Image
+
+    p, cells, outs = ratio_sweep
+    out = outs[1].out
+    rows = summary(out)
+    assert list(rows) == ["ratio-1", "ratio-5", "ratio-15"]
+    r = rows["ratio-5"]
+    assert r["loss.style_to_content_ratio"] == "5" and r["status"] == "done"
+    assert r["group"] == "g0" and int(r["iterations"]) == 6 and int(r["evaluations"]) >= 6
+    assert float(r["total"]) > 0 and float(r["solve_seconds"]) > 0
+    compile_s = [float(rows[c]["compile_seconds"]) for c in rows]
+    assert compile_s[0] > 0 and compile_s[1:] == [0, 0]  # one compilation, reused
+    assert Image.open(out / "contact_sheet.png").size[0] > 3 * 100
+    assert Image.open(out / "plots" / "g0.png").size[0] > 300
+    plan = json.loads((out / "sweep.json").read_text())
+    assert [g["name"] for g in plan["groups"]] == ["g0"] and len(plan["cells"]) == 3
+
+
+def test_summarize_only_rebuilds_from_the_cells(ratio_sweep, tmp_path, capsys):
+    p, cells, outs = ratio_sweep
+    out = copy_of(outs[1].out, tmp_path / "out")
+    cells_before = tree(out / "cells")
+    (out / "summary.csv").unlink()
+    (out / "contact_sheet.png").unlink()
+    assert cli.main(["sweep", str(p), "--out", str(out), "--summarize-only"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[:2] == [str(out / "summary.csv"), str(out / "contact_sheet.png")]
+    assert summary(out) == summary(outs[1].out)
+    assert tree(out / "cells") == cells_before
+    assert json.loads((out / "sweep.json").read_text())["format"] == "nstjax-sweep/1"

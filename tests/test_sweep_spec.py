@@ -1,0 +1,114 @@
+"""`nstjax sweep` files: expansion (product and zip), base/set/overrides, validation with the key
+named, readable and safe cell names."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from sweep_helpers import DEMO, base_config, write_sweep
+
+from nstjax import cli, sweep
+from nstjax.errors import UserError
+
+SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def test_product_and_zip_expansion(tmp_path):
+    p = write_sweep(tmp_path / "s.yaml", axes={"loss.style_to_content_ratio": [1, 15],
+                                               "seed": [0, 1, 2]},
+                    zip=[{"label": ["post", "flat"],
+                          "loss.style_weights": [[0.2, 0.8], [0.5, 0.5]],
+                          "loss.tv_weight": [0.0, 1.0]}])
+    sw = sweep.load(p)
+    cells = sweep.expand(sw)
+    assert len(cells) == 2 * 3 * 2
+    combos = [(c.values["loss.style_to_content_ratio"], c.values["seed"],
+               c.values["loss.tv_weight"]) for c in cells]
+    assert combos[:3] == [(1, 0, 0.0), (1, 0, 1.0), (1, 1, 0.0)]  # first axis slowest
+    assert len(set(combos)) == len(cells)
+    for c in cells:  # zip keys vary together
+        assert (c.values["loss.style_weights"] == [0.2, 0.8]) == (c.values["loss.tv_weight"] == 0)
+        assert c.cfg.loss.style_to_content_ratio == c.values["loss.style_to_content_ratio"]
+        assert c.cfg.seed == c.values["seed"] and c.cfg.loss.tv_weight == c.values["loss.tv_weight"]
+    assert cells[1].name == "ratio-1__seed-0__style_w-flat"
+    assert [c.name for c in cells[:1]] == ["ratio-1__seed-0__style_w-post"]
+
+
+def test_base_path_set_and_overrides(tmp_path):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "b.yaml").write_text(yaml.safe_dump(base_config()))
+    p = write_sweep(tmp_path / "s.yaml", base="cfgs/b.yaml", set={"solver.maxiter": 3},
+                    axes={"model.pooling": ["avg", "max"]})
+    cells = sweep.expand(sweep.load(p, ["seed=7"]))
+    assert [c.cfg.model.pooling for c in cells] == ["avg", "max"]
+    assert all(c.cfg.solver.maxiter == 3 and c.cfg.seed == 7 for c in cells)
+    assert cells[0].cfg.content == str(DEMO / "content.png")
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"axes": {"loss.style_to_content_ratoi": [1]}}, "loss.style_to_content_ratio"),
+    ({"axes": {"loss.tv_weight": []}}, "axes.loss.tv_weight: must be a non-empty list"),
+    ({"axes": {"seed": 3}}, "axes.seed: must be a non-empty list"),
+    ({"zip": [{"seed": [1, 2], "loss.tv_weight": [0]}]}, "unequal length"),
+    ({"axis": {"seed": [1]}}, "unknown key axis (did you mean axes?)"),
+    ({"axes": {"seed": [1]}, "sweep": {"batch_size": 0}}, "sweep.batch_size"),
+    ({"axes": {"seed": [1]}, "sweep": {"batchsize": 2}}, "unknown key sweep.batchsize"),
+    ({"axes": {"seed": [1, 1]}}, "twice"),
+    ({"axes": {"seed": [1]}, "zip": [{"seed": [2]}]}, "seed is swept twice"),
+    ({"base": 3, "axes": {"seed": [1]}}, "base: must be a config path"),
+    ({"base": "nope.yaml", "axes": {"seed": [1]}}, "base: config file not found"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, doc, message):
+    p = write_sweep(tmp_path / "s.yaml", **doc)
+    with pytest.raises(UserError, match=re.escape(message)):
+        sweep.expand(sweep.load(p))
+
+
+def test_override_of_an_axis_and_all_invalid_cells(tmp_path):
+    p = write_sweep(tmp_path / "s.yaml", axes={"seed": [1, 2]})
+    with pytest.raises(UserError, match="seed is also a sweep axis"):
+        sweep.load(p, ["seed=3"])
+    p = write_sweep(tmp_path / "t.yaml", axes={"loss.style_to_content_ratio": [-1, -2]})
+    with pytest.raises(UserError, match="style_to_content_ratio"):
+        sweep.expand(sweep.load(p))
+
+
+def test_cli_bad_sweep_is_one_line_exit_2(tmp_path, capsys):
+    p = write_sweep(tmp_path / "s.yaml", axes={"loss.nope": [1]})
+    assert cli.main(["sweep", str(p), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key loss.nope" in err
+
+
+def test_cell_names_are_readable_and_safe(tmp_path):
+    evil = ["../../etc/passwd", "/abs/x/../y.png", ".hidden", "a b\\c:d*?", "é" * 80, "..", "."]
+    p = write_sweep(tmp_path / "s.yaml", axes={"init": evil},
+                    zip=[{"label": ["../up", "x/y"], "loss.tv_weight": [1.0e38, 2.5e-6]}])
+    cells = sweep.expand(sweep.load(p))
+    names = [c.name for c in cells]
+    assert len(set(names)) == len(names)
+    for n in names:
+        assert SAFE.match(n) and ".." not in n and "/" not in n and len(n) <= 120, n
+    sw = sweep.load(write_sweep(tmp_path / "r.yaml", axes={
+        "loss.style_to_content_ratio": [15, 1.5], "image.size": [[64, 48]],
+        "loss.content_layers": [["block5_conv2"]], "style": [str(DEMO / "style.png")],
+        "loss.tv_weight": [1.0e38]}))
+    assert [c.name for c in sweep.expand(sw)] == [
+        "ratio-15__size-64x48__content-block5_conv2__style-style__tv-1e38",
+        "ratio-1.5__size-64x48__content-block5_conv2__style-style__tv-1e38"]
+    assert sweep.safe_name("x" * 300, 48) != sweep.safe_name("x" * 301, 48)
+    assert len(sweep.safe_name("x" * 300, 48)) <= 48
+
+
+def test_out_of_range_seed_names_the_key_and_the_cell(tmp_path, capsys):
+    p = write_sweep(tmp_path / "s.yaml", axes={"seed": [-1, 0]})
+    cells = sweep.expand(sweep.load(p))
+    assert cells[0].cfg is None and cells[0].error.startswith(f"{p} cell seed-1: seed: ")
+    assert "-1" in cells[0].error and not cells[1].error and cells[1].cfg.seed == 0
+    # Every cell invalid: the command fails with that one line (exit 2).
+    p = write_sweep(tmp_path / "t.yaml", axes={"seed": [-1, 2**63]})
+    assert cli.main(["sweep", str(p), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cell seed-1: seed: " in err and "Traceback" not in err
