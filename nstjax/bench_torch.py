@@ -131,48 +131,12 @@ class TorchCase:
         return _now() - t
 
     def solve(self, iters: int) -> dict:
-        """`iters` iterations of torch.optim.LBFGS (strong Wolfe line search, history 10).
-
-        The first step has unit length, as in `solvers` (jaxopt's gamma = 1/|g|): PyTorch's own
-        first step, min(1, 1/|g|_1) * lr along -g, changes the post's loss (~1, gradients ~1e-4)
-        by less than float32 resolves, and the line search then stops without progress.
-        """
-        torch = self.torch
-        # L-BFGS views the gradient flat: the image must be in the default (NCHW) format.
-        x = self.x0.contiguous().clone().requires_grad_(True)
-        evals = 0
-
-        def closure() -> Any:
-            nonlocal evals
-            evals += 1
-            opt.zero_grad()
-            v = self.loss(x)
-            v.backward()
-            return v
-
-        with torch.no_grad():
-            initial = float(self.loss(x))
-        self.sync()
-        t = _now()
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=0.0,
-                                tolerance_change=0.0, history_size=10,
-                                line_search_fn="strong_wolfe")
-        closure()
-        g = x.grad.detach()
-        g1, g2 = float(g.abs().sum()), float(g.norm())
-        opt.param_groups[0]["lr"] = 1.0 / (g2 * min(1.0, 1.0 / g1)) if g2 > 0 else 1.0
-        opt.step(closure)  # iteration 1: step length 1
-        if iters > 1:  # the rest continue from the same state, with PyTorch's own steps
-            opt.param_groups[0].update(lr=1.0, max_iter=iters - 1, max_eval=25 * iters)
-            opt.step(closure)
-        self.sync()
-        secs = _now() - t
-        with torch.no_grad():
-            final = float(self.loss(x))
-        it = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
-        return {"solver": "torch.optim.LBFGS", "iterations": it, "evaluations": evals,
-                "solve_seconds": round(secs, 4), **_per(secs, it, evals),
-                "initial_loss": initial, "final_loss": final}
+        """`iters` iterations of torch.optim.LBFGS (see `lbfgs`), as a bench row."""
+        r = lbfgs(self, iters)
+        return {"solver": "torch.optim.LBFGS", "iterations": r["iterations"],
+                "evaluations": r["evaluations"], "solve_seconds": round(r["solve_seconds"], 4),
+                **_per(r["solve_seconds"], r["iterations"], r["evaluations"]),
+                "initial_loss": r["initial_loss"], "final_loss": r["final_loss"]}
 
     def peak_memory_bytes(self) -> int | None:
         return int(self.torch.cuda.max_memory_allocated()) if self.dev.type == "cuda" else None
@@ -181,3 +145,83 @@ class TorchCase:
 def _rel(a: np.ndarray | float, b: np.ndarray | float) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def scipy_lbfgsb(tc: Any, iters: int, m: int = 10) -> dict:
+    """`iters` iterations of scipy's L-BFGS-B over PyTorch eager value+gradient."""
+    from scipy.optimize import fmin_l_bfgs_b
+
+    torch = tc.torch
+    shape = tuple(tc.x0.shape)
+    evals, trace = 0, []
+    last = {}
+
+    def f(z: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal evals
+        evals += 1
+        x = torch.from_numpy(z.reshape(shape).astype(np.float32))
+        x = x.contiguous(memory_format=tc.fmt).requires_grad_(True)
+        v = tc.loss(x)
+        v.backward()
+        last["f"] = float(v.detach())
+        return last["f"], x.grad.detach().numpy().astype(np.float64).ravel()
+
+    t0 = time.perf_counter()
+
+    def cb(_xk: np.ndarray) -> None:  # the iterate's loss is the last evaluation's
+        trace.append((len(trace) + 1, time.perf_counter() - t0, last["f"], evals))
+
+    x0 = tc.x0.detach().cpu().numpy().astype(np.float64).ravel()
+    f0 = f(x0)[0]
+    evals = 0
+    t0 = time.perf_counter()
+    fmin_l_bfgs_b(f, x0, m=m, maxiter=iters, maxfun=100 * iters, pgtol=0.0, factr=0.0,
+                  callback=cb)
+    secs = time.perf_counter() - t0
+    return {"solver": "pytorch+scipy_lbfgsb", "iterations": len(trace), "evaluations": evals,
+            "compile_seconds": 0.0, "solve_seconds": secs, "initial_loss": f0,
+            "final_loss": trace[-1][2] if trace else f0, "trace": trace}
+
+
+def lbfgs(tc: Any, iters: int) -> dict:
+    """`iters` iterations of torch.optim.LBFGS (strong Wolfe, history 10), one `step` each.
+
+    The first step has unit length, as in nstjax's solvers: PyTorch's own first step,
+    min(1, 1/|g|_1) * lr along -g, changes the post's loss (~1e-4, gradients ~1e-8) by less than
+    float32 resolves, and the line search then stops without progress. No gradient or change
+    tolerances (its defaults stop at once on this loss). The trace's losses are evaluated
+    outside the timed region.
+    """
+    torch = tc.torch
+    x = tc.x0.contiguous().clone().requires_grad_(True)
+    evals, trace = 0, []
+
+    def closure() -> Any:
+        nonlocal evals
+        evals += 1
+        opt.zero_grad()
+        v = tc.loss(x)
+        v.backward()
+        return v
+
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=0.0,
+                            tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        f0 = float(tc.loss(x))
+    spent = 0.0
+    for i in range(iters):
+        t = time.perf_counter()
+        if i == 0:  # unit-length first step: PyTorch's own min(1, 1/|g|_1) does not move here
+            closure()
+            g = x.grad.detach()
+            g1, g2 = float(g.abs().sum()), float(g.norm())
+            opt.param_groups[0]["lr"] = 1.0 / (g2 * min(1.0, 1.0 / g1)) if g2 > 0 else 1.0
+        opt.step(closure)
+        if i == 0:
+            opt.param_groups[0]["lr"] = 1.0
+        spent += time.perf_counter() - t
+        with torch.no_grad():  # not timed
+            trace.append((i + 1, spent, float(tc.loss(x)), evals))
+    return {"solver": "pytorch+torch.optim.LBFGS", "iterations": iters, "evaluations": evals,
+            "compile_seconds": 0.0, "solve_seconds": spent, "initial_loss": f0,
+            "final_loss": trace[-1][2] if trace else f0, "trace": trace}

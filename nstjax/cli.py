@@ -62,6 +62,14 @@ def _resume(a) -> int:
     return _report(r, config.load(r.dir / "config.yaml"))
 
 
+def _config(a) -> int:
+    from nstjax import config
+
+    cfg = config.load(a.file, a.overrides)
+    sys.stdout.write(config.dump(cfg))
+    return 0
+
+
 def _weights(a) -> int:
     from nstjax import weights
 
@@ -85,8 +93,10 @@ def parser():
 
     p = argparse.ArgumentParser(prog="nstjax", description="Neural style transfer in JAX.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
 
-    r = sub.add_parser("run", help="one style transfer from a YAML config")
+    r = sub.add_parser("run", help="one style transfer from a YAML config", formatter_class=raw,
+                       epilog=_run_epilog())
     r.add_argument("config", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.maxiter=50")
     r.add_argument("--out", help="run directory (must not exist or be empty)")
@@ -104,6 +114,14 @@ def parser():
     rs.add_argument("--no-compile-cache", action="store_true",
                     help="do not use JAX's persistent compilation cache")
     rs.set_defaults(fn=_resume)
+
+    cs = sub.add_parser("config", help="show the resolved config")
+    csub = cs.add_subparsers(dest="ccmd", required=True)
+    show = csub.add_parser("show", help="print the resolved config as YAML (as config.yaml "
+                           "in a run directory would hold it)")
+    show.add_argument("file", help="YAML config file")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.maxiter=50")
+    cs.set_defaults(fn=_config)
 
     w = sub.add_parser("weights", help="list, fetch and convert VGG16 weights")
     wsub = w.add_subparsers(dest="wcmd", required=True)
@@ -125,10 +143,27 @@ def parser():
             if e.name != mod:
                 raise
             continue
-        sp = sub.add_parser(name, help=text)
+        sp = sub.add_parser(name, help=text, epilog=getattr(m, "EPILOG", None), formatter_class=raw)
         m.add_arguments(sp)
         sp.set_defaults(fn=m.main)
     return p
+
+
+def _run_epilog() -> str:
+    """The config's sections and their keys, for `run --help` (the README has the table)."""
+    import textwrap
+
+    from nstjax import config
+
+    lines = []
+    for name, field in config.Config.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        keys = f"{name}.{{{', '.join(sub)}}}" if sub else name
+        lines.append(textwrap.fill(keys, 96, initial_indent="  ", subsequent_indent="      "))
+    return ("config keys (YAML sections; override any as key=value, e.g. "
+            "solver.maxiter=50):\n" + "\n".join(lines) + "\n\nEvery key, its default and "
+            "meaning: README.md, \"Configs and overrides\" (the keys table).\nThe resolved "
+            "config of a file: nstjax config show FILE [overrides]")
 
 
 class _Terminated(KeyboardInterrupt):

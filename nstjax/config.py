@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nstjax import solvers
+from nstjax import losses, metrics, solvers
 from nstjax.errors import PREVIEW, UserError, cut, preview
 from nstjax.weights import VGG16_CONVS
 
@@ -32,10 +32,23 @@ MAX_SCALES = 32
 MAX_STYLES = 64
 MAX_STYLE_SCALE = 100.0
 MAX_FACTOR = 1024.0
+MAX_PLUGINS = 16
 
 NonNeg = Annotated[float, Field(ge=0)]
 Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
 Iters = Annotated[int, Field(ge=0, le=MAX_ITER)]
+
+def _check_layers(v: list[str]) -> list[str]:
+    for n in v:
+        if n not in LAYERS:
+            near = difflib.get_close_matches(n, LAYERS, 1) if len(n) < 100 else []
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ValueError(
+                f"{preview(n)} is not a VGG16 conv layer{hint}; valid: {', '.join(LAYERS)}")
+    if len(set(v)) != len(v):
+        raise ValueError("lists a layer twice")
+    return v
+
 
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float field, list items included, is finite (one place).
@@ -74,19 +87,28 @@ class LossCfg(_Strict):
         default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
     style_to_content_ratio: float = Field(default=15.0, gt=0)
     tv_weight: float = Field(default=0.0, ge=0)
+    kind: str = Field(default="gram", max_length=100, description="a registered loss kind "
+                      "(nstjax.losses.kinds(): gram, or one a plugin registers)")
+    plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
+        "config) or module names imported before the run: they register loss kinds")
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        if not v.replace("_", "").isalnum():
+            raise ValueError("must be a loss kind name such as gram (letters, digits, _)")
+        return v
 
     @field_validator("content_layers", "style_layers")
     @classmethod
     def _layers(cls, v):
-        for n in v:
-            if n not in LAYERS:
-                near = difflib.get_close_matches(n, LAYERS, 1) if len(n) < 100 else []
-                hint = f" (did you mean {near[0]}?)" if near else ""
-                raise ValueError(
-                    f"{preview(n)} is not a VGG16 conv layer{hint}; valid: {', '.join(LAYERS)}")
-        if len(set(v)) != len(v):
-            raise ValueError("lists a layer twice")
-        return v
+        return _check_layers(v)
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -200,6 +222,27 @@ class MultiscaleCfg(_Strict):
         return self.steps if self.steps and self.steps > 1 else 0
 
 
+class EvalCfg(_Strict):
+    """The reference evaluation (`nstjax.metrics`) every run scores its final image with."""
+
+    style_layers: list[str] = Field(
+        default_factory=lambda: list(metrics.DEFAULT_STYLE_LAYERS), min_length=1,
+        max_length=len(LAYERS))
+    content_layers: list[str] = Field(
+        default_factory=lambda: ["block4_conv2"], min_length=1, max_length=len(LAYERS))
+    normalization: Literal["seed", "gatys"] = "gatys"
+    pooling: Literal["avg", "max"] = "avg"
+    precision: Literal["highest", "default", "bfloat16"] = "highest"
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
+    def _layers(cls, v):
+        return _check_layers(v)
+
+    def spec(self) -> "metrics.EvalSpec":
+        return metrics.EvalSpec(**self.model_dump())
+
+
 class Config(_Strict):
     content: str
     style: str | Annotated[list[str], Field(max_length=MAX_STYLES)]
@@ -219,6 +262,7 @@ class Config(_Strict):
     color: ColorCfg = Field(default_factory=ColorCfg)
     masks: MasksCfg = Field(default_factory=MasksCfg)
     multiscale: MultiscaleCfg = Field(default_factory=MultiscaleCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
 
     @field_validator("style")
     @classmethod
@@ -253,6 +297,19 @@ class Config(_Strict):
     def styles(self) -> list[str]:
         """The style image paths as a list (`style` may be one path or a list)."""
         return [self.style] if isinstance(self.style, str) else list(self.style)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with dotted keys changed together, validated once:
+        `cfg.replace(**{"loss.style_layers": [...], "loss.style_weights": [...]})`. Relative
+        paths resolve against the current directory, as command-line overrides do."""
+        raw = self.model_dump()
+        for key, value in changes.items():
+            parts = key.split(".")
+            if len(parts) > MAX_KEY_PARTS or not all(p.isidentifier() for p in parts):
+                raise UserError(f"replace: {preview(key)} is not a dotted config key such as "
+                                "solver.maxiter")
+            _set(raw, key, _resolve(key, value, Path.cwd()))
+        return validate(raw, "replace")
 
 
 # --------------------------------------------------------------------------- bounded YAML
@@ -327,13 +384,16 @@ def _is_path_value(key: str, value: Any) -> bool:
         return value not in INITS
     if key == "model.weights":
         return value not in WEIGHT_NAMES
+    if key == "loss.plugins":  # a module name stays as it is
+        return value.endswith(".py") or "/" in value or "\\" in value
     return key in ("content", "style", "masks.style", "masks.content")
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
     if isinstance(value, list) and key in LIST_PATH_KEYS:
-        if len(value) > MAX_STYLES:
-            raise UserError(f"{key}: lists {len(value)} images; at most {MAX_STYLES}")
+        most = MAX_PLUGINS if key == "loss.plugins" else MAX_STYLES
+        if len(value) > most:
+            raise UserError(f"{key}: lists {len(value)} entries; at most {most}")
         return [_resolve(key, v, base) if isinstance(v, str) else v for v in value]
     if _is_path_value(key, value):
         p = Path(value).expanduser()
@@ -363,8 +423,9 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content")
-LIST_PATH_KEYS = ("content", "style", "masks.style")
+PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content",
+             "loss.plugins")
+LIST_PATH_KEYS = ("content", "style", "masks.style", "loss.plugins")
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
@@ -509,11 +570,22 @@ def _field_loc(loc: tuple) -> tuple:
 
 
 def validate(raw: dict, source: str = "config") -> Config:
-    """A Config from a raw dict, or a one-line UserError naming the key."""
+    """A Config from a raw dict, or a one-line UserError naming the key. `loss.plugins` are
+    imported (once per process) before `loss.kind` is checked against the registry."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise UserError(_message(err, source)) from None
+    for ref in cfg.loss.plugins:
+        try:
+            losses.load_plugin(ref)
+        except UserError as e:
+            raise UserError(f"{source}: loss.plugins: {e}") from None
+    if cfg.loss.kind not in losses.kinds():
+        plug = "" if cfg.loss.plugins else "; a custom kind's file goes in loss.plugins"
+        raise UserError(f"{source}: loss.kind: unknown loss kind {preview(cfg.loss.kind)}; "
+                        f"registered kinds: {', '.join(losses.kinds())}{plug}")
+    return cfg
 
 
 def load(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:

@@ -55,7 +55,7 @@ class State(NamedTuple):
     hi_dg: jax.Array
     bracketed: jax.Array
     ls: jax.Array  # trials so far in this line search
-    S: jax.Array  # (m, *x.shape) ring buffers of s and y; pair j at (k - 1 - j) % m
+    S: jax.Array  # (m, *x.shape) the stored pairs s, y, newest first (slot 0)
     Y: jax.Array
     rho: jax.Array  # (m,) 1 / s.y
     k: jax.Array  # pairs stored since the last reset
@@ -118,6 +118,11 @@ def _next_outside(t0, f0, g0, t1, f1, g1) -> jax.Array:
     return jnp.clip(jnp.where(jnp.isfinite(tc) & (tc > t1), tc, upper), lower, upper)
 
 
+def _push(buf: jax.Array, v: jax.Array) -> jax.Array:
+    """The buffer with v in slot 0 and the oldest entry dropped."""
+    return jnp.concatenate([v[None].astype(buf.dtype), buf[:-1]])
+
+
 def _two_loop(g, S, Y, rho, k, gamma) -> jax.Array:
     """-H g for the inverse-Hessian approximation of the stored pairs."""
     m = S.shape[0]
@@ -125,18 +130,16 @@ def _two_loop(g, S, Y, rho, k, gamma) -> jax.Array:
 
     def back(j, c):
         q, alpha = c
-        i = (k - 1 - j) % m
-        a = jnp.where(j < n, rho[i] * _dot(S[i], q), 0.0)
-        return q - a * Y[i], alpha.at[j].set(a)
+        a = jnp.where(j < n, rho[j] * _dot(S[j], q), 0.0)
+        return q - a * Y[j], alpha.at[j].set(a)
 
     q, alpha = jax.lax.fori_loop(0, m, back, (g, jnp.zeros((m,), g.dtype)))
     r = gamma * q
 
     def forward(jj, r):
         j = m - 1 - jj
-        i = (k - 1 - j) % m
-        b = rho[i] * _dot(Y[i], r)
-        return r + jnp.where(j < n, alpha[j] - b, 0.0) * S[i]
+        b = rho[j] * _dot(Y[j], r)
+        return r + jnp.where(j < n, alpha[j] - b, 0.0) * S[j]
 
     return -jax.lax.fori_loop(0, m, forward, r)
 
@@ -238,11 +241,11 @@ def step(fun: Callable, st: State, args: tuple, opts: Options = Options()) -> St
     eps = jnp.finfo(st.f.dtype).eps
     good = accept & (my > 0) & jnp.isfinite(sy_hat)
     good &= sy_hat > eps * jnp.sqrt(_dot(s, s) * yy_hat)
-    i = st.k % st.S.shape[0]
-    # The ring buffers change in one slot, only for a good pair: no selects over the buffers.
-    S = st.S.at[i].set(jnp.where(good, s, st.S[i]))
-    Y = st.Y.at[i].set(jnp.where(good, y, st.Y[i]))
-    rho = st.rho.at[i].set(jnp.where(good, 1.0 / (sy_hat * my), st.rho[i]))
+    # Newest pair first at a fixed slot: under vmap a per-lane ring index would turn every
+    # buffer access into a gather/scatter (measured 3.8x the step time at 2 lanes).
+    S = jnp.where(good, _push(st.S, s), st.S)
+    Y = jnp.where(good, _push(st.Y, y), st.Y)
+    rho = jnp.where(good, _push(st.rho, 1.0 / (sy_hat * my)), st.rho)
     gamma = jnp.where(good, sy_hat / (my * yy_hat), st.gamma)
     gamma = jnp.where(restart | st.pending, 1.0, gamma)
     k = jnp.where(restart | st.pending, 0, st.k + good.astype(jnp.int32))

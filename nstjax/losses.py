@@ -9,9 +9,10 @@ Two normalizations:
 Both: total = style + content / style_to_content_ratio + tv_weight * tv.
 
 Loss kinds: `Spec.kind` names a registered pair of functions (`register`); `gram` (the post's
-Gram loss, above) is the default and `adain` (channel mean/std statistics) the worked example of
-a user-defined kind. `targets` and `objective` dispatch on it, so the kind is part of every
-compiled program's cache key (the Spec).
+Gram loss, above) is the built-in one. Others come from plugins (`load_plugin`, a config's
+`loss.plugins`), e.g. configs/examples/adain_loss.py (AdaIN-style channel statistics).
+`targets` and `objective` dispatch on it, so the kind is part of every compiled program's cache
+key (the Spec; callers that cache by key add `kind(spec.kind)`, which a replace changes).
 """
 
 import importlib
@@ -284,7 +285,9 @@ def load_plugin(ref: str, here: str | Path | None = None) -> None:
             path = Path(here) / path
         path = path.resolve()
         if not path.is_file():
-            raise UserError(f"{ref}: loss plugin file not found ({path})")
+            where = "" if str(path) == ref else f" ({path})"
+            raise UserError(f"{ref}: loss plugin file not found{where}; check the path (a "
+                            "relative one is relative to the config file)")
         mod_name = f"nstjax_plugin_{abs(hash(str(path))):x}"
         if mod_name in sys.modules:
             return
@@ -333,46 +336,3 @@ def objective(spec: Spec):
 
 register("gram", targets=gram_targets, terms=loss_terms,
          description="the post's loss: content features, Gram matrices, TV")
-
-
-# ---------------------------------------------------------------- a second kind: AdaIN statistics
-# Registered exactly as a user would (a file named in the config, or any imported module).
-
-
-def channel_stats(f: jax.Array, eps: float = 1e-5) -> dict:
-    """Per-channel mean and std {mean, std: (N, c)} over the positions of features (N,h,w,c)."""
-    f = f.astype(jnp.float32)
-    mean = jnp.mean(f, axis=(1, 2))
-    return {"mean": mean, "std": jnp.sqrt(jnp.var(f, axis=(1, 2)) + eps)}
-
-
-def adain_targets(params, content_x, style_x, spec):
-    if spec.style_masks:
-        raise UserError("loss.kind: adain does not support masks.style; use loss.kind: gram")
-    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
-    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
-    return {"content": {n: fc[n] for n in spec.content_layers},
-            "style": {n: channel_stats(fs[n]) for n in spec.style_layers}}
-
-
-def adain_terms(params, x, tgt, weights, spec):
-    """Style per layer: w_l * |mean_x - mean_s|^2 + |std_x - std_s|^2 (over channels), relative
-    to the style's |mean_s|^2 + |std_s|^2 (scale-free: about 1 for an unrelated image)."""
-    x = scored_image(x, tgt, spec)
-    feats = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
-    per = {}
-    for n in spec.style_layers:
-        s, t = channel_stats(feats[n]), tgt["style"][n]
-        d = jnp.sum(jnp.square(s["mean"] - t["mean"]) + jnp.square(s["std"] - t["std"]))
-        ref = jnp.sum(jnp.square(t["mean"]) + jnp.square(t["std"]))
-        per[f"style/{n}"] = weights["style"][n] * d / ref
-    content = sum(weights["content"][n] * content_loss(feats[n], tgt["content"][n],
-                                                      spec.normalization)
-                  for n in spec.content_layers)
-    style, tv = sum(per.values()), tv_loss(x)
-    total = style + content / weights["ratio"] + weights["tv"] * tv
-    return {"total": total, "content": content, "style": style, "tv": tv, **per}
-
-
-register("adain", targets=adain_targets, terms=adain_terms,
-         description="AdaIN-style statistics: per-layer channel mean/std distances")

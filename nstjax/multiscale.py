@@ -96,7 +96,7 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path], *, quiet: bool = Fals
     d = d_out()
     rec0 = {**record.start_record(cfg, problem), "content_size": list(sizes[-1]), "scales": []}
     bar = tqdm(total=sum(iters), disable=quiet, unit="it", dynamic_ncols=True, file=sys.stderr)
-    rec = record.Recorder(d, cfg, rec0, post=problem.post, columns=COLUMNS, bar=bar)
+    rec = record.Recorder(d, cfg, rec0, columns=COLUMNS, bar=bar, problem=problem)
     flag, errors = StopFlag(), []
     whole = solvers.Result(x=np.asarray(problem.x0))
     with flag.installed(), DirLock(d):
@@ -107,7 +107,7 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path], *, quiet: bool = Fals
                 if i > 1:
                     problem = build(cfg_i, params, winfo)
                     problem.x0 = jnp.asarray(upsample(whole.x, wh))
-                    rec.post = problem.post
+                    rec.post, rec.problem = problem.post, problem
                 res = _scale(rec, i, cfg_i, problem, flag, whole, compile_fn)
                 if flag.stopped or res.status in (Status.FAILED, Status.INTERRUPTED):
                     break

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax import image, losses, vgg16, weights
+from nstjax import image, losses, metrics, vgg16, weights
 from nstjax.config import Config
 from nstjax.errors import UserError
 
@@ -47,6 +47,43 @@ class Problem:
     post: Callable[[np.ndarray], np.ndarray] | None = None  # x -> the image to save
 
 
+_PARAMS: dict = {}  # the last weights final_metrics loaded itself: {(name, seed): params}
+
+
+def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None) -> dict:
+    """The reference evaluation (`metrics`, settings from `cfg.eval`) of a final image x
+    (1,H,W,3), preprocessed, as saved (controls applied) against the content image and the
+    style images as given (before colour control) at the run's sizes; several styles are
+    scored against their targets blended by `style_blend` (equal by default). The params are
+    the problem's, else loaded from `cfg.model.weights`."""
+    if problem is not None:
+        params = problem.params
+    else:
+        key = (cfg.model.weights, cfg.seed)
+        if key not in _PARAMS:
+            _PARAMS.clear()
+            p, _ = weights.load(cfg.model.weights, seed=cfg.seed)
+            _PARAMS[key] = jax.tree.map(jnp.asarray, p)
+        params = _PARAMS[key]
+    mp = cfg.image.max_pixels
+    content = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
+    h, w = content.shape[1:3]
+    if tuple(np.shape(x)) != content.shape:
+        raise ValueError(f"the final image is {np.shape(x)}, the content {content.shape}")
+    swh = style_size(cfg, (w, h))
+    spec = cfg.eval.spec()
+    refs = [metrics.reference(params, jnp.asarray(content), jnp.asarray(
+        image.load(p, list(swh), cfg.image.resample, max_pixels=mp)), spec) for p in cfg.styles]
+    ref = refs[0]
+    if len(refs) > 1:
+        b = blend_weights(cfg)
+        ref = {"content": ref["content"],
+               "style": {n: sum(float(bi) * r["style"][n] for bi, r in zip(b, refs))
+                         for n in ref["style"]}}
+    out = metrics.score(params, jnp.asarray(x, jnp.float32), ref, spec)
+    return {k: float(v) for k, v in jax.device_get(out).items()}
+
+
 def spec_of(cfg: Config) -> losses.Spec:
     return losses.Spec(
         content_layers=tuple(cfg.loss.content_layers),
@@ -57,7 +94,7 @@ def spec_of(cfg: Config) -> losses.Spec:
         remat=cfg.model.remat,
         style_masks=len(cfg.styles) if cfg.masks.style else 0,
         content_mask=cfg.masks.content is not None,
-        kind=getattr(cfg.loss, "kind", "gram"),
+        kind=cfg.loss.kind,
     )
 
 

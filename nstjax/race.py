@@ -46,89 +46,22 @@ def _problem(cfg_path: str, overrides: list[str]):
     return cfg, bp
 
 
-def torch_scipy(tc: Any, iters: int, m: int = 10) -> dict:
-    """`iters` iterations of scipy's L-BFGS-B over PyTorch eager value+gradient."""
-    from scipy.optimize import fmin_l_bfgs_b
-
-    torch = tc.torch
-    shape = tuple(tc.x0.shape)
-    evals, trace = 0, []
-    last = {}
-
-    def f(z: np.ndarray) -> tuple[float, np.ndarray]:
-        nonlocal evals
-        evals += 1
-        x = torch.from_numpy(z.reshape(shape).astype(np.float32))
-        x = x.contiguous(memory_format=tc.fmt).requires_grad_(True)
-        v = tc.loss(x)
-        v.backward()
-        last["f"] = float(v.detach())
-        return last["f"], x.grad.detach().numpy().astype(np.float64).ravel()
-
-    t0 = time.perf_counter()
-
-    def cb(_xk: np.ndarray) -> None:  # the iterate's loss is the last evaluation's
-        trace.append((len(trace) + 1, time.perf_counter() - t0, last["f"], evals))
-
-    x0 = tc.x0.detach().cpu().numpy().astype(np.float64).ravel()
-    f0 = f(x0)[0]
-    evals = 0
-    t0 = time.perf_counter()
-    fmin_l_bfgs_b(f, x0, m=m, maxiter=iters, maxfun=100 * iters, pgtol=0.0, factr=0.0,
-                  callback=cb)
-    secs = time.perf_counter() - t0
-    return {"solver": "pytorch+scipy_lbfgsb", "iterations": len(trace), "evaluations": evals,
-            "compile_seconds": 0.0, "solve_seconds": secs, "initial_loss": f0,
-            "final_loss": trace[-1][2] if trace else f0, "trace": trace}
-
-
-def torch_lbfgs(tc: Any, iters: int) -> dict:
-    """`iters` iterations of torch.optim.LBFGS (strong Wolfe), one `step` per iteration."""
-    torch = tc.torch
-    x = tc.x0.contiguous().clone().requires_grad_(True)
-    evals, trace = 0, []
-
-    def closure() -> Any:
-        nonlocal evals
-        evals += 1
-        opt.zero_grad()
-        v = tc.loss(x)
-        v.backward()
-        return v
-
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, max_eval=25, tolerance_grad=0.0,
-                            tolerance_change=0.0, history_size=10, line_search_fn="strong_wolfe")
-    with torch.no_grad():
-        f0 = float(tc.loss(x))
-    spent = 0.0
-    for i in range(iters):
-        t = time.perf_counter()
-        if i == 0:  # unit-length first step: PyTorch's own min(1, 1/|g|_1) does not move here
-            closure()
-            g = x.grad.detach()
-            g1, g2 = float(g.abs().sum()), float(g.norm())
-            opt.param_groups[0]["lr"] = 1.0 / (g2 * min(1.0, 1.0 / g1)) if g2 > 0 else 1.0
-        opt.step(closure)
-        if i == 0:
-            opt.param_groups[0]["lr"] = 1.0
-        spent += time.perf_counter() - t
-        with torch.no_grad():  # not timed
-            trace.append((i + 1, spent, float(tc.loss(x)), evals))
-    return {"solver": "pytorch+torch.optim.LBFGS", "iterations": iters, "evaluations": evals,
-            "compile_seconds": 0.0, "solve_seconds": spent, "initial_loss": f0,
-            "final_loss": trace[-1][2] if trace else f0, "trace": trace}
-
-
 def torch_ms_per_eval(tc: Any, repeats: int) -> float:
     tc.call()
     return 1e3 * float(np.median([tc.call() for _ in range(repeats)]))
 
 
-def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out: Path) -> dict:
-    """`nstjax run` in a fresh process, cold compilation cache; what its run directory says."""
-    cmd = [sys.executable, "-m", "nstjax.cli", "run", cfg_path, *overrides,
-           f"solver.name={solver}", f"solver.maxiter={iters}", "output.save_every=0",
-           "--out", str(out), "--quiet", "--no-compile-cache"]
+def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out: Path,
+               label: str | None = None, warm: bool = False) -> dict:
+    """`nstjax run` in a fresh process; what its run directory says. Cold: without the
+    persistent compilation cache; `warm`: with it, after one untimed run that fills it."""
+    cmd = [sys.executable, "-m", "nstjax.cli", "run", cfg_path, f"solver.name={solver}",
+           f"solver.maxiter={iters}", "output.save_every=0", *overrides, "--quiet"]
+    if warm:
+        subprocess.run([*cmd, "--out", str(out) + "-fill"], capture_output=True, text=True)
+    else:
+        cmd.append("--no-compile-cache")
+    cmd += ["--out", str(out)]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -138,7 +71,8 @@ def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out
     with open(out / "history.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     trace = [(int(r["iter"]), float(r["seconds"]), float(r["total"]), None) for r in rows[1:]]
-    return {"solver": solver, "iterations": rec["iterations"], "evaluations": rec["evaluations"],
+    return {"solver": label or solver, "iterations": rec["iterations"],
+            "evaluations": rec["evaluations"],
             "compile_seconds": rec["compile_seconds"], "solve_seconds": rec["solve_seconds"],
             "ms_per_evaluation": rec.get("ms_per_evaluation"), "wall_seconds": wall,
             "initial_loss": float(rows[0]["total"]), "final_loss": trace[-1][2] if trace else None,
@@ -156,8 +90,10 @@ def reach(row: dict, target: float) -> dict:
 
 def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 80,
          threads: int = 0, torch_optim: bool = False, speed_size: str | None = None,
-         repeats: int = 5, quiet: bool = False) -> dict:
-    """The side-by-side report (see the module docstring)."""
+         repeats: int = 5, quiet: bool = False,
+         variants: list[tuple[str, list[str], bool]] = ()) -> dict:
+    """The side-by-side report (see the module docstring). `variants`: extra runs of the first
+    solver as (label, overrides, warm compilation cache)."""
     from nstjax import bench, bench_torch
 
     def say(msg: str) -> None:
@@ -168,15 +104,20 @@ def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 8
     spec = pb.spec(cfg.model.precision)
     tc = bench_torch.TorchCase(pb, spec, threads, "nhwc")
     say(f"{pb.width}x{pb.height}: PyTorch eager + scipy L-BFGS-B, {iters} iterations")
-    rows = [torch_scipy(tc, iters)]
+    rows = [bench_torch.scipy_lbfgsb(tc, iters)]
     target = rows[0]["final_loss"]
     if torch_optim:
         say("PyTorch eager + torch.optim.LBFGS")
-        rows.append(torch_lbfgs(tc, iters))
+        rows.append(bench_torch.lbfgs(tc, iters))
     with tempfile.TemporaryDirectory(prefix="nstjax-race-") as tmp:
         for s in solvers:
             say(f"nstjax run, solver {s}")
-            rows.append(nstjax_run(cfg_path, overrides, s, iters, Path(tmp) / s))
+            # Past the peer's count, to see when the target is reached.
+            rows.append(nstjax_run(cfg_path, overrides, s, iters + iters // 4, Path(tmp) / s))
+        for i, (label, extra, warm) in enumerate(variants):
+            say(f"nstjax run, {label}")
+            rows.append(nstjax_run(cfg_path, [*overrides, *extra], solvers[0],
+                                   iters + iters // 4, Path(tmp) / f"v{i}", label, warm))
         speed = None
         if speed_size:
             w, h = bench.parse_sizes(speed_size)[0]
@@ -191,6 +132,8 @@ def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 8
                      "run_ms_per_eval": {s: r["ms_per_evaluation"] for s, r in runs.items()}}
     for r in rows:
         r.update(reach(r, target))
+        at = [loss for it, _, loss, _ in r["trace"] if it <= iters]
+        r["loss_at_iters"] = at[-1] if at else r["initial_loss"]
         r["evals_per_iteration"] = r["evaluations"] / max(r["iterations"], 1)
     return {"size": f"{pb.width}x{pb.height}", "iters": iters, "target_loss": target,
             "weights": cfg.model.weights, "threads": tc.torch.get_num_threads(),
@@ -202,15 +145,16 @@ def table(report: dict) -> str:
     peer = report["rows"][0]["solve_seconds"]
     out = [f"{report['size']}, {report['iters']} iterations, target loss "
            f"{report['target_loss']:.4g} (PyTorch+scipy's final), {report['threads']} threads",
-           "", "| system | evals | evals/iter | compile s | solve s | final loss | "
-           "reaches target at (it, s) | / peer solve s |", "|---|---|---|---|---|---|---|---|"]
+           "", "| system | iterations | evals | evals/iter | compile s | solve s | loss at "
+           f"{report['iters']} it | reaches target at (it, s) | / peer solve s |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         at = (f"{r['reach_iter']}, {r['reach_seconds']:.1f}" if r["reach_iter"] is not None
               else "never")
         ratio = f"{r['reach_seconds'] / peer:.2f}" if r["reach_seconds"] is not None else "-"
-        out.append(f"| {r['solver']} | {r['evaluations']} | {r['evals_per_iteration']:.2f} | "
-                   f"{r['compile_seconds']:.1f} | {r['solve_seconds']:.1f} | "
-                   f"{r['final_loss']:.4g} | {at} | {ratio} |")
+        out.append(f"| {r['solver']} | {r['iterations']} | {r['evaluations']} | "
+                   f"{r['evals_per_iteration']:.2f} | {r['compile_seconds']:.1f} | "
+                   f"{r['solve_seconds']:.1f} | {r['loss_at_iters']:.4g} | {at} | {ratio} |")
     sp = report.get("speed")
     if sp:
         runs = ", ".join(f"{k} {v:.0f}" for k, v in sp["run_ms_per_eval"].items())
@@ -219,16 +163,30 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def parse_variant(text: str) -> tuple[str, list[str], bool]:
+    """'LABEL:key=value;key=value' (or 'warm' for the warm compilation cache)."""
+    label, _, rest = text.partition(":")
+    if label == "warm":
+        return ("warm compile cache", [], True)
+    if not rest:
+        raise UserError(f"--variant {text!r}: expected LABEL:key=value[;key=value...] or warm")
+    return (label, rest.split(";"), False)
+
+
 def main(a: Any) -> int:
     """`nstjax bench --race CONFIG`."""
     solvers = [s for s in a.race_solvers.split(",") if s]
+    variants = [parse_variant(v) for v in a.race_variants or []]
     report = race(a.race, list(a.race_overrides or []), solvers, iters=a.race_iters,
                   threads=a.torch_threads, torch_optim=a.race_torch_optim,
-                  speed_size=a.race_speed_size, repeats=a.repeats, quiet=a.quiet)
+                  speed_size=a.race_speed_size, repeats=a.repeats, quiet=a.quiet,
+                  variants=variants)
     text = table(report)
     print(text)
     if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        from nstjax.runtime import write_atomic
+
+        write_atomic(Path(a.out), json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.out}")
     return 0
 
@@ -239,13 +197,14 @@ if __name__ == "__main__":  # python -m nstjax.race CONFIG [overrides]
     p = argparse.ArgumentParser(prog="python -m nstjax.race")
     p.add_argument("race")
     p.add_argument("race_overrides", nargs="*")
-    p.add_argument("--solvers", dest="race_solvers", default="jaxopt_lbfgs")
+    p.add_argument("--solvers", dest="race_solvers", default="lbfgs,jaxopt_lbfgs")
     p.add_argument("--iters", dest="race_iters", type=int, default=80)
     p.add_argument("--threads", dest="torch_threads", type=int, default=0)
     p.add_argument("--torch-optim", dest="race_torch_optim", action="store_true")
     p.add_argument("--speed-size", dest="race_speed_size")
+    p.add_argument("--variant", dest="race_variants", action="append")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out")
+    p.add_argument("--out", default="race.json")
     p.add_argument("--quiet", action="store_true")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main(p.parse_args()))

@@ -2,14 +2,16 @@
 one loop that turns solver chunks into it (single runs, multi-scale runs and sweep cells).
 
 A run directory holds `config.yaml`, `run.json` (status `running` until the end, then `done`,
-`converged`, `failed` or `interrupted`, written last), `history.csv`, `last.npy` (the newest
-image, preprocessed float32), snapshots `[<prefix>]iter_NNNNNN.<fmt>`, `final.<fmt>` and, for
-a compiled solver stopped by a signal, `solver_state.npz`. While a process writes it, it holds
-`run.lock` (see `runtime.DirLock`).
+`converged`, `failed` or `interrupted`, written last; with `loss.kind` and `metrics`, the
+reference evaluation of the saved final image), `history.csv` (iter, total, content, style,
+tv, every further term of the objective sorted, e.g. `style/<layer>`, then seconds), `last.npy`
+(the newest image, preprocessed float32), snapshots `[<prefix>]iter_NNNNNN.<fmt>`,
+`final.<fmt>` and, for a compiled solver stopped by a signal, `solver_state.npz`. While a
+process writes it, it holds `run.lock` (see `runtime.DirLock`).
 
 Recorder API (all files are written atomically; `d` exists):
 
-    rec = Recorder(d, cfg, record, post=problem.post)  # record: the run.json fields so far
+    rec = Recorder(d, cfg, record, problem=problem)  # record: the run.json fields so far
     rec.start()                     # config.yaml, run.json (status running)
     rec.stage(total=n)              # before each solve: snapshot prefix, iteration offsets
     rec.first(row)                  # the start row, unless history goes on from earlier rows
@@ -56,7 +58,17 @@ _PROGRAMS: dict = {}
 # ---------------------------------------------------------------- formats
 
 
-def history_csv(rows: list[dict], columns: tuple[str, ...] = HISTORY_COLUMNS) -> str:
+def history_columns(rows: list[dict], base: tuple[str, ...] = HISTORY_COLUMNS) -> tuple[str, ...]:
+    """`base` (e.g. iter, total, content, style, tv, seconds) with every other key of the rows
+    (the objective's further terms, e.g. `style/<layer>`), sorted, before `seconds`."""
+    head = tuple(c for c in base if c != "seconds")
+    extra = sorted({k for r in rows for k in r} - set(base))
+    return (*head, *extra, *(("seconds",) if "seconds" in base else ()))
+
+
+def history_csv(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """history.csv: `columns`, by default HISTORY_COLUMNS and every further term of the rows."""
+    columns = columns or history_columns(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -109,7 +121,8 @@ def start_record(cfg: Config, problem) -> dict:
 
 
 def _losses(row: dict) -> dict:
-    return {k: row[k] for k in ("total", "content", "style", "tv")}
+    """Every term of a history row (not iter, scale, seconds)."""
+    return {k: v for k, v in row.items() if k not in ("iter", "scale", "seconds")}
 
 
 def one_line(e: BaseException) -> str:
@@ -207,8 +220,12 @@ class Recorder:
 
     def __init__(self, d: Path, cfg: Config, record: dict, *, post: Callable | None = None,
                  columns: tuple[str, ...] = HISTORY_COLUMNS, history: list[dict] = (),
-                 bar: Any = None):
-        self.d, self.cfg, self.record, self.post, self.columns = Path(d), cfg, record, post, columns
+                 bar: Any = None, problem: Any = None):
+        self.d, self.cfg, self.record, self.columns = Path(d), cfg, record, columns
+        # `problem` (a problem.Problem) gives post and the params the final metrics use;
+        # without it they are loaded again from the config at the end.
+        self.problem = problem
+        self.post = post if post is not None or problem is None else problem.post
         self.history = [dict(r) for r in history]
         self.bar = bar
         self.x: np.ndarray | None = None  # the newest image written to last.npy
@@ -228,7 +245,8 @@ class Recorder:
         write_atomic(self.d / "run.json", record_json(self.record))
 
     def write_history(self) -> None:
-        write_atomic(self.d / "history.csv", history_csv(self.history, self.columns))
+        cols = history_columns(self.history, self.columns)
+        write_atomic(self.d / "history.csv", history_csv(self.history, cols))
 
     def start(self) -> None:
         write_atomic(self.d / "config.yaml", dump(self.cfg))
@@ -266,9 +284,12 @@ class Recorder:
         return rows
 
     def finish(self, res: solvers.Result, t_start: float) -> dict:
-        """Final image, history.csv and the completed run.json (last: it marks completion)."""
+        """Final image, history.csv and the completed run.json (last: it marks completion), with
+        `metrics`: the reference evaluation (config `eval:`) of the saved final image."""
         self.save_image("final", res.x)
         self.write_history()
+        self.record["loss"] = {"kind": self.cfg.loss.kind, "plugins": list(self.cfg.loss.plugins)}
+        self.record["metrics"] = self.final_metrics(res.x)
         self.record.update(
             status=Status(res.status).value, error=res.error,
             iterations=res.iterations, evaluations=res.evals,
@@ -282,6 +303,22 @@ class Recorder:
         )
         self.write_record()
         return self.record
+
+    def final_metrics(self, x) -> dict | None:
+        """`metrics.evaluate` of the final image as saved (controls applied; an 8-bit file read
+        back, so quantized as saved), or None (with a warning on stderr) if it cannot be
+        scored."""
+        from nstjax import problem as problem_mod
+
+        try:
+            if self.cfg.output.bits == 8:
+                saved = image.load(self.image_path("final"), None, max_pixels=None)
+            else:
+                saved = self.visible(x)
+            return problem_mod.final_metrics(self.cfg, saved, self.problem)
+        except Exception as e:  # noqa: BLE001 - the run itself is complete; say why, go on
+            print(f"warning: {self.d}: no metrics ({one_line(e)})", file=sys.stderr)
+            return None
 
     def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
               crash: BaseException | None = None) -> BaseException | None:
@@ -326,8 +363,13 @@ def guarded(flag: StopFlag, errors: list, size=None):
 
 
 def chunk_size(cfg: Config) -> int:
-    n = max(cfg.solver.maxiter, 1)
-    return cfg.output.save_every if cfg.output.save_every else min(n, 25)
+    """Iterations per compiled chunk: chunks end where a snapshot (`output.save_every`) or a
+    progress update (`output.progress_every`) is due: their gcd when both are set, else the one
+    set, else min(maxiter, 25)."""
+    every = [n for n in (cfg.output.save_every, cfg.output.progress_every) if n]
+    if every:
+        return math.gcd(*every)
+    return min(max(cfg.solver.maxiter, 1), 25)
 
 
 def program(spec: losses.Spec, s: solvers.Settings, x0, args, chunk: int):
@@ -335,7 +377,8 @@ def program(spec: losses.Spec, s: solvers.Settings, x0, args, chunk: int):
     import jax
 
     s = replace(s, maxiter=0)  # not part of a compiled program: runs of any length share it
-    key = (spec, s, chunk, jax.tree.structure(args),
+    # The kind's functions are in the key: a kind registered again never reuses a stale program.
+    key = (spec, losses.kind(spec.kind), s, chunk, jax.tree.structure(args),
            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves((x0, args))))
     hit = key in _PROGRAMS
     if not hit:

@@ -1,7 +1,8 @@
-"""`run` and `resume`: wiring from a Config to a finished run directory.
+"""`run`, `resume` and `stylize`: wiring from a Config to a finished run (directory).
 
 problem.build makes the arrays, record.solve runs the solver into a record.Recorder (the run
-directory), multiscale runs coarse to fine; this module picks, locks and hands over.
+directory, or memory for `stylize`), multiscale runs coarse to fine; this module picks, locks
+and hands over.
 """
 
 import os
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from nstjax import multiscale, record, solvers
+from nstjax import image, multiscale, record, solvers
 from nstjax.config import Config, merge, parse_overrides, read_yaml, validate
 from nstjax.errors import UserError
 from nstjax.problem import Problem, build
@@ -42,6 +44,12 @@ program = record.program  # tests patch run.program; `_solve` looks it up here a
 
 @dataclass
 class RunResult:
+    """What `run` and `resume` return.
+
+    dir: Path -- the run directory; result: solvers.Result -- x (float32, preprocessed space,
+    before colour controls), history rows, status, counts, timings; record: dict -- run.json.
+    """
+
     dir: Path
     result: solvers.Result
     record: dict
@@ -81,10 +89,11 @@ def _build_or_oom(cfg: Config) -> Problem:
         raise record.as_user_error(e, cfg.image.size) from None
 
 
-def _solve(d: Path, cfg: Config, problem: Problem, rec0: dict, t_start: float, *,
+def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: float, *,
            quiet: bool = False, prior: list[dict] | None = None, state0=None,
            carry: dict | None = None) -> RunResult:
-    """Solve into run directory `d`, continuing after `prior` history rows (for resume).
+    """Solve into run directory `d` (None: into memory, no file), continuing after `prior`
+    history rows (for resume).
 
     The directory always ends complete: a signal stops after the current chunk (a second one
     at the next return to Python, with the last chunk's image) with status `interrupted`; a
@@ -97,7 +106,8 @@ def _solve(d: Path, cfg: Config, problem: Problem, rec0: dict, t_start: float, *
     done = prior[-1]["iter"] if prior else 0
     bar = tqdm(total=record.steps(s), initial=done, disable=quiet, unit="it",
                dynamic_ncols=True, file=sys.stderr)
-    rec = record.Recorder(d, cfg, rec0, post=problem.post, history=prior or (), bar=bar)
+    make = record.Recorder if d is not None else _Memory
+    rec = make(d, cfg, rec0, problem=problem, history=prior or (), bar=bar)
     rec.stage(total=record.steps(s), seconds=prior[-1]["seconds"] if prior else 0.0)
     flag, errors, res = StopFlag(), [], None
     with flag.installed():
@@ -208,3 +218,172 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, quiet: bool = Fals
             "overrides": list(overrides), "solver_state": "restored" if state0 else "restarted"})
         return _solve(d, cfg, problem, rec, t_start, quiet=quiet, prior=history, state0=state0,
                       carry=carry)
+
+
+# ---------------------------------------------------------------- in memory
+
+
+class _Memory(record.Recorder):
+    """A Recorder that keeps the history and record in memory and writes no file (every
+    method that writes is overridden; it has no directory)."""
+
+    def __init__(self, d: None, *args, **kw):
+        super().__init__(Path("<memory>"), *args, **kw)
+
+    def start(self) -> None:
+        pass
+
+    def write_record(self) -> None:
+        pass
+
+    def write_history(self) -> None:
+        pass
+
+    def save_image(self, stem: str, x) -> None:
+        pass
+
+    def final_metrics(self, x) -> dict | None:
+        # As Recorder.final_metrics, on the pixels final.png would hold (8-bit) instead of the
+        # file read back.
+        from nstjax import problem as problem_mod
+
+        shown = self.visible(x)
+        saved = image.preprocess(image.deprocess(shown)) if self.cfg.output.bits == 8 else shown
+        try:
+            return problem_mod.final_metrics(self.cfg, saved, self.problem)
+        except Exception as e:  # noqa: BLE001 - as in Recorder: say why, go on
+            print(f"warning: no metrics ({record.one_line(e)})", file=sys.stderr)
+            return None
+
+    def add(self, x, rows: list[dict]) -> list[dict]:
+        rows = self.shift(rows)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+            if rows:
+                self.bar.set_postfix(loss=f"{rows[-1]['total']:.4g}")
+        self.x = np.asarray(x)
+        self.history.extend(rows)
+        return rows
+
+    def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
+              crash: BaseException | None = None) -> BaseException | None:
+        flag.finishing = True
+        if self.bar is not None:
+            self.bar.close()
+        res.history = self.history
+        if flag.stopped and res.status != Status.FAILED:
+            res.status = Status.INTERRUPTED
+        if crash is not None:
+            res.status, res.error = Status.FAILED, record.one_line(crash)
+        self.record["signal"] = flag.signum
+        self.finish(res, t_start)  # the record's final fields; the writes are no-ops here
+        res.state = None
+        return crash
+
+
+@dataclass
+class Result:
+    """What `stylize` returns.
+
+    image: PIL.Image.Image -- the result as 8-bit RGB with colour controls applied: the pixels
+        `nstjax run` saves as final.png for the same config.
+    array: np.ndarray -- the optimized image, float32 (1, H, W, 3) in preprocessed (VGG, BGR,
+        mean-subtracted) space, before colour controls: what last.npy holds; a valid `init`.
+    history: dict[str, np.ndarray] -- history.csv's columns ("iter" int64, the rest float64:
+        total, content, style, tv, every term of the objective, seconds).
+    record: dict -- what run.json holds (status, iterations, evaluations, timings, losses...).
+    result: solvers.Result -- the solver's own result (history rows as dicts).
+    dir: Path | None -- the run directory when `out` was given, else None.
+    """
+
+    image: Image.Image
+    array: np.ndarray
+    history: dict[str, np.ndarray]
+    record: dict
+    result: solvers.Result
+    dir: Path | None = None
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: np.array([r.get(k, np.nan) for r in rows],
+                        np.int64 if k in ("iter", "scale") else np.float64) for k in keys}
+
+
+def _config(cfg_or_path: Config | str | Path, overrides: list[str]) -> Config:
+    from nstjax import config
+
+    if isinstance(cfg_or_path, Config):
+        if not overrides:
+            return cfg_or_path
+        raw = merge(cfg_or_path.model_dump(), parse_overrides(list(overrides)))
+        return validate(raw, "overrides")
+    return config.load(cfg_or_path, list(overrides))
+
+
+def _compile_cache(on: bool | None) -> None:
+    if on is None:
+        on = os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip().lower() not in ("0", "false",
+                                                                                   "no", "off")
+    if on:
+        try:
+            enable_compile_cache()
+        except (OSError, UserError) as e:  # only a speed-up
+            print(f"nstjax: warning: no compilation cache ({e})", file=sys.stderr)
+
+
+def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
+            out: str | Path | None = None, *, quiet: bool = False,
+            compile_cache: bool | None = None) -> Result:
+    """Run one style transfer in memory: no file is written unless `out` is given (then `out`
+    becomes a normal run directory, as `nstjax run --out` makes).
+
+    `cfg_or_path`: a Config or a YAML file; `overrides`: dotted `key=value` strings. Compiled
+    programs are reused within the process (per loss kind and settings, solver settings but
+    maxiter, shapes and chunk), so a second call with other weights or images of the same
+    size compiles nothing. JAX's persistent compilation cache (under the cache directory) is on
+    unless `compile_cache=False` or NSTJAX_COMPILE_CACHE=0. Progress is a tqdm.auto bar
+    (a widget in notebooks), off with `quiet`. Ctrl-C stops after the current chunk (status
+    interrupted). Bad input raises UserError.
+
+    Multi-scale configs run through `run` (until multiscale takes an in-memory recorder):
+    without `out` in a temporary directory, removed before returning (nothing is left in the
+    cwd or the cache directory); `.image` is read back from final.* (exact for 8-bit PNG).
+    """
+    cfg = _config(cfg_or_path, list(overrides))
+    _compile_cache(compile_cache)
+    if cfg.multiscale.count:
+        return _multiscale(cfg, out, quiet)
+    t_start = time.perf_counter()
+    if out is not None:
+        check_out(out)
+    problem = _build_or_oom(cfg)
+    if out is not None:
+        d = make_run_dir(out, cfg)
+        with DirLock(d):
+            r = _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet)
+    else:
+        r = _solve(None, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet)
+    x = np.asarray(r.result.x, np.float32)
+    shown = problem.post(x) if problem.post is not None else x
+    return Result(Image.fromarray(image.deprocess(shown), "RGB"), x,
+                  _columns(r.result.history), r.record, r.result, r.dir)
+
+
+def _multiscale(cfg: Config, out: str | Path | None, quiet: bool) -> Result:
+    """A multi-scale run through `run`; the image is read back from its final.* file. Without
+    `out`, in a temporary directory (output as 8-bit PNG: the image is then exact)."""
+    import tempfile
+
+    from nstjax.results import read_history as read_columns
+
+    with tempfile.TemporaryDirectory(prefix="nstjax-") as tmp:
+        if out is None:
+            cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
+                update={"format": "png", "bits": 8})})
+        r = run(cfg, Path(out) if out is not None else Path(tmp) / "run", quiet=quiet)
+        with Image.open(r.dir / f"final.{cfg.output.format}") as im:
+            img = im.convert("RGB")
+        hist = read_columns(r.dir / "history.csv")
+    return Result(img, np.asarray(r.result.x, np.float32), hist, r.record, r.result,
+                  r.dir if out is not None else None)

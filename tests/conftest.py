@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 from pathlib import Path
@@ -48,12 +49,12 @@ def np_pool2x2(x: np.ndarray, pooling: str) -> np.ndarray:
 
 def np_vgg16(params: dict, x: np.ndarray, last: str, pooling: str = "avg") -> dict:
     """All activations {name: float64 (N,h,w,c)} of the VGG16 conv stack up to layer `last`."""
-    from nstjax.weights import VGG16_CONVS
+    from nstjax.vgg16 import CONVS
 
     h = np.asarray(x, np.float64)
     acts = {}
     prev_block = 1
-    for name, _, _ in VGG16_CONVS:
+    for name, _, _ in CONVS:
         blk = int(name[len("block")])
         if blk != prev_block:
             h = np_pool2x2(h, pooling)
@@ -116,6 +117,45 @@ def write_tiny(path: Path, **changes) -> Path:
             d[last] = value
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def quiet_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`nstjax argv --quiet --no-compile-cache` in-process: (exit status, stderr)."""
+    from nstjax import cli
+
+    code = cli.main([*argv, "--quiet", "--no-compile-cache"])
+    return code, capsys.readouterr().err
+
+
+def history(d: Path) -> list[dict]:
+    """A run directory's history.csv as float rows."""
+    with open(d / "history.csv") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def record(d: Path) -> dict:
+    """A run directory's run.json."""
+    return json.loads((d / "run.json").read_text())
+
+
+def after_chunks(monkeypatch, n: int, action) -> None:
+    """Call `action()` inside the n-th on_chunk callback of each later `solvers.minimize`."""
+    from nstjax import solvers
+
+    real = solvers.minimize
+
+    def minimize(*a, on_chunk=None, **kw):
+        count = [0]
+
+        def wrapped(x, rows):
+            count[0] += 1
+            if count[0] == n:
+                action()
+            return on_chunk(x, rows)
+
+        return real(*a, on_chunk=wrapped, **kw)
+
+    monkeypatch.setattr(solvers, "minimize", minimize)
 
 
 @pytest.fixture

@@ -331,3 +331,65 @@ def test_preview_is_short(value):
     text = C.preview(value)
     assert len(text) <= C.PREVIEW
     assert text[:5] == repr(value)[:5]
+
+
+# --------------------------------------------------------------------------- loss kinds, eval
+
+
+def test_loss_kind_plugins_resolve_and_register(write, tmp_path, monkeypatch):
+    p = write(MINIMAL + "loss:\n  kind: t_cfgkind\n  plugins: [plug/k.py, json]\n")
+    (tmp_path / "conf" / "plug").mkdir()
+    (tmp_path / "conf" / "plug" / "k.py").write_text(
+        "from nstjax import losses\n"
+        "g = losses.kind('gram')\n"
+        "losses.register('t_cfgkind', targets=g.targets, terms=g.terms, replace=True)\n")
+    monkeypatch.chdir(tmp_path)  # the plugin path is relative to the config, not the cwd
+    cfg = C.load(p)
+    assert cfg.loss.kind == "t_cfgkind"
+    assert cfg.loss.plugins == [str(tmp_path / "conf" / "plug" / "k.py"), "json"]
+    assert "plugins:\n  - " + str(tmp_path / "conf" / "plug" / "k.py") in C.dump(cfg)
+    over = C.parse_overrides(["loss.plugins=plug/k.py"])  # an override: relative to the cwd
+    assert over["loss"]["plugins"] == str(tmp_path / "plug" / "k.py")
+    assert C.parse_overrides(["loss.plugins=[a.py, mod.sub]"])["loss"]["plugins"] == [
+        str(tmp_path / "a.py"), "mod.sub"]
+
+
+def test_unknown_kind_and_bad_plugins_are_one_line(write):
+    msg = error_of(write(MINIMAL + "loss: {kind: nope}\n"))
+    assert msg.endswith("run.yaml: loss.kind: unknown loss kind 'nope'; registered kinds: "
+                        + ", ".join(__import__("nstjax.losses").losses.kinds())
+                        + "; a custom kind's file goes in loss.plugins")
+    assert "loss.kind: must be a loss kind name" in error_of(write(MINIMAL + "loss: {kind: a-b}\n"))
+    p = write(MINIMAL + "loss: {plugins: [missing.py]}\n")
+    assert error_of(p).startswith(f"{p}: loss.plugins: {p.parent / 'missing.py'}: loss plugin "
+                                  "file not found; check the path")
+    assert "loss.plugins: no_such_module_xyz: importing the loss plugin module failed" in (
+        error_of(write(MINIMAL + "loss: {plugins: no_such_module_xyz}\n")))
+
+
+def test_eval_section(write):
+    cfg = C.load(write(MINIMAL + "eval: {style_layers: [block1_conv1], normalization: seed}\n"))
+    spec = cfg.eval.spec()
+    assert spec.style_layers == ("block1_conv1",) and spec.normalization == "seed"
+    assert spec.content_layers == ("block4_conv2",) and spec.precision == "highest"
+    assert len(C.load(write(MINIMAL)).eval.spec().style_layers) == 10
+    assert "eval.style_layers: 'block9_conv1' is not a VGG16 conv layer" in error_of(
+        write(MINIMAL + "eval: {style_layers: [block9_conv1]}\n"))
+    assert "eval.pooling" in error_of(write(MINIMAL + "eval: {pooling: min}\n"))
+    assert "unknown key eval.layers" in error_of(write(MINIMAL + "eval: {layers: [a]}\n"))
+
+
+def test_replace_applies_dotted_keys_together_and_validates_once(write):
+    cfg = C.load(write(MINIMAL))
+    new = cfg.replace(**{"loss.style_layers": ["block1_conv1", "block2_conv1"],
+                         "loss.style_weights": [0.3, 0.7], "solver.maxiter": 5})
+    assert new.loss.style_layers == ["block1_conv1", "block2_conv1"]
+    assert (new.loss.style_weights, new.solver.maxiter) == ([0.3, 0.7], 5)
+    assert cfg.loss.style_layers == C.POST_STYLE_LAYERS  # unchanged
+    with pytest.raises(UserError, match="loss.style_weights has 5 values but loss.style_layers "
+                                        "has 1 layers"):
+        cfg.replace(**{"loss.style_layers": ["block1_conv1"]})
+    with pytest.raises(UserError, match="unknown key loss.nope"):
+        cfg.replace(**{"loss.nope": 1})
+    with pytest.raises(UserError, match="finite"):
+        cfg.replace(**{"loss.tv_weight": float("inf")})

@@ -24,8 +24,6 @@ from nstjax import cli, image, run, weights
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
-write_cfg = write_tiny
-
 
 def nstjax(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
@@ -82,13 +80,13 @@ def no_temp_files(d: Path) -> None:
 
 @pytest.mark.parametrize("role", ["content", "style"])
 def test_image_missing(env, capsys, role):
-    write_cfg(env / "c.yaml", **{role: str(env / "nope.png")})
+    write_tiny(env / "c.yaml", **{role: str(env / "nope.png")})
     assert_user_error(capsys, run_args("c.yaml"), "nope.png", "not found")
 
 
 def test_image_is_a_directory(env, capsys):
     (env / "pics").mkdir()
-    write_cfg(env / "c.yaml", content=str(env / "pics"))
+    write_tiny(env / "c.yaml", content=str(env / "pics"))
     assert_user_error(capsys, run_args("c.yaml"), "pics", "is a directory")
 
 
@@ -100,7 +98,7 @@ def test_image_unreadable(env, capsys, monkeypatch):
         monkeypatch.setattr(os, "access", lambda f, m, **k: False if Path(f) == p else real(f, m))
     else:
         p.chmod(0)
-    write_cfg(env / "c.yaml", style=str(p))
+    write_tiny(env / "c.yaml", style=str(p))
     assert_user_error(capsys, run_args("c.yaml"), "secret.png", "permission denied")
 
 
@@ -109,38 +107,38 @@ def test_image_unreadable_real_permissions(env, capsys):
     p = env / "secret.png"
     Image.new("RGB", (40, 40)).save(p)
     p.chmod(0)
-    write_cfg(env / "c.yaml", content=str(p))
+    write_tiny(env / "c.yaml", content=str(p))
     assert_user_error(capsys, run_args("c.yaml"), "secret.png", "permission denied")
 
 
 def test_image_empty(env, capsys):
     (env / "empty.png").write_bytes(b"")
-    write_cfg(env / "c.yaml", content=str(env / "empty.png"))
+    write_tiny(env / "c.yaml", content=str(env / "empty.png"))
     assert_user_error(capsys, run_args("c.yaml"), "empty.png", "empty")
 
 
 def test_image_truncated(env, capsys):
     data = (DEMO / "style.png").read_bytes()
     (env / "cut.png").write_bytes(data[: len(data) // 2])
-    write_cfg(env / "c.yaml", style=str(env / "cut.png"))
+    write_tiny(env / "c.yaml", style=str(env / "cut.png"))
     assert_user_error(capsys, run_args("c.yaml"), "cut.png", "truncated")
 
 
 def test_not_an_image(env, capsys):
     (env / "notes.png").write_text("these are my notes, not a picture\n")
-    write_cfg(env / "c.yaml", content=str(env / "notes.png"))
+    write_tiny(env / "c.yaml", content=str(env / "notes.png"))
     assert_user_error(capsys, run_args("c.yaml"), "notes.png", "not a recognised image")
 
 
 def test_image_of_zero_size(env, capsys):
     (env / "zero.png").write_bytes(png_with_header(0, 10))
-    write_cfg(env / "c.yaml", content=str(env / "zero.png"))
+    write_tiny(env / "c.yaml", content=str(env / "zero.png"))
     assert_user_error(capsys, run_args("c.yaml"), "zero.png")
 
 
 def test_image_of_one_pixel(env, capsys):
     Image.new("RGB", (1, 1), "red").save(env / "dot.png")
-    write_cfg(env / "c.yaml", style=str(env / "dot.png"))
+    write_tiny(env / "c.yaml", style=str(env / "dot.png"))
     assert_user_error(capsys, run_args("c.yaml"), "dot.png", "too small (1x1)")
 
 
@@ -149,7 +147,7 @@ def test_animated_gif_uses_first_frame(env, capsys):
     frames[0].save(env / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
     got = image.deprocess(image.load(env / "anim.gif"))
     assert got.shape == (40, 48, 3) and (np.abs(got.astype(int) - [255, 0, 0]) <= 2).all()
-    write_cfg(env / "c.yaml", style=str(env / "anim.gif"))
+    write_tiny(env / "c.yaml", style=str(env / "anim.gif"))
     code, _, err = nstjax(capsys, *run_args("c.yaml", "--out", "gif"))
     assert code == 0, err
     assert json.loads((env / "gif" / "run.json").read_text())["status"] == "done"
@@ -159,7 +157,7 @@ def test_image_over_max_pixels_refused_from_header(env, capsys, monkeypatch):
     (env / "huge.png").write_bytes(png_with_header(100_000, 100_000))
     allocated = []
     monkeypatch.setattr(Image.Image, "load", lambda self: allocated.append(1))
-    write_cfg(env / "c.yaml", content=str(env / "huge.png"))
+    write_tiny(env / "c.yaml", content=str(env / "huge.png"))
     assert_user_error(capsys, run_args("c.yaml"), "huge.png", "100000x100000", "40000000",
                       "image.max_pixels")
     assert not allocated  # refused from the header, before decoding
@@ -203,7 +201,7 @@ def test_out_of_memory_on_the_accelerator(env, capsys, monkeypatch):
 
 def test_size_too_small_for_the_deepest_layer(env, capsys):
     Image.new("RGB", (400, 8), "white").save(env / "strip.png")
-    write_cfg(env / "c.yaml", content=str(env / "strip.png"), image__size=64,
+    write_tiny(env / "c.yaml", content=str(env / "strip.png"), image__size=64,
               loss__style_layers=["block5_conv1"])
     assert_user_error(capsys, run_args("c.yaml"), "block5_conv1", "at least 16", "image.size")
 
@@ -475,15 +473,21 @@ def _disk_full_on(monkeypatch, pattern: str, after: int = 0) -> list[str]:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 
 
-@needs_proc
-def test_disk_full_writing_the_final_image(env, capsys, monkeypatch):
-    _disk_full_on(monkeypatch, r"final\.png")
+def _run_out_of_space(env: Path, capsys, name: str) -> Path:
+    """Runs ok.yaml into ./r: exit 2 with one error line naming `name` and the full disk, no
+    traceback, no temporary file; returns the run directory."""
     code, _, err = nstjax(capsys, *run_args("ok.yaml", "--out", "r"))
     lines = error_lines(err)
     assert code == 2 and "Traceback" not in err
-    assert len(lines) == 1 and "final.png" in lines[0] and "No space left" in lines[0]
-    d = env / "r"
-    no_temp_files(d)
+    assert len(lines) == 1 and name in lines[0] and "No space left" in lines[0]
+    no_temp_files(env / "r")
+    return env / "r"
+
+
+@needs_proc
+def test_disk_full_writing_the_final_image(env, capsys, monkeypatch):
+    _disk_full_on(monkeypatch, r"final\.png")
+    d = _run_out_of_space(env, capsys, "final.png")
     assert not (d / "final.png").exists()
     assert yaml.safe_load((d / "config.yaml").read_text())["solver"]["maxiter"] == 6
     rec = json.loads((d / "run.json").read_text())
@@ -496,12 +500,7 @@ def test_disk_full_writing_the_final_image(env, capsys, monkeypatch):
 @needs_proc
 def test_disk_full_mid_run(env, capsys, monkeypatch):
     _disk_full_on(monkeypatch, r"history\.csv", after=2)  # row 0, first chunk; then full
-    code, _, err = nstjax(capsys, *run_args("ok.yaml", "--out", "r"))
-    lines = error_lines(err)
-    assert code == 2 and "Traceback" not in err
-    assert len(lines) == 1 and "history.csv" in lines[0] and "No space left" in lines[0]
-    d = env / "r"
-    no_temp_files(d)
+    d = _run_out_of_space(env, capsys, "history.csv")
     rows = run.read_history(d / "history.csv")
     assert [r["iter"] for r in rows] == [0, 1, 2]  # the last complete write, intact
     assert json.loads((d / "run.json").read_text())["status"] == "failed"

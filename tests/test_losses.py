@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ from conftest import np_vgg16, rel_err
 from nstjax import losses
 
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
+# The README's worked example of a user-defined kind (`adain`), loaded as a config would.
+ADAIN = Path(__file__).resolve().parents[1] / "configs" / "examples" / "adain_loss.py"
 
 # --------------------------------------------------------------------------- float64 references
 # Keras-literal ("seed"): x is one image's features (h, w, c), as in the post's code.
@@ -369,6 +373,7 @@ def test_spec_defaults_match_the_config():
 def test_unknown_kind_is_a_user_error_listing_the_kinds(vgg_params):
     from nstjax.errors import UserError
 
+    losses.load_plugin(str(ADAIN))
     assert {"gram", "adain"} <= set(losses.kinds())
     spec = losses.Spec(kind="nope")
     for call in (lambda: losses.kind("nope"), lambda: losses.objective(spec),
@@ -401,6 +406,7 @@ def np_stats(f: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_adain_kind_against_float64_numpy(vgg_params, images, np_feats):
+    losses.load_plugin(str(ADAIN))
     spec = losses.Spec(style_layers=("block1_conv1", "block2_conv2", "block3_conv1"),
                        kind="adain", precision="highest")
     style_w, ratio, tv_w = [2.0, 0.5, 1.5], 4.0, 1e-5

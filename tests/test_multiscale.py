@@ -72,3 +72,39 @@ def test_sigterm_in_the_coarse_scale_ends_the_run_there(env, capsys, monkeypatch
     assert x.shape == (1, 16, 16, 3)
     assert np.array_equal(np.asarray(Image.open(d / "final.png")), image.deprocess(x))
     assert not (d / "run.lock").exists() and not list(d.glob("scale1_final*"))
+
+
+def test_multiscale_run_has_scale_and_term_columns_and_metrics(env, capsys):
+    """Two scales: history has `scale`, the terms, per-layer terms; run.json's metrics score the
+    final (finest) image, checked against float64 numpy at the `eval:` layers chosen."""
+    from conftest import np_vgg16
+
+    from nstjax import weights
+
+    code = cli.main(["run", "ok.yaml", "multiscale.sizes=[16]", "solver.maxiter=4",
+                     "output.save_every=0", "eval.style_layers=[block1_conv1, block1_conv2]",
+                     "eval.content_layers=[block1_conv2]", "--out", "r", "--quiet",
+                     "--no-compile-cache"])
+    assert code == 0, capsys.readouterr().err
+    d = env / "r"
+    head = (d / "history.csv").read_text().splitlines()[0]
+    assert head == "scale,iter,total,content,style,tv,style/block1_conv1,seconds"
+    rec = json.loads((d / "run.json").read_text())
+    assert rec["loss"] == {"kind": "gram", "plugins": []}
+    assert [s["size"] for s in rec["scales"]] == [[16, 16], [32, 32]]
+    params, _ = weights.load("random", seed=0)
+    x = image.load(d / "final.png")
+    cfg = config.load("ok.yaml")
+    c = image.load(cfg.content, [32, 32])
+    s = image.load(cfg.style, [32, 32])
+    fx, fc, fs = (np_vgg16(params, a, "block1_conv2") for a in (x, c, s))
+    want = {}
+    for n in ("block1_conv1", "block1_conv2"):
+        gx, gs = (f[0].reshape(-1, f.shape[-1]) for f in (fx[n], fs[n]))
+        gx, gs = gx.T @ gx / gx.shape[0], gs.T @ gs / gs.shape[0]
+        want[f"style.{n}"] = np.sum((gx - gs) ** 2) / (4 * gx.shape[0] ** 2)
+    want["style"] = want["style.block1_conv1"] + want["style.block1_conv2"]
+    want["content"] = 0.5 * np.sum((fx["block1_conv2"] - fc["block1_conv2"]) ** 2)
+    assert set(rec["metrics"]) == set(want)
+    for k, v in want.items():
+        assert rec["metrics"][k] == pytest.approx(v, rel=1e-3), k

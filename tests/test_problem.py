@@ -73,3 +73,40 @@ def test_initial_image_noise_is_the_posts_uniform():
     x0 = np.asarray(problem.initial_image(make_cfg(init="noise"), content, content))
     assert x0.shape == content.shape and np.abs(x0).max() <= 0.025 and x0.std() > 0.01
     assert isinstance(problem.spec_of(make_cfg()), losses.Spec)
+
+
+def test_final_metrics_blend_the_styles_at_their_own_size(vgg_params):
+    """Two styles at half the content's size, blended 1:3: the style reference is the blend of
+    their per-position Grams; the content is the image as given (float64 numpy reference)."""
+    from types import SimpleNamespace
+
+    two = [str(DEMO / "style.png"), str(DEMO / "content.png")]
+    cfg = make_cfg(style=two, style_blend=[1, 3], style_scale=0.5, image={"size": [32, 24]},
+                   eval={"style_layers": ["block1_conv2", "block2_conv1"],
+                         "content_layers": ["block2_conv1"]})
+    rng = np.random.default_rng(3)
+    x = image.load(DEMO / "content.png", [32, 24]) + rng.normal(0, 20, (1, 24, 32, 3))
+    got = problem.final_metrics(cfg, x.astype(np.float32), SimpleNamespace(params=vgg_params))
+    params = {k: {n: np.asarray(a) for n, a in v.items()} for k, v in vgg_params.items()}
+
+    def grams(a):
+        f = np_vgg16(params, a, "block2_conv1")
+        out = {}
+        for n in ("block1_conv2", "block2_conv1"):
+            m = f[n][0].reshape(-1, f[n].shape[-1])
+            out[n] = m.T @ m / m.shape[0]
+        return out, f
+
+    gx, fx = grams(x)
+    g1, _ = grams(image.load(two[0], [16, 12]))
+    g2, _ = grams(image.load(two[1], [16, 12]))
+    _, fc = grams(image.load(DEMO / "content.png", [32, 24]))
+    want = {f"style.{n}": np.sum((gx[n] - (0.25 * g1[n] + 0.75 * g2[n])) ** 2)
+            / (4 * gx[n].shape[0] ** 2) for n in gx}
+    want["style"] = sum(want.values())
+    want["content"] = 0.5 * np.sum((fx["block2_conv1"] - fc["block2_conv1"]) ** 2)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-4), k
+    with pytest.raises(ValueError, match="the final image is"):
+        problem.final_metrics(cfg, x[:, :12], SimpleNamespace(params=vgg_params))

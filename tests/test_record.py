@@ -112,3 +112,73 @@ def test_read_last_checks_the_header_first(tmp_path):
     np.save(p, x.astype(np.float64))
     with pytest.raises(UserError, match="float64"):
         record.read_last(p, 24)
+
+
+def test_history_has_every_term_column_in_order(tmp_path):
+    rows = [{**row(0, 1.0), "style/b": 0.5, "style/a": 0.25, "content/z": 1.0}]
+    assert record.history_columns(rows) == (
+        "iter", "total", "content", "style", "tv", "content/z", "style/a", "style/b", "seconds")
+    assert record.history_columns(rows, ("scale", *record.HISTORY_COLUMNS))[:2] == (
+        "scale", "iter")
+    text = record.history_csv(rows)
+    assert text.splitlines()[0] == "iter,total,content,style,tv,content/z,style/a,style/b,seconds"
+    (tmp_path / "h.csv").write_text(text)
+    assert record.read_history(tmp_path / "h.csv")[0]["style/a"] == 0.25
+
+
+@pytest.mark.parametrize("save,progress,maxiter,want", [
+    (0, 0, 100, 25), (0, 0, 7, 7), (10, 0, 100, 10), (0, 4, 100, 4), (10, 4, 100, 2),
+    (6, 9, 100, 3), (10, 10, 100, 10)])
+def test_chunk_ends_at_snapshots_and_progress(save, progress, maxiter, want):
+    c = config.validate({**TINY, "output": {"save_every": save, "progress_every": progress},
+                         "solver": {**TINY["solver"], "maxiter": maxiter}})
+    assert record.chunk_size(c) == want
+
+
+def test_program_cache_key_has_the_kinds_functions(monkeypatch):
+    """A kind registered again under the same name compiles anew (never a stale program)."""
+    import jax.numpy as jnp
+
+    from nstjax import losses
+
+    compiled = []
+    monkeypatch.setattr(record, "_PROGRAMS", {})
+    monkeypatch.setattr(solvers, "compile_program",
+                        lambda s, fun, x0, args, chunk: compiled.append(fun) or ("p", fun))
+
+    def terms(scale):
+        return lambda params, x, tgt, w, spec: {"total": scale * jnp.sum(x ** 2)}
+
+    def targets(params, cx, sx, spec):
+        return {}
+
+    spec = losses.Spec(kind="t_reckind")
+    s = solvers.Settings(name="adam")
+    x0 = jnp.ones((1, 2, 2, 3))
+    losses.register("t_reckind", targets=targets, terms=terms(1.0), replace=True)
+    (_, f1), hit1 = record.program(spec, s, x0, ({}, {}, {}), 5)
+    _, hit2 = record.program(spec, s, x0, ({}, {}, {}), 5)
+    losses.register("t_reckind", targets=targets, terms=terms(3.0), replace=True)
+    (_, f3), hit3 = record.program(spec, s, x0, ({}, {}, {}), 5)
+    assert (hit1, hit2, hit3) == (False, True, False) and len(compiled) == 2
+    assert float(f1(x0, {}, {}, {})[0]) == 12.0 and float(f3(x0, {}, {}, {})[0]) == 36.0
+
+
+def test_progress_every_flushes_rows_between_snapshots(env, monkeypatch):
+    """save_every 4, progress_every 2: history.csv is written every 2 iterations, snapshots
+    only at 4 (a real tiny run through the CLI)."""
+    from nstjax import cli
+
+    seen = []
+    real = record.Recorder.add
+
+    def add(self, x, rows):
+        out = real(self, x, rows)
+        seen.append(len(record.read_history(self.d / "history.csv")))
+        return out
+
+    monkeypatch.setattr(record.Recorder, "add", add)
+    assert cli.main(["run", "ok.yaml", "output.save_every=4", "output.progress_every=2",
+                     "solver.maxiter=6", "--out", "r", "--quiet", "--no-compile-cache"]) == 0
+    assert seen == [3, 5, 7]  # the start row, then 2 more rows per chunk
+    assert sorted(p.name for p in (env / "r").glob("iter_*")) == ["iter_000004.png"]

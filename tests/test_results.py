@@ -233,3 +233,21 @@ def test_make_gallery_demo_images(tmp_path):
     credits = (dest / "CREDITS.md").read_text(encoding="utf-8")
     assert "Andreas Praefcke" in credits and "CC BY 3.0" in credits and "public domain" in \
         credits.lower()
+
+
+def test_every_cell_row_has_metric_and_term_columns(made):
+    """load_sweep rows: metric.* (from each cell's run.json) and per-layer terms for every cell;
+    the run's history has the per-layer terms as arrays."""
+    sw = results.load_sweep(made / "sweep")
+    rows = sw.rows()
+    for c, r in zip(sw.cells, rows):
+        rec = json.loads((c.dir / "run.json").read_text())
+        assert rec["metrics"] and {f"metric.{k}" for k in rec["metrics"]} <= set(r)
+        for k, v in rec["metrics"].items():
+            assert r[f"metric.{k}"] == v and isinstance(r[f"metric.{k}"], float)
+        for n in ("block1_conv1", "block1_conv2"):
+            assert r[f"style/{n}"] == rec["final_loss"][f"style/{n}"]
+    h = results.load_run(made / "run").history
+    assert h["style/block1_conv1"].dtype == np.float64 and h["style/block1_conv1"].shape == (3,)
+    np.testing.assert_allclose(h["style/block1_conv1"] + h["style/block1_conv2"], h["style"],
+                               rtol=1e-6)

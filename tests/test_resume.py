@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -16,26 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, after_chunks, history, record
+from conftest import quiet_cli as nstjax
 from PIL import Image
 
-from nstjax import cli, image, run, solvers
+from nstjax import image, run, solvers
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def nstjax(capsys, *argv: str) -> tuple[int, str]:
-    code = cli.main([*argv, "--quiet", "--no-compile-cache"])
-    return code, capsys.readouterr().err
-
-
-def history(d: Path) -> list[dict]:
-    with open(d / "history.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def record(d: Path) -> dict:
-    return json.loads((d / "run.json").read_text())
 
 
 def one_error(err: str, *needles: str) -> None:
@@ -54,19 +40,7 @@ def interrupted_run(capsys, monkeypatch, out: str, chunks: int = 1, *overrides: 
     """`nstjax run ok.yaml --out out` that gets a real signal `sig` during its `chunks`-th chunk
     and exits `code`."""
     real = solvers.minimize
-
-    def minimize(*a, on_chunk=None, **kw):
-        n = [0]
-
-        def wrapped(x, rows):
-            n[0] += 1
-            if n[0] == chunks:
-                os.kill(os.getpid(), sig)
-            return on_chunk(x, rows)
-
-        return real(*a, on_chunk=wrapped, **kw)
-
-    monkeypatch.setattr(solvers, "minimize", minimize)
+    after_chunks(monkeypatch, chunks, lambda: os.kill(os.getpid(), sig))
     got, err = nstjax(capsys, "run", "ok.yaml", *overrides, "--out", out)
     monkeypatch.setattr(solvers, "minimize", real)
     assert got == code, err

@@ -42,7 +42,12 @@ def test_cli_run_writes_every_file(tiny_cfg, tmp_path, capsys):
                      "iter_000010.png", "last.npy", "run.json"]
     assert Image.open(out / "final.png").size == (32, 32)
     rows = _history(out)
-    assert list(rows[0]) == ["iter", "total", "content", "style", "tv", "seconds"]
+    # the loss terms, each style layer's term (the post's five layers), seconds
+    assert list(rows[0]) == ["iter", "total", "content", "style", "tv",
+                             *(f"style/block{i}_conv2" for i in range(1, 6)), "seconds"]
+    for r in rows:  # the layers' terms add up to the style term
+        layers = sum(float(r[f"style/block{i}_conv2"]) for i in range(1, 6))
+        assert layers == pytest.approx(float(r["style"]), rel=1e-5)
     assert [int(r["iter"]) for r in rows] == list(range(13))
     assert float(rows[-1]["total"]) < 0.5 * float(rows[0]["total"])
     rec = json.loads((out / "run.json").read_text())

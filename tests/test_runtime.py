@@ -102,17 +102,23 @@ def test_stop_flag_records_the_first_signal_and_restores_handlers(sig):
     assert {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS} == before
 
 
-def test_stop_flag_leaves_an_ignored_sigint_ignored():
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stop_flag_leaves_an_ignored_signal_ignored(sig):
+    """nohup ignores SIGHUP, a non-interactive shell's background job SIGINT: still ignored
+    while a run goes, and the other two signals still stop it."""
+    old = signal.signal(sig, signal.SIG_IGN)
     try:
         flag = runtime.StopFlag()
         with flag.installed():
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGINT)
+            assert signal.getsignal(sig) == signal.SIG_IGN
+            os.kill(os.getpid(), sig)
             assert not flag.stopped
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            other = next(s for s in runtime.STOP_SIGNALS if s != sig)
+            os.kill(os.getpid(), other)
+            assert flag.signum == other
+        assert signal.getsignal(sig) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(sig, old)
 
 
 def test_exit_codes_are_128_plus_the_signal():

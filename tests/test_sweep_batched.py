@@ -46,7 +46,11 @@ def test_batched_cells_equal_single_runs(ratio_sweep, tmp_path):
             d = sweep.cell_dir(o.out, c)
             assert RUN_FILES <= {f.name for f in d.iterdir()}
             x, rec = _final(d)
+            # lbfgs (the default): a chunk step is one evaluation, yet each cell makes exactly
+            # maxiter iterations, however many evaluations its line searches take
+            assert rec["solver"] == "lbfgs"
             assert rec["status"] == "done" and rec["iterations"] == 6
+            assert rec["evaluations"] == single.record["evaluations"] > 6
             assert rec["sweep"]["lanes"] == lanes and rec["sweep"]["group"] == "g0"
             err = np.max(np.abs(x - ref)) / np.max(np.abs(ref))
             assert err < 1e-4, (lanes, c.name, err)

@@ -9,7 +9,7 @@ import pytest
 from sweep_helpers import copy_of, summary, tree
 from sweep_helpers import ratio_sweep as _ratio_sweep
 
-from nstjax import cli
+from nstjax import cli, sweep
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,33 @@ def test_summarize_only_rebuilds_from_the_cells(ratio_sweep, tmp_path, capsys):
     assert summary(out) == summary(outs[1].out)
     assert tree(out / "cells") == cells_before
     assert json.loads((out / "sweep.json").read_text())["format"] == "nstjax-sweep/1"
+
+
+def test_metric_columns_axis_plot_and_metric_labels(ratio_sweep, tmp_path):
+    """Every cell has metric.* columns (its run.json's); plots/axis-<key>.png is written; a
+    `label_metric` adds one caption line per tile, so the sheet grows by one line per row."""
+    import io
+
+    from PIL import Image
+
+    from nstjax.sweep import report
+
+    p, cells, outs = ratio_sweep
+    out = copy_of(outs[1].out, tmp_path / "out")
+    sw = sweep.load(p)
+    cells = sweep.expand(sw)
+    groups = sweep.make_groups(sw, cells)
+    sweep.store.locate(out, cells)
+    paths = sweep.summarize(out, sw, cells, groups)
+    assert out / "plots" / "axis-loss.style_to_content_ratio.png" in paths
+    assert not (out / "summary_seeds.csv").exists()  # no seed axis
+    for r in summary(out).values():
+        rec = json.loads((out / r["dir"] / "run.json").read_text())
+        assert float(r["metric.style"]) == pytest.approx(rec["metrics"]["style"], rel=1e-8)
+        assert float(r["metric.content"]) == pytest.approx(rec["metrics"]["content"], rel=1e-8)
+    plain = Image.open(io.BytesIO(report.contact_sheet(out, sw, cells)))
+    sw.label_metric = "style"
+    labelled = Image.open(io.BytesIO(report.contact_sheet(out, sw, cells)))
+    assert labelled.width == plain.width and labelled.height == plain.height + 16
+    assert report.metric_text("style", "12345.6") == "style=1.23e+04"
+    assert report.metric_text("style", "") == "style=?"

@@ -59,6 +59,12 @@ def test_base_path_set_and_overrides(tmp_path):
     ({"axes": {"seed": [1]}, "zip": [{"seed": [2]}]}, "seed is swept twice"),
     ({"base": 3, "axes": {"seed": [1]}}, "base: must be a config path"),
     ({"base": "nope.yaml", "axes": {"seed": [1]}}, "base: config file not found"),
+    ({"axes": {"seed": [1]}, "sweep": {"label_metric": "beauty"}}, "sweep.label_metric: must "
+     "name a metric such as style, content or style.block1_conv1 (got 'beauty')"),
+    ({"axes": {"seed": [1]}, "sweep": {"label_metric": "style.block9_conv9"}},
+     "sweep.label_metric"),
+    ({"axes": {"seed": [1]}, "sweep": {"label_metric": 3}}, "sweep.label_metric"),
+    ({"axes": {"loss.kind": ["nope"]}}, "loss.kind: unknown loss kind 'nope'"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, doc, message):
     p = write_sweep(tmp_path / "s.yaml", **doc)
@@ -112,3 +118,14 @@ def test_out_of_range_seed_names_the_key_and_the_cell(tmp_path, capsys):
     assert cli.main(["sweep", str(p), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cell seed-1: seed: " in err and "Traceback" not in err
+
+
+def test_label_metric_and_kind_axis(tmp_path):
+    p = write_sweep(tmp_path / "s.yaml", axes={"loss.kind": ["gram", "nope"]},
+                    sweep={"label_metric": "style.block2_conv1"})
+    sw = sweep.load(p)
+    assert sw.label_metric == "style.block2_conv1"
+    gram, nope = sweep.expand(sw)
+    assert gram.cfg.loss.kind == "gram" and nope.cfg is None
+    assert "cell kind-nope: loss.kind: unknown loss kind 'nope'; registered kinds: " in nope.error
+    assert sweep.load(write_sweep(tmp_path / "t.yaml", axes={"seed": [1]})).label_metric is None

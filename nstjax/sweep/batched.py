@@ -1,9 +1,10 @@
 """The compiled program of a group of cells (JAX only, no files).
 
-The solver's `init` and `chunk` are mapped over a batch of cells (x0, targets and loss weights
-per cell; VGG params broadcast), the batch axis sharded over the local devices with `shard_map`.
-On each device `lanes` cells run in lockstep under `jax.vmap`; further cells of the device's
-shard run one after another inside the same program (`lax.map`). Padding cells start done.
+`nstjax.batch` maps the solver's `init` and `chunk` over a batch of cells (x0, targets and loss
+weights per cell; VGG params shared), the batch axis sharded over the local devices; `lanes`
+cells per device run in lockstep under `jax.vmap`, the rest of a device's cells one after
+another in the same program. Padding cells start done. This module adds the group's cache of
+compiled programs and the stacking of built problems into a batch.
 """
 
 from __future__ import annotations
@@ -16,65 +17,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nstjax.sweep.plan import Group
 
-def _map(f, xs, lanes: int, n: int):
-    """f over the leading axis of xs: vmap in groups of `lanes`, the groups one after another."""
-    import jax
-
-    if lanes <= 1:
-        return jax.lax.map(f, xs)  # no vmap: the solver's branches stay real branches
-    if lanes >= n:
-        return jax.vmap(f)(xs)
-    return jax.lax.map(f, xs, batch_size=lanes)
-
-
 def compile_group(g: Group, mesh, xb, argsb, lanes: int) -> tuple:
-    """AOT-compiled batched (init, chunk) for a group: the batch axis sharded over `mesh`.
-
-    Each device runs its shard independently (shard_map): `lanes` cells at a time under vmap,
-    the rest of its cells in a loop inside the same program. VGG params are replicated.
-    """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from nstjax import losses, solvers
+    """AOT-compiled batched (init, chunk) for a group (`nstjax.batch.compile_batched`): the
+    cell axis sharded over `mesh`, VGG params replicated, targets and loss weights per cell."""
+    from nstjax import batch, losses
 
     # maxiter is no part of the program (chunks take their length): reruns of any length share it
-    init, chunk = solvers.make(replace(g.settings, maxiter=0), losses.objective(g.spec))
-    local = xb.shape[0] // mesh.size
-
-    def init1(x0, params, tgt, w, live):
-        # Padding cells start done: inside lax.map their chunks skip all work.
-        st = init(x0, (params, tgt, w))
-        return {**st, "done": st["done"] | ~live}
-
-    def local_init(x0s, args, live):
-        params, tgts, ws = args
-        return _map(lambda a: init1(a[0], params, *a[1:]), (x0s, tgts, ws, live), lanes, local)
-
-    def local_chunk(sts, args, n):
-        params, tgts, ws = args
-        return _map(lambda a: chunk(a[0], (params, a[1], a[2]), n, g.chunk), (sts, tgts, ws),
-                    lanes, local)
-
-    b, r = P("cells"), P()
-    specs = (r, b, b)
-    # check_vma off: jaxopt's cond branches mix per-device and replicated values.
-    sm_init = jax.shard_map(local_init, mesh=mesh, in_specs=(b, specs, b), out_specs=b,
-                            check_vma=False)
-    sm_chunk = jax.shard_map(local_chunk, mesh=mesh, in_specs=(b, specs, r), out_specs=b,
-                             check_vma=False)
-    bs, rs = NamedSharding(mesh, b), NamedSharding(mesh, r)
-    arg_sh = (rs, bs, bs)
-    live = jax.ShapeDtypeStruct(xb.shape[:1], jnp.bool_, sharding=bs)
-    init_c = jax.jit(sm_init, in_shardings=(bs, arg_sh, bs), out_shardings=bs).lower(
-        xb, argsb, live).compile()
-    st = jax.eval_shape(sm_init, xb, argsb, live)
-    n = jax.ShapeDtypeStruct((), jnp.int32)
-    chunk_c = jax.jit(sm_chunk, in_shardings=(bs, arg_sh, rs), out_shardings=bs,
-                      donate_argnums=(0,)).lower(st, argsb, n).compile()
-    return init_c, chunk_c
+    return batch.compile_batched(replace(g.settings, maxiter=0), losses.objective(g.spec), xb,
+                                 argsb, in_axes=(None, 0, 0), lanes=lanes, mesh=mesh,
+                                 chunk=g.chunk)
 
 
 _PROGRAMS: dict[tuple, tuple] = {}  # compiled group programs of this process

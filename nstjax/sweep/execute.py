@@ -205,9 +205,10 @@ class Runner:
 
     def solve(self, g: Group, live: list[Cell], probs: list, dirs: list[Path], prog,
               compile_s: float, inputs: tuple, info: dict) -> None:
-        """The device loop of one batch: chunks until every cell is done or a signal came."""
+        """One batch through `solvers.drive` (the host loop of single runs too): chunks until
+        every cell made its iterations or is done, or a signal came; rows go to each cell's
+        recorder with seconds placed by that cell's evaluations."""
         import jax
-        import jax.numpy as jnp
         import numpy as np
         from tqdm.auto import tqdm
 
@@ -223,26 +224,30 @@ class Runner:
             rec.stage(total=s.maxiter)
             recs.append(rec)
         init_c, chunk_c = prog
+        xb, argsb, mask = inputs
         t0 = time.perf_counter()
-        st = init_c(*inputs)
-        terms0 = jax.device_get(st["terms"])
+        st = solvers.evaluate_start(chunk_c, init_c(xb, argsb, mask), argsb)
+        terms0, it0 = jax.device_get((st["terms"], st["it"]))
         for i, rec in enumerate(recs):
-            rec.first({"iter": 0, **{k: float(v[i]) for k, v in terms0.items()}, "seconds": 0.0})
+            rec.first({"iter": int(it0[i]), **{k: float(v[i]) for k, v in terms0.items()},
+                       "seconds": 0.0})
         bar = tqdm(total=s.maxiter, disable=self.quiet, unit="it", dynamic_ncols=True,
                    file=sys.stderr, desc=f"{g.name} {info['batch']}")
-        left = s.maxiter
-        while left > 0 and not self.flag.stopped:
-            m = min(left, g.chunk)
-            st, trace = chunk_c(st, inputs[1], jnp.int32(m))
-            tr = jax.device_get(trace)
-            x = np.asarray(jax.device_get(st["x"]))
+
+        def each(ch: solvers.Chunk) -> bool:
+            x = np.asarray(jax.device_get(ch.state["x"]))
             for i, rec in enumerate(recs):
-                rec.add(x[i], solvers.rows_of({k: v[i] for k, v in tr.items()}, t0))
-            left -= m
-            bar.update(m)
+                rows = solvers.rows_of({k: v[i] for k, v in ch.trace.items()}, t0,
+                                       start=ch.start, evals0=int(ch.evals0[i]), end=ch.end)
+                if rows:
+                    rec.add(x[i], rows)
+            bar.update(min(r.history[-1]["iter"] for r in recs) - bar.n)
             bar.set_postfix(best=f"{min(r.history[-1]['total'] for r in recs):.4g}")
-            if bool(np.all(np.asarray(jax.device_get(st["done"]))[: len(live)])):
-                break
+            return self.flag.stopped
+
+        if not self.flag.stopped:
+            st, _ = solvers.drive(chunk_c, st, argsb, maxiter=s.maxiter, chunk=g.chunk,
+                                  maxevals=s.maxevals, on_chunk=each)
         bar.close()
         self._close(live, recs, dirs, st, compile_s, time.perf_counter() - t0, t_start)
 
@@ -259,15 +264,12 @@ class Runner:
         self.outcome.solve_seconds += solve_s
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
-                res = solvers.Result(x=np.asarray(fin["x"][i]), evals=int(fin["evals"][i]),
-                                     iterations=int(fin["it"][i]),
+                one = {k: v[i] for k, v in fin.items()}
+                res = solvers.Result(x=np.asarray(one["x"]), evals=int(one["evals"]),
+                                     iterations=int(one["it"]),
                                      compile_seconds=compile_s if i == 0 else 0.0,
                                      solve_seconds=solve_s)
-                if bool(fin["failed"][i]):
-                    res.status = solvers.Status.FAILED
-                    res.error = f"loss became non-finite at iteration {res.iterations}"
-                elif bool(fin["done"][i]):
-                    res.status = solvers.Status.CONVERGED
+                res.status, res.error = solvers.status_of(one)
                 crash = rec.close(res, t_start, self.flag)
                 if crash is not None:
                     raise crash

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from nstjax.config import Config
 
 # Rough evaluations per iteration (measured on the demo images; for the estimate only).
-_EVALS_PER_ITER = {"jaxopt_lbfgs": 5.0, "optax_lbfgs": 3.0, "adam": 1.0}
+_EVALS_PER_ITER = {"lbfgs": 1.1, "jaxopt_lbfgs": 1.1, "optax_lbfgs": 3.0, "adam": 1.0}
 
 
 @dataclass
@@ -258,7 +258,7 @@ def estimate(groups: list[Group], todo: list[Cell], devices: list, batch: int | 
         nb = len(batches(cells, b))
         compiles += 1
         evals = s.maxiter * _EVALS_PER_ITER.get(s.name, 3.0) + 1
-        redundancy = 3.0 if k > 1 and s.name != "adam" else 1.0  # vmapped line-search branches
+        redundancy = 3.0 if k > 1 and s.name not in ("adam", "lbfgs") else 1.0  # vmapped branches
         per_dev = b // len(devices)
         steps = -(-per_dev // k) * k * (len(devices) if backend == "cpu" else 1)
         solve += nb * steps * evals * redundancy * f / rate

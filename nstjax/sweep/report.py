@@ -1,5 +1,15 @@
-"""What a sweep directory shows: summary.csv, contact_sheet.png and plots/<group>.png, rebuilt
-from the cells' run directories (which stay the source of truth)."""
+"""What a sweep directory shows, rebuilt from the cells' run directories (which stay the source
+of truth):
+
+- summary.csv: one row per cell: axis values, labels, status, every final loss term (the
+  objective's per-layer terms included), counts and seconds, and `metric.<name>` columns (the
+  reference evaluation in each cell's run.json: comparable across cells whatever their loss);
+- summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
+  column, per combination of the other axes: the noise floor of the comparison;
+- contact_sheet.png: the final images, labelled (with `sweep.label_metric`, also that metric);
+- plots/<group>.png: loss curves per structure group; plots/axis-<key>.png: per axis, the
+  metrics (y, one shared axis per metric) against the axis values (x), across all groups.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +22,13 @@ from typing import Any
 import nstjax.sweep.store as store
 from nstjax import runtime
 from nstjax.sweep.plan import Group
-from nstjax.sweep.spec import Cell, Sweep, canon
+from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
 SUMMARY_TAIL = ("status", "error", "total", "content", "style", "tv", "iterations",
                 "evaluations", "compile_seconds", "solve_seconds")
+TERMS = ("total", "content", "style", "tv")
+COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds")
+PLOT_METRICS = ("style", "content")
 
 
 def _record(out: Path, c: Cell) -> dict:
@@ -26,12 +39,17 @@ def _num(v: Any) -> str:
     return f"{v:.9g}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def _dict(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
 def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
-    """One row per cell: axis values, status, error, final losses, iterations, seconds."""
+    """One row per cell: axis values, labels, status, error, every final loss term, counts,
+    seconds and `metric.<name>` (strings, as written to summary.csv; missing values empty)."""
     rows = []
     for c in cells:
         rec = _record(out, c)
-        fin = rec.get("final_loss") if isinstance(rec.get("final_loss"), dict) else {}
+        fin = _dict(rec.get("final_loss"))
         status = rec.get("status") if isinstance(rec.get("status"), str) else ""
         status = status or ("failed" if c.error else "pending")
         row = {"cell": c.name, "group": c.group, "dir": f"cells/{c.dir or c.name}",
@@ -39,11 +57,23 @@ def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
                   for k, v in c.values.items()},
                **{_label_col(sw, j): s for j, s in c.labels.items()},
                "status": status, "error": rec.get("error") or c.error,
-               **{k: _num(fin.get(k)) for k in ("total", "content", "style", "tv")},
-               **{k: _num(rec.get(k)) for k in ("iterations", "evaluations", "compile_seconds",
-                                                "solve_seconds")}}
+               **{k: _num(fin.get(k)) for k in TERMS},
+               **{k: _num(rec.get(k)) for k in COUNTS},
+               **{k: _num(v) for k, v in fin.items() if k not in TERMS},
+               **{f"metric.{k}": _num(v) for k, v in _dict(rec.get("metrics")).items()}}
         rows.append(row)
     return rows
+
+
+def _columns(sw: Sweep, rows: list[dict]) -> list[str]:
+    """cell, group, dir, axis keys, labels, SUMMARY_TAIL, further terms (sorted), metrics
+    (style, content, then the rest sorted)."""
+    labels = [_label_col(sw, j) for j, d in enumerate(sw.dims) if d.labels]
+    head = ["cell", "group", "dir", *sw.keys, *labels, *SUMMARY_TAIL]
+    rest = {k for r in rows for k in r} - set(head)
+    metrics = sorted((k for k in rest if k.startswith("metric.")),
+                     key=lambda k: (k not in ("metric.style", "metric.content"), k))
+    return [*head, *sorted(rest - set(metrics)), *metrics]
 
 
 def _label_col(sw: Sweep, j: int) -> str:
@@ -51,22 +81,70 @@ def _label_col(sw: Sweep, j: int) -> str:
     return "label" if len(labelled) == 1 else f"label{labelled.index(j)}"
 
 
-def summary_csv(out: Path, sw: Sweep, cells: list[Cell]) -> str:
-    labels = [_label_col(sw, j) for j, d in enumerate(sw.dims) if d.labels]
-    cols = ["cell", "group", "dir", *sw.keys, *labels, *SUMMARY_TAIL]
+def _csv(cols: list[str], rows: list[dict]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, cols, lineterminator="\n")
+    w = csv.DictWriter(buf, cols, restval="", lineterminator="\n")
     w.writeheader()
-    w.writerows(summary_rows(out, sw, cells))
+    w.writerows(rows)
     return buf.getvalue()
 
 
+def summary_csv(out: Path, sw: Sweep, cells: list[Cell]) -> str:
+    rows = summary_rows(out, sw, cells)
+    return _csv(_columns(sw, rows), rows)
+
+
+def _float(text: str) -> float | None:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Mean and std (n - 1 in the denominator) over the `seed` axis of every numeric result
+    column, per combination of the other axes, over the finished cells: (columns, rows)."""
+    others = [k for k in sw.keys if k != "seed"]
+    cols = _columns(sw, rows)
+    skip = {"cell", "group", "dir", "status", "error", *sw.keys, *COUNTS}
+    skip |= {k for k in cols if k.startswith("label")}
+    numeric = [k for k in cols if k not in skip]
+    by: dict[str, list[tuple[Cell, dict]]] = {}
+    for c, r in zip(cells, rows):
+        if r["status"] in store.FINISHED:
+            by.setdefault(canon([c.values.get(k) for k in others]), []).append((c, r))
+    out_rows = []
+    for members in by.values():
+        c0 = members[0][0]
+        row = {k: (canon(c0.values[k]) if isinstance(c0.values[k], (list, dict))
+                   else _num(c0.values[k])) for k in others}
+        row["seeds"] = str(len(members))
+        for k in numeric:
+            vs = [v for v in (_float(r.get(k)) for _, r in members) if v is not None]
+            if not vs:
+                continue
+            mean = math.fsum(vs) / len(vs)
+            std = (math.sqrt(math.fsum((v - mean) ** 2 for v in vs) / (len(vs) - 1))
+                   if len(vs) > 1 else float("nan"))
+            row[f"{k}.mean"], row[f"{k}.std"] = _num(mean), _num(std) if len(vs) > 1 else ""
+        out_rows.append(row)
+    stat_cols = [f"{k}.{s}" for k in numeric for s in ("mean", "std")]
+    return [*others, "seeds", *stat_cols], out_rows
+
+
 def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]) -> list[Path]:
-    """(Re)build summary.csv, contact_sheet.png and plots/<group>.png from the cell dirs."""
+    """(Re)build summary.csv (and summary_seeds.csv with a seed axis), contact_sheet.png,
+    plots/<group>.png and plots/axis-<key>.png from the cell directories."""
     out = Path(out)
-    runtime.write_atomic(out / "summary.csv", summary_csv(out, sw, cells))
+    rows = summary_rows(out, sw, cells)
+    runtime.write_atomic(out / "summary.csv", _csv(_columns(sw, rows), rows))
     paths = [out / "summary.csv"]
-    sheet = contact_sheet(out, sw, cells)
+    if "seed" in sw.keys:
+        cols, srows = seed_stats(sw, cells, rows)
+        runtime.write_atomic(out / "summary_seeds.csv", _csv(cols, srows))
+        paths.append(out / "summary_seeds.csv")
+    sheet = contact_sheet(out, sw, cells, rows=rows)
     runtime.write_atomic(out / "contact_sheet.png", sheet)
     paths.append(out / "contact_sheet.png")
     (out / "plots").mkdir(exist_ok=True)
@@ -75,6 +153,14 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
         if png:
             runtime.write_atomic(out / "plots" / f"{g.name}.png", png)
             paths.append(out / "plots" / f"{g.name}.png")
+    for j, d in enumerate(sw.dims):
+        if len(d) < 2:
+            continue
+        png = axis_plot(sw, cells, rows, j)
+        if png:
+            p = out / "plots" / f"axis-{safe_name('_'.join(d.keys), 64)}.png"
+            runtime.write_atomic(p, png)
+            paths.append(p)
     return paths
 
 
@@ -119,12 +205,23 @@ def _tile(out: Path, c: Cell, status: str, size: int):
     return tile
 
 
-def contact_sheet(out: Path, sw: Sweep, cells: list[Cell], size: int = 192) -> bytes:
-    """PNG grid of the cells' final images, labelled; a 2-D grid when two dims vary."""
+def metric_text(name: str, value: str) -> str:
+    """A tile's metric caption, e.g. `style=1.23e+04` (`style=?` without a value)."""
+    v = _float(value)
+    return f"{name}={v:.3g}" if v is not None else f"{name}=?"
+
+
+def contact_sheet(out: Path, sw: Sweep, cells: list[Cell], size: int = 192,
+                  rows: list[dict] | None = None) -> bytes:
+    """PNG grid of the cells' final images, labelled (and with `sw.label_metric`'s value); a
+    2-D grid when two dims vary."""
     from PIL import Image, ImageDraw
 
     size = max(64, min(size, 6000 // max(1, math.ceil(math.sqrt(len(cells))))))
-    status = {r["cell"]: r["status"] for r in summary_rows(out, sw, cells)}
+    rows = rows if rows is not None else summary_rows(out, sw, cells)
+    status = {r["cell"]: r["status"] for r in rows}
+    metric = {r["cell"]: metric_text(sw.label_metric, r.get(f"metric.{sw.label_metric}", ""))
+              for r in rows} if sw.label_metric else {}
     font = _font(12)
     line = 16
     pad = 6
@@ -140,14 +237,14 @@ def contact_sheet(out: Path, sw: Sweep, cells: list[Cell], size: int = 192) -> b
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         left = min(240, max(int(probe.textlength(first[i], font=font)) for i in range(rows))
                    + 2 * pad)
-        top, cap = line + 2 * pad, 0
+        top, cap = line + 2 * pad, line if metric else 0
     else:
         n = len(cells)
         cols = min(n, 6) if n <= 12 else math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         pos = {c.name: divmod(i, cols) for i, c in enumerate(cells)}
         left, top = 0, 0
-        cap = line * max(1, len(varying)) + pad
+        cap = line * (max(1, len(varying)) + bool(metric)) + pad
     cw, ch = size + pad, size + pad + cap
     sheet = Image.new("RGB", (left + cols * cw + pad, top + rows * ch + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -163,7 +260,8 @@ def contact_sheet(out: Path, sw: Sweep, cells: list[Cell], size: int = 192) -> b
         x, y = left + j * cw + pad, top + i * ch + pad
         sheet.paste(_tile(out, c, status[c.name], size), (x, y))
         if cap:
-            texts = [c.texts[k] for k in varying] or [c.label]
+            texts = [] if len(varying) == 2 else [c.texts[k] for k in varying] or [c.label]
+            texts += [metric[c.name]] if metric else []
             for k, t in enumerate(texts):
                 draw.text((x, y + size + 2 + k * line), _fit(draw, t, font, size),
                           fill=(0, 0, 0), font=font)
@@ -208,3 +306,49 @@ def loss_plot(out: Path, g: Group) -> bytes | None:
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
+
+def axis_plot(sw: Sweep, cells: list[Cell], rows: list[dict], j: int) -> bytes | None:
+    """PNG: for dim `j`, each metric of PLOT_METRICS (one panel each, y shared by all cells)
+    against the dim's values (x), one line per combination of the other varying dims, across
+    all structure groups; finished cells with that metric only."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    d = sw.dims[j]
+    others = [k for k, dk in enumerate(sw.dims) if k != j and len(dk) > 1]
+    text = {c.combo[j]: c.texts[j].partition("=")[2] for c in cells}
+    ticks = [text.get(i, "") for i in range(len(d))]
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for c, r in zip(cells, rows):
+        if r["status"] in store.FINISHED:
+            name = ", ".join(c.texts[k] for k in others) or "cells"
+            series.setdefault(name, []).append((c.combo[j], r))
+    panels = [m for m in PLOT_METRICS
+              if any(_float(r.get(f"metric.{m}")) is not None for s in series.values()
+                     for _, r in s)]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5 * len(panels) + 1, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, m in zip(axes, panels):
+        ys_all = []
+        for name, pts in series.items():
+            pts = sorted((i, _float(r.get(f"metric.{m}"))) for i, r in pts)
+            pts = [(i, y) for i, y in pts if y is not None]
+            ys_all += [y for _, y in pts]
+            ax.plot([i for i, _ in pts], [y for _, y in pts], "o-", label=name, lw=1.2)
+        if ys_all and min(ys_all) > 0:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 4 else 0,
+                      fontsize=8)
+        ax.set_title(f"metric.{m}")
+        ax.set_xlabel(", ".join(d.keys))
+        ax.grid(alpha=0.3)
+    if len(series) > 1:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{sw.name}: {', '.join(d.keys)} (reference evaluation, all groups)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

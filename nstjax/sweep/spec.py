@@ -8,6 +8,7 @@
       - label: [post, uniform]        # optional readable names for the zip's values
         loss.style_weights: [[0.05, 0.2, 0.2, 0.25, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]]
     sweep: {batch_size: auto, lanes: auto, compile_cache: true}   # optional settings
+    # sweep.label_metric: style   labels the contact sheet's tiles with metric.style
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from nstjax.config import Config
 
 SECTIONS = ("base", "name", "description", "set", "axes", "zip", "sweep")
-SETTINGS = ("batch_size", "lanes", "compile_cache")
+SETTINGS = ("batch_size", "lanes", "compile_cache", "label_metric")
 _SHORT = {"style_to_content_ratio": "ratio", "style_weights": "style_w",
           "content_weights": "content_w", "content_layers": "content", "style_layers": "style",
           "tv_weight": "tv", "pooling": "pool", "maxiter": "iters", "learning_rate": "lr",
@@ -62,6 +63,7 @@ class Sweep:
     lanes: int | None = None  # None: automatic
     compile_cache: bool | str = True
     description: str = ""
+    label_metric: str | None = None  # a metric (`style`, `content`, `style.<layer>`) for tiles
 
     @property
     def keys(self) -> list[str]:
@@ -201,6 +203,19 @@ def _settings(raw: Any, src: str) -> tuple[int | None, int | None, bool | str]:
             _cache_setting(raw.get("compile_cache", True), f"{src}: sweep.compile_cache"))
 
 
+def _label_metric(v: Any, src: str) -> str | None:
+    """A metric name of `nstjax.metrics` (style, content, style.<layer>, content.<layer>)."""
+    if v is None:
+        return None
+    from nstjax.config import LAYERS
+
+    head, _, layer = v.partition(".") if isinstance(v, str) else ("", "", "")
+    if head not in ("style", "content") or (layer and layer not in LAYERS):
+        raise UserError(f"{src}: sweep.label_metric: must name a metric such as style, content "
+                        f"or style.block1_conv1 (got {str(v)[:60]!r})")
+    return v
+
+
 def parse_auto(v: Any, where: str) -> int | None:
     """`auto` (or null) -> None; a positive int -> itself."""
     if v is None or v == "auto":
@@ -266,13 +281,14 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Sweep:
             raise UserError(f"{src}: {where} {clash[0]} is also a sweep axis; change the axis "
                             "values in the sweep file instead")
     batch, lanes, cache = _settings(raw.get("sweep"), src)
+    label_metric = _label_metric((raw.get("sweep") or {}).get("label_metric"), src)
     name = raw.get("name") or path.stem
     if not isinstance(name, str):
         raise UserError(f"{src}: name: must be a string")
     return Sweep(name=safe_name(name) or "sweep", source=src,
                  base=config.merge(config.merge(base, fixed), over), dims=dims, here=here,
                  batch_size=batch, lanes=lanes, compile_cache=cache,
-                 description=str(raw.get("description") or ""))
+                 description=str(raw.get("description") or ""), label_metric=label_metric)
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""The Python API: `nstjax.stylize` (in memory, equal to `nstjax run`), lazy submodules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nstjax
+from nstjax import cli, config
+
+
+def _files(root) -> dict[str, int]:
+    """Every file under root but the compilation cache (home/jax): path -> size."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.relative_to(root).parts[:2] == ("home", "jax")}
+
+
+def _csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("color", ["none", "luminance"])
+def test_stylize_equals_cli_final_png_and_writes_nothing(env, color):
+    over = [f"color.preserve={color}"]
+    before = _files(env)
+    r = nstjax.stylize("ok.yaml", over, quiet=True)
+    assert _files(env) == before  # nothing in cwd or NSTJAX_HOME but the compile cache
+    assert r.dir is None and r.record["status"] == "done" and r.record["iterations"] == 6
+
+    assert cli.main(["run", "ok.yaml", *over, "--out", "r", "--quiet",
+                     "--no-compile-cache"]) == 0
+    png = np.asarray(Image.open(env / "r" / "final.png"))
+    assert r.image.mode == "RGB" and r.image.size == (32, 32)
+    assert np.array_equal(np.asarray(r.image), png)
+    assert np.array_equal(r.array, np.load(env / "r" / "last.npy"))
+    rows = _csv(env / "r" / "history.csv")
+    assert r.history["iter"].tolist() == [int(x["iter"]) for x in rows] == list(range(7))
+    np.testing.assert_allclose(r.history["total"], [float(x["total"]) for x in rows], rtol=1e-8)
+    rec = json.loads((env / "r" / "run.json").read_text())
+    assert r.record["final_loss"] == pytest.approx(rec["final_loss"], rel=1e-9)
+    assert r.record["metrics"] and r.record["metrics"] == pytest.approx(rec["metrics"], rel=1e-6)
+    # The colour control is applied to .image (not to .array): luminance keeps the content's
+    # colours, so the image differs from the bare optimized array's rendering.
+    raw = np.clip(np.rint(r.array[0, ..., ::-1] + [123.68, 116.779, 103.939]), 0, 255)
+    assert np.array_equal(np.asarray(r.image), raw.astype(np.uint8)) == (color == "none")
+
+
+def test_stylize_with_out_is_a_run_directory_and_reuses_the_program(env):
+    cfg = config.load("ok.yaml")
+    first = nstjax.stylize(cfg, ["solver.maxiter=4"], quiet=True, compile_cache=False)
+    r = nstjax.stylize(cfg, ["solver.maxiter=5"], out="o", quiet=True, compile_cache=False)
+    assert r.dir.resolve() == env / "o" and r.record["iterations"] == 5
+    assert {"config.yaml", "run.json", "history.csv", "final.png", "last.npy"} <= {
+        p.name for p in (env / "o").iterdir()}
+    assert np.array_equal(np.asarray(r.image), np.asarray(Image.open(env / "o" / "final.png")))
+    assert json.loads((env / "o" / "run.json").read_text())["status"] == "done"
+    # maxiter is no part of the program: the second call compiled nothing
+    assert first.record["iterations"] == 4 and r.record["compile_seconds"] == 0.0
+    np.testing.assert_array_equal(r.history["total"][:5], first.history["total"])
+
+
+def test_stylize_compile_cache_switch(env, monkeypatch):
+    monkeypatch.setenv("NSTJAX_COMPILE_CACHE", "0")
+    nstjax.stylize("ok.yaml", ["solver.maxiter=1"], quiet=True)
+    assert not (env / "home" / "jax").exists()
+    monkeypatch.delenv("NSTJAX_COMPILE_CACHE")
+    nstjax.stylize("ok.yaml", ["solver.maxiter=1"], quiet=True)
+    assert (env / "home" / "jax").is_dir()
+
+
+def test_stylize_multiscale_writes_nothing_here(env):
+    over = ["multiscale.sizes=[16]", "solver.maxiter=4", "color.preserve=luminance"]
+    before = _files(env)
+    r = nstjax.stylize("ok.yaml", over, quiet=True, compile_cache=False)
+    assert _files(env) == before and r.dir is None
+    assert r.record["status"] == "done" and len(r.record["scales"]) == 2
+    assert set(r.history["scale"].tolist()) == {1, 2}
+    assert cli.main(["run", "ok.yaml", *over, "--out", "m", "--quiet",
+                     "--no-compile-cache"]) == 0
+    assert np.array_equal(np.asarray(r.image), np.asarray(Image.open(env / "m" / "final.png")))
+
+
+def test_stylize_bad_input_is_a_user_error(env):
+    from nstjax.errors import UserError
+
+    with pytest.raises(UserError, match="solver.maxiter"):
+        nstjax.stylize("ok.yaml", ["solver.maxiter=-1"], quiet=True)
+
+
+def test_import_nstjax_is_light_and_exposes_submodules():
+    code = ("import sys, nstjax, nstjax.cli; heavy = [m for m in ('jax', 'numpy', 'yaml', 'PIL')"
+            " if m in sys.modules]; print(heavy); print(nstjax.solvers.DEFAULT, "
+            "nstjax.stylize.__name__, nstjax.batch.minimize_batched.__name__)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    heavy, names = p.stdout.strip().splitlines()
+    assert heavy == "[]"
+    assert names.split()[1:] == ["stylize", "minimize_batched"]
+    with pytest.raises(AttributeError):
+        nstjax.no_such_module  # noqa: B018
+    assert set(nstjax.SUBMODULES) <= set(dir(nstjax))
