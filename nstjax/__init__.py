@@ -11,20 +11,15 @@ imports neither JAX nor any other dependency.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("batch", "bench", "bench_torch", "cli", "config", "errors", "image", "keras_h5", "lbfgs",
-              "losses", "metrics", "multiscale", "problem", "race", "record", "results", "run",
-              "runtime", "solvers", "sweep", "vgg16", "weights")
+SUBMODULES = ("batch", "bench", "bench_torch", "cli", "config", "errors", "image", "keras_h5",
+              "lbfgs", "losses", "metrics", "multiscale", "problem", "race", "record", "results",
+              "run", "runtime", "solvers", "sweep", "vgg16", "weights")
 __all__ = ["__version__", "stylize", *SUBMODULES]
 
-if TYPE_CHECKING:
-    from nstjax.run import stylize
-
-
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):  # PEP 562: submodules on first use
     if name in SUBMODULES:
         return importlib.import_module(f"nstjax.{name}")
     if name == "stylize":

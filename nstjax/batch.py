@@ -63,7 +63,7 @@ def make_batched(s: solvers.Settings, fun: Callable, *, in_axes: int | None | Se
     `chunk(state, argsb, n) -> (state, trace)` with `n` (int32, per cell) capping each cell's
     iterations, `length` steps per chunk. `lbfgs`'s init is lazy (see `solvers.evaluate_start`).
     """
-    init, chunk = solvers.make(s, fun, lazy=True)
+    init, chunk = solvers.make(s, fun, lazy=True, lockstep=lanes > 1)
     axes = _axes(in_axes, nargs)
 
     def split(args):
@@ -79,7 +79,7 @@ def make_batched(s: solvers.Settings, fun: Callable, *, in_axes: int | None | Se
         def one(c):
             x0, mine, ok = c
             st = init(x0, join(shared, mine))
-            return {**st, "done": st["done"] | ~ok}
+            return st._replace(done=st.done | ~ok)
 
         return _map(one, (xb, per, live), lanes, local)
 
@@ -169,8 +169,8 @@ def minimize_batched(s: solvers.Settings, fun: Callable, xb, argsb: tuple, *,
     live_d = jax.device_put(live, NamedSharding(mesh, P(mesh.axis_names[0])))
     t0 = time.perf_counter()
     st = solvers.evaluate_start(chunk_c, init_c(xb, argsb, live_d), argsb)
-    terms0 = jax.device_get(st["terms"])
-    it0 = np.asarray(st["it"])
+    terms0 = jax.device_get(st.terms)
+    it0 = np.asarray(st.it)
     hist = [[{"iter": int(it0[i]), **{k: float(v[i]) for k, v in terms0.items()},
               "seconds": 0.0}] for i in range(cells)]
 
@@ -183,12 +183,12 @@ def minimize_batched(s: solvers.Settings, fun: Callable, xb, argsb: tuple, *,
     st, stopped = solvers.drive(chunk_c, st, argsb, maxiter=s.maxiter, chunk=chunk,
                                 maxevals=s.maxevals, on_chunk=each)
     solve_s = time.perf_counter() - t0
-    fin = jax.device_get({k: st[k] for k in ("x", "it", "evals", "done", "failed")})
+    fin = jax.device_get(st._replace(opt=None, terms=None))  # per-cell scalars and x
     out = []
     for i in np.flatnonzero(live):
-        one = {k: v[i] for k, v in fin.items()}
-        res = solvers.Result(x=np.asarray(one["x"]), history=hist[i], evals=int(one["evals"]),
-                             iterations=int(one["it"]), compile_seconds=compile_s,
+        one = jax.tree.map(lambda v, i=i: v[i], fin)
+        res = solvers.Result(x=np.asarray(one.x), history=hist[i], evals=int(one.evals),
+                             iterations=int(one.it), compile_seconds=compile_s,
                              solve_seconds=solve_s)
         res.status, res.error = solvers.status_of(one)
         if stopped and res.status != solvers.Status.FAILED:

@@ -110,21 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--table", metavar="JSON",
                    help="print the table of an earlier report and exit (measures nothing)")
-    r = p.add_argument_group("race (time to reach a loss, against PyTorch eager + scipy L-BFGS-B)")
-    r.add_argument("--race", metavar="CONFIG",
-                   help="race on this config's problem instead of the timing table (needs torch)")
-    r.add_argument("--race-set", dest="race_overrides", action="append", metavar="KEY=VALUE",
-                   help="config override for the race (repeatable)")
-    r.add_argument("--race-iters", type=int, default=80,
-                   help="the peer's iterations; its final loss is the target (default 80)")
-    r.add_argument("--race-solvers", default="lbfgs,jaxopt_lbfgs",
-                   help="nstjax solvers, each an `nstjax run` with a cold compilation cache")
-    r.add_argument("--race-torch-optim", action="store_true",
-                   help="also torch.optim.LBFGS (unit first step, no tolerances)")
-    r.add_argument("--race-speed-size", metavar="WxH",
-                   help="also the run's own ms per evaluation (run.json) against PyTorch's here")
-    r.add_argument("--variant", dest="race_variants", action="append", metavar="LABEL:K=V;..",
-                   help="an extra run of the first solver with overrides; 'warm': warm cache")
+
 
 
 # ---------------------------------------------------------------- problem
@@ -470,10 +456,6 @@ def main(a: argparse.Namespace) -> int:
         return 0
     if Path(a.out).parent and not Path(a.out).parent.is_dir():
         raise UserError(f"--out {a.out}: directory {Path(a.out).parent} does not exist")
-    if a.race:
-        from nstjax import race
-
-        return race.main(a)
     report = run_bench(a)
     print(table(report, a.markdown))
     print(f"wrote {a.out}")
@@ -483,11 +465,3 @@ def main(a: argparse.Namespace) -> int:
               f"rel > {GRAD_RTOL:g}) at {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """Entry point of scripts/bench.py: the same as `nstjax bench`."""
-    from nstjax.cli import main as nstjax_main
-
-    return nstjax_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-

@@ -16,14 +16,9 @@ MAX_MESSAGE = 2000  # characters of one error line
 
 
 def _cache(a) -> None:
-    from nstjax import run
+    from nstjax import runtime
 
-
-    if not a.no_compile_cache:
-        try:
-            run.enable_compile_cache()
-        except OSError as e:  # only a speed-up
-            print(f"warning: no compilation cache ({e})", file=sys.stderr)
+    runtime.use_compile_cache(False if a.no_compile_cache else None)
 
 
 def _report(r, cfg) -> int:
@@ -136,7 +131,7 @@ def parser():
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.
     for name, mod, text in (("sweep", "nstjax.sweep", "a sweep of runs, compiled once per group"),
-                            ("bench", "nstjax.bench", "benchmark loss+gradient evaluations")):
+                            ("bench", "nstjax.race", "time evaluations; --race: time to a loss")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -173,8 +172,34 @@ def parse_variant(text: str) -> tuple[str, list[str], bool]:
     return (label, rest.split(";"), False)
 
 
+def add_arguments(p: Any) -> None:
+    """`nstjax bench`'s options: the timing table's (nstjax.bench) and the race's."""
+    from nstjax import bench
+
+    bench.add_arguments(p)
+    r = p.add_argument_group("race (time to reach a loss, against PyTorch eager + scipy L-BFGS-B)")
+    r.add_argument("--race", metavar="CONFIG",
+                   help="race on this config's problem instead of the timing table (needs torch)")
+    r.add_argument("--race-set", dest="race_overrides", action="append", metavar="KEY=VALUE",
+                   help="config override for the race (repeatable)")
+    r.add_argument("--race-iters", type=int, default=80,
+                   help="the peer's iterations; its final loss is the target (default 80)")
+    r.add_argument("--race-solvers", default="lbfgs,jaxopt_lbfgs",
+                   help="nstjax solvers, each an `nstjax run` with a cold compilation cache")
+    r.add_argument("--race-torch-optim", action="store_true",
+                   help="also torch.optim.LBFGS (unit first step, no tolerances)")
+    r.add_argument("--race-speed-size", metavar="WxH",
+                   help="also the run's own ms per evaluation (run.json) against PyTorch's here")
+    r.add_argument("--variant", dest="race_variants", action="append", metavar="LABEL:K=V;..",
+                   help="an extra run of the first solver with overrides; 'warm': warm cache")
+
+
 def main(a: Any) -> int:
-    """`nstjax bench --race CONFIG`."""
+    """`nstjax bench`: the race with `--race CONFIG`, else the timing table (nstjax.bench)."""
+    if not a.race:
+        from nstjax import bench
+
+        return bench.main(a)
     solvers = [s for s in a.race_solvers.split(",") if s]
     variants = [parse_variant(v) for v in a.race_variants or []]
     report = race(a.race, list(a.race_overrides or []), solvers, iters=a.race_iters,
@@ -189,22 +214,3 @@ def main(a: Any) -> int:
         write_atomic(Path(a.out), json.dumps(report, indent=2) + "\n")
         print(f"wrote {a.out}")
     return 0
-
-
-if __name__ == "__main__":  # python -m nstjax.race CONFIG [overrides]
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m nstjax.race")
-    p.add_argument("race")
-    p.add_argument("race_overrides", nargs="*")
-    p.add_argument("--solvers", dest="race_solvers", default="lbfgs,jaxopt_lbfgs")
-    p.add_argument("--iters", dest="race_iters", type=int, default=80)
-    p.add_argument("--threads", dest="torch_threads", type=int, default=0)
-    p.add_argument("--torch-optim", dest="race_torch_optim", action="store_true")
-    p.add_argument("--speed-size", dest="race_speed_size")
-    p.add_argument("--variant", dest="race_variants", action="append")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="race.json")
-    p.add_argument("--quiet", action="store_true")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main(p.parse_args()))

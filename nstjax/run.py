@@ -34,8 +34,9 @@ from nstjax.record import (  # noqa: F401 - compat
 from nstjax.runtime import (
     DirLock,
     StopFlag,
-    enable_compile_cache,  # noqa: F401 - compat (cli.py)
+    enable_compile_cache,  # noqa: F401 - compat
     signal_exit_code,
+    use_compile_cache,
 )
 from nstjax.solvers import Status
 
@@ -321,17 +322,6 @@ def _config(cfg_or_path: Config | str | Path, overrides: list[str]) -> Config:
     return config.load(cfg_or_path, list(overrides))
 
 
-def _compile_cache(on: bool | None) -> None:
-    if on is None:
-        on = os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip().lower() not in ("0", "false",
-                                                                                   "no", "off")
-    if on:
-        try:
-            enable_compile_cache()
-        except (OSError, UserError) as e:  # only a speed-up
-            print(f"nstjax: warning: no compilation cache ({e})", file=sys.stderr)
-
-
 def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
             out: str | Path | None = None, *, quiet: bool = False,
             compile_cache: bool | None = None) -> Result:
@@ -350,20 +340,19 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
     without `out` in a temporary directory, removed before returning (nothing is left in the
     cwd or the cache directory); `.image` is read back from final.* (exact for 8-bit PNG).
     """
+    t_start = time.perf_counter()
     cfg = _config(cfg_or_path, list(overrides))
-    _compile_cache(compile_cache)
+    use_compile_cache(compile_cache)
     if cfg.multiscale.count:
         return _multiscale(cfg, out, quiet)
-    t_start = time.perf_counter()
     if out is not None:
-        check_out(out)
+        check_out(out)  # before loading anything
     problem = _build_or_oom(cfg)
     if out is not None:
-        d = make_run_dir(out, cfg)
-        with DirLock(d):
-            r = _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet)
+        r = run(cfg, out, quiet=quiet, problem=problem)
     else:
-        r = _solve(None, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet)
+        rec0 = start_record(cfg, problem)
+        r = _solve(None, cfg, problem, rec0, t_start, quiet=quiet)
     x = np.asarray(r.result.x, np.float32)
     shown = problem.post(x) if problem.post is not None else x
     return Result(Image.fromarray(image.deprocess(shown), "RGB"), x,

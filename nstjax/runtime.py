@@ -117,6 +117,24 @@ def enable_compile_cache(path: str | Path | None = None) -> Path:
     return path
 
 
+def use_compile_cache(on: bool | None = None, path: str | Path | None = None) -> Path | None:
+    """The compilation-cache switch of every command and of `nstjax.stylize`: on unless `on` is
+    False or (`on` None) the environment says NSTJAX_COMPILE_CACHE=0/false/no/off. A cache that
+    cannot be set up is only a warning (it is a speed-up). Returns its directory, or None."""
+    import sys
+
+    if on is None:
+        on = os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip().lower() not in (
+            "0", "false", "no", "off")
+    if not on:
+        return None
+    try:
+        return enable_compile_cache(path)
+    except (OSError, UserError) as e:
+        print(f"nstjax: warning: no compilation cache ({e})", file=sys.stderr)
+        return None
+
+
 # ---------------------------------------------------------------- locks
 
 

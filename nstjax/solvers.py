@@ -67,6 +67,25 @@ class Status(str, enum.Enum):
     __format__ = str.__format__
 
 
+class SolveState(NamedTuple):
+    """What a compiled solver carries from chunk to chunk (a pytree: vmapped, saved, resumed).
+
+    `opt` is the solver's own state (an `lbfgs.State`, jaxopt's or optax's); `terms` the loss
+    terms at `x`; `gnorm`/`g0` the gradient norm now and at the start (for `tol`); `it`
+    accepted iterations, `evals` evaluations; `done` (converged or out of budget) and
+    `failed` (non-finite loss) stop the cell."""
+
+    x: jax.Array
+    opt: Any
+    terms: dict
+    gnorm: jax.Array
+    g0: jax.Array
+    it: jax.Array
+    evals: jax.Array
+    done: jax.Array
+    failed: jax.Array
+
+
 @dataclass
 class Result:
     """What `minimize` returns.
@@ -160,48 +179,52 @@ def _optax(s: Settings, fun: Callable):
     return init, step
 
 
+def _step_if(active: jax.Array, advance: Callable[[], SolveState], st: SolveState,
+             lockstep: bool) -> SolveState:
+    """advance() where `active`, else st. In lockstep (cells under `jax.vmap`) by a select:
+    a `lax.cond` with a per-cell predicate broadcasts all its operands, the VGG params
+    included, to every cell (a grouped convolution per layer: 6x the step time at 2 cells)."""
+    if lockstep:
+        return jax.tree.map(lambda a, b: jnp.where(active, a, b), advance(), st)
+    return jax.lax.cond(active, advance, lambda: st)
+
+
 def _make_lbfgs(s: Settings, fun: Callable, lazy: bool = False, lockstep: bool = False):
     """(init, chunk) of nstjax.lbfgs: a step is one evaluation, `n` caps accepted iterations.
 
     With `lazy`, init does not evaluate (its program holds no objective: quick to compile) and
     returns a state with evals == 0; the next chunk, even with n == 0, evaluates x0 first.
     With `lockstep` (for `jax.vmap` over cells), every step evaluates and inactive cells keep
-    their state by a select: a `lax.cond` with a per-cell predicate would broadcast its
-    operands, the VGG params included, to every cell (a grouped convolution per layer,
-    measured 6x the step time at 2 cells on CPU).
+    their state (see `_step_if`).
     """
     opts = lbfgs.Options(history_size=s.history_size, maxls=s.maxls)
 
-    def outer(o: lbfgs.State, g0) -> dict:
+    def outer(o: lbfgs.State, g0) -> SolveState:
         gn = lbfgs.norm(o.g)
-        return {"x": o.x, "opt": o, "terms": o.terms, "gnorm": gn, "g0": g0(gn), "it": o.it,
-                "evals": o.evals, "done": o.stalled, "failed": jnp.bool_(False)}
+        return SolveState(x=o.x, opt=o, terms=o.terms, gnorm=gn, g0=g0(gn), it=o.it,
+                          evals=o.evals, done=o.stalled, failed=jnp.bool_(False))
 
-    def init(x0, args) -> dict:
+    def init(x0, args) -> SolveState:
         o = (lbfgs.start if lazy else lbfgs.init)(fun, x0, args, opts)
         return outer(o, lambda gn: gn)
 
     def advance(st, args):
-        new = outer(lbfgs.step(fun, st["opt"], args, opts),
-                    lambda gn: jnp.where(st["evals"] == 0, gn, st["g0"]))
+        new = outer(lbfgs.step(fun, st.opt, args, opts),
+                    lambda gn: jnp.where(st.evals == 0, gn, st.g0))
         if s.tol > 0:
-            new["done"] |= new["opt"].accepted & (new["gnorm"] <= s.tol * new["g0"])
+            new = new._replace(done=new.done | (new.opt.accepted & (new.gnorm <= s.tol * new.g0)))
         return new
 
     def chunk(st, args, n, length: int):
-        it0 = st["it"]
+        it0 = st.it
 
         def body(st, i):
-            active = ((st["it"] - it0 < n) | (st["evals"] == 0)) & ~st["done"]
+            active = ((st.it - it0 < n) | (st.evals == 0)) & ~st.done
             if s.maxevals > 0:
-                active &= st["evals"] < s.maxevals
-            if lockstep:
-                new = advance(st, args)
-                st = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, st)
-            else:
-                st = jax.lax.cond(active, lambda: advance(st, args), lambda: st)
-            return st, {**st["terms"], "it": st["it"], "evals": st["evals"], "active": active,
-                        "accepted": active & st["opt"].accepted, "failed": st["failed"]}
+                active &= st.evals < s.maxevals
+            st = _step_if(active, lambda: advance(st, args), st, lockstep)
+            return st, {**st.terms, "it": st.it, "evals": st.evals, "active": active,
+                        "accepted": active & st.opt.accepted, "failed": st.failed}
 
         return jax.lax.scan(body, st, jnp.arange(length))
 
@@ -212,12 +235,12 @@ def make(s: Settings, fun: Callable, *, lazy: bool = False, lockstep: bool = Fal
     """Pure (init, chunk) for a compiled solver; jit, vmap and shard them as needed.
 
     `init(x0, args) -> state` and `chunk(state, args, n, length) -> (state, trace)`, `args`
-    the tuple of `fun`'s arguments after x. The state is a dict of arrays: x, opt (the solver's
-    own state), terms, gnorm, g0, it, evals, done, failed; the trace holds per step every term
-    and it, evals, active, accepted, failed. `chunk` scans `length` steps and stops after `n`
-    iterations: for `lbfgs` a step is one evaluation, for the others one iteration. With
-    `lazy` (`lbfgs` only), init does not evaluate x0: run `evaluate_start` before the loop.
-    `lockstep` (`lbfgs` only): for chunks mapped with `jax.vmap` over cells (see `_make_lbfgs`).
+    the tuple of `fun`'s arguments after x. The state is a `SolveState`; the trace holds per
+    step every term and it, evals, active, accepted, failed. `chunk` scans `length` steps and
+    stops after `n` iterations: for `lbfgs` a step is one evaluation, for the others one
+    iteration. With `lazy` (`lbfgs` only), init does not evaluate x0: run `evaluate_start`
+    before the loop.
+    `lockstep`: for chunks mapped with `jax.vmap` over cells (see `_step_if`).
     """
     if s.name == "lbfgs":
         return _make_lbfgs(s, fun, lazy=lazy, lockstep=lockstep)
@@ -228,30 +251,28 @@ def make(s: Settings, fun: Callable, *, lazy: bool = False, lockstep: bool = Fal
     else:
         raise ValueError(f"not a compiled solver: {s.name!r}")
 
-    def init(x0, args) -> dict:
+    def init(x0, args) -> SolveState:
         opt, terms, gnorm, evals = init0(x0, args)
-        return {"x": x0, "opt": opt, "terms": terms, "gnorm": gnorm, "g0": gnorm,
-                "it": jnp.int32(0), "evals": jnp.int32(evals), "done": jnp.bool_(False),
-                "failed": jnp.bool_(False)}
+        return SolveState(x=x0, opt=opt, terms=terms, gnorm=gnorm, g0=gnorm, it=jnp.int32(0),
+                          evals=jnp.int32(evals), done=jnp.bool_(False), failed=jnp.bool_(False))
 
     def advance(st, args):
-        x, opt, terms, gnorm, n = step0(st["x"], st["opt"], args, st["terms"])
+        x, opt, terms, gnorm, n = step0(st.x, st.opt, args, st.terms)
         bad = ~jnp.isfinite(terms["total"]) | ~jnp.all(jnp.isfinite(x))
-        done = bad | (gnorm <= s.tol * st["g0"]) if s.tol > 0 else bad
-        new = {**st, "x": x, "opt": opt, "terms": terms, "gnorm": gnorm, "it": st["it"] + 1,
-               "evals": st["evals"] + n, "done": done, "failed": bad}
+        done = bad | (gnorm <= s.tol * st.g0) if s.tol > 0 else bad
         # A non-finite step is dropped: the state keeps the last finite image and terms.
-        keep = {**st, "it": st["it"] + 1, "evals": st["evals"] + n, "done": done, "failed": bad}
+        keep = st._replace(it=st.it + 1, evals=st.evals + n, done=done, failed=bad)
+        new = keep._replace(x=x, opt=opt, terms=terms, gnorm=gnorm)
         return jax.lax.cond(bad, lambda: keep, lambda: new)
 
     def chunk(st, args, n, length: int):
         def body(st, i):
-            active = (i < n) & ~st["done"]
+            active = (i < n) & ~st.done
             if s.maxevals > 0:
-                active &= st["evals"] < s.maxevals
-            st = jax.lax.cond(active, lambda: advance(st, args), lambda: st)
-            return st, {**st["terms"], "it": st["it"], "evals": st["evals"], "active": active,
-                        "accepted": active, "failed": st["failed"]}
+                active &= st.evals < s.maxevals
+            st = _step_if(active, lambda: advance(st, args), st, lockstep)
+            return st, {**st.terms, "it": st.it, "evals": st.evals, "active": active,
+                        "accepted": active, "failed": st.failed}
 
         return jax.lax.scan(body, st, jnp.arange(length))
 
@@ -301,7 +322,7 @@ class Chunk(NamedTuple):
 
 def evaluate_start(chunk_c: Callable, st: Any, args: tuple) -> Any:
     """Evaluate x0 where a lazy `init` (lbfgs) left it unevaluated: one chunk with n = 0."""
-    evals, done = np.asarray(st["evals"]), np.asarray(st["done"])
+    evals, done = np.asarray(st.evals), np.asarray(st.done)
     if np.any((evals == 0) & ~done):
         st, _ = chunk_c(st, args, np.zeros(evals.shape, np.int32))
     return st
@@ -320,12 +341,12 @@ def drive(chunk_c: Callable, st: Any, args: tuple, *, maxiter: int, chunk: int,
     `done` (converged, failed; batch padding starts done) or when a chunk evaluated nothing;
     the loop ends when every cell is over, or when `on_chunk` returns True (`stopped`).
     """
-    it0 = np.asarray(st["it"])
+    it0 = np.asarray(st.it)
     first = min(first_chunk or chunk, chunk)
     over = np.zeros(it0.shape, bool)
     while True:
-        its, evals = np.asarray(st["it"]) - it0, np.asarray(st["evals"])
-        over |= np.asarray(st["done"]) | (its >= maxiter)
+        its, evals = np.asarray(st.it) - it0, np.asarray(st.evals)
+        over |= np.asarray(st.done) | (its >= maxiter)
         if maxevals > 0:
             over |= evals >= maxevals
         if over.all():
@@ -335,7 +356,7 @@ def drive(chunk_c: Callable, st: Any, args: tuple, *, maxiter: int, chunk: int,
         start = time.perf_counter()
         st, trace = chunk_c(st, args, n)
         trace = jax.device_get(trace)
-        over |= np.asarray(st["evals"]) == evals
+        over |= np.asarray(st.evals) == evals
         if on_chunk is not None and on_chunk(Chunk(st, trace, start, time.perf_counter(),
                                                    evals)):
             return st, True
@@ -343,9 +364,9 @@ def drive(chunk_c: Callable, st: Any, args: tuple, *, maxiter: int, chunk: int,
 
 def status_of(st: Any) -> tuple[Status, str]:
     """(status, error) of a finished single-cell state: failed, converged or done."""
-    if bool(st["failed"]):
-        return Status.FAILED, f"loss became non-finite at iteration {int(st['it'])}"
-    return (Status.CONVERGED, "") if bool(st["done"]) else (Status.DONE, "")
+    if bool(st.failed):
+        return Status.FAILED, f"loss became non-finite at iteration {int(st.it)}"
+    return (Status.CONVERGED, "") if bool(st.done) else (Status.DONE, "")
 
 
 def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Result:
@@ -428,21 +449,21 @@ def minimize(
     compile_s = 0.0 if compiled else time.perf_counter() - t
     t0 = time.perf_counter()
     st = evaluate_start(chunk_c, init_c(x0, args) if state0 is None else state0, args)
-    res = Result(x=np.asarray(st["x"]), compile_seconds=compile_s)
-    res.history.append({"iter": int(st["it"]), **{k: float(v) for k, v in st["terms"].items()},
+    res = Result(x=np.asarray(st.x), compile_seconds=compile_s)
+    res.history.append({"iter": int(st.it), **{k: float(v) for k, v in st.terms.items()},
                         "seconds": 0.0})
     stopped = on_start is not None and bool(on_start(res.x, res.history[0]))
 
     def each(c: Chunk) -> bool:
         rows = rows_of(c.trace, t0, start=c.start, evals0=int(c.evals0), end=c.end)
         res.history += rows
-        res.x = np.asarray(c.state["x"])
+        res.x = np.asarray(c.state.x)
         return on_chunk is not None and bool(on_chunk(res.x, rows))
 
     if not stopped:
         st, stopped = drive(chunk_c, st, args, maxiter=s.maxiter, chunk=chunk,
                             maxevals=s.maxevals, first_chunk=first_chunk, on_chunk=each)
-    res.iterations, res.evals = int(st["it"]), int(st["evals"])
+    res.iterations, res.evals = int(st.it), int(st.evals)
     res.status, res.error = status_of(st)
     if stopped and res.status != Status.FAILED:
         res.status = Status.INTERRUPTED

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmark loss+gradient evaluations and solves: the same as `nstjax bench` (see --help)."""
+"""Benchmark evaluations, solves and the race to a loss: the same as `nstjax bench` (--help)."""
 
 import sys
 
-from nstjax.bench import cli
+from nstjax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -8,14 +8,16 @@
 Outputs go to docs/gallery/ by default (`--out-dir`), as small JPEGs (photos) and PNGs (plots).
 `pair` takes the content and style from the first run's config.yaml; each further run adds one
 result tile. `sheet` lays out a 2-axis sweep as a grid (rows: first axis), otherwise a row-major
-grid; each tile is labelled with its axis values and, with `--metric NAME`, run.json's
-`metrics[NAME]` (default: the final `style` loss when the cell has no metrics).
+grid; each tile is labelled with its axis values and, with `--metric NAME[,NAME...]`, run.json's
+`metrics[NAME]` (default: the final `style` loss when the cell has no metrics); several metrics
+go on a second label line.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -63,12 +65,16 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def labelled(img: Image.Image, text: str) -> Image.Image:
-    """img with a white strip below it holding `text` (shortened to fit)."""
-    out = Image.new("RGB", (img.width, img.height + LABEL_H), "white")
+    """img with a white strip below it holding `text`, one strip line per text line (each
+    shortened to fit)."""
+    lines = text.split("\n")
+    out = Image.new("RGB", (img.width, img.height + LABEL_H * len(lines)), "white")
     out.paste(img.convert("RGB"), (0, 0))
     d = ImageDraw.Draw(out)
     f = _font()
-    d.text((2, img.height + 2), _fit_text(d, text, f, img.width), fill="black", font=f)
+    for i, line in enumerate(lines):
+        d.text((2, img.height + 2 + i * LABEL_H), _fit_text(d, line, f, img.width),
+               fill="black", font=f)
     return out
 
 
@@ -183,15 +189,28 @@ def _cell_text(sw: results.Sweep, c: results.Cell, metric: str | None) -> str:
                       f"{_value_text(c.values.get(k))}" for k in dim["keys"]]
     if not sw.dims:
         parts = list(labels) + parts
-    if metric:
-        v = c.metrics.get(metric)
+    if not metric:
+        return " ".join(parts)
+    names = [m.strip() for m in metric.split(",") if m.strip()]
+    values = []
+    for name in names:
+        v = c.metrics.get(name)
         src = "metric"
         if v is None:
-            v, src = (c.record.get("final_loss") or {}).get(metric), "loss"
-        parts.append(f"{metric}={v:.3g}" if isinstance(v, (int, float)) else f"{metric}=n/a")
+            v, src = (c.record.get("final_loss") or {}).get(name), "loss"
+        short = _short_metric(name)
+        values.append(f"{short}={v:.3g}" if isinstance(v, (int, float)) else f"{short}=n/a")
         if src == "loss" and v is not None:
-            parts[-1] += " (own loss)"
-    return " ".join(parts)
+            values[-1] += " (own loss)"
+    # One metric shares the values' line; several get a line of their own.
+    if len(names) == 1:
+        return " ".join(parts + values)
+    return " ".join(parts) + "\n" + " ".join(values)
+
+
+def _short_metric(name: str) -> str:
+    """`style.block4_conv1` -> `style.b4c1` (tile labels are narrow)."""
+    return re.sub(r"block(\d)_conv(\d)", r"b\1c\2", name)
 
 
 def sheet(sweep_dir: str, out: Path, tile: int, metric: str | None) -> Path:
@@ -261,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("sweep")
     s.add_argument("--name", default="sweep.jpg")
     s.add_argument("--tile", type=int, default=160)
-    s.add_argument("--metric", default="style")
+    s.add_argument("--metric", default="style",
+                   help="run.json metric(s) for the labels, comma-separated (content,style)")
     g = sub.add_parser("plot", help="loss curves of runs")
     g.add_argument("runs", nargs="+")
     g.add_argument("--name", default="loss.png")

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,43 @@ def test_import_nstjax_is_light_and_exposes_submodules():
     with pytest.raises(AttributeError):
         nstjax.no_such_module  # noqa: B018
     assert set(nstjax.SUBMODULES) <= set(dir(nstjax))
+
+
+# ---------------------------------------------------------------- the README's examples
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _snippet(heading: str) -> str:
+    """The first ```python block under the README's `### heading`."""
+    text = README.read_text()
+    section = text[text.index(f"\n### {heading}\n"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_in_memory_runs_example(env, capsys):
+    from conftest import write_tiny
+
+    (env / "configs").mkdir()
+    write_tiny(env / "configs" / "quickstart.yaml")  # the example, on the tiny problem
+    ns: dict = {}
+    exec(_snippet("In-memory runs"), ns)  # noqa: S102 - the README's own code
+    r, r2 = ns["r"], ns["r2"]
+    assert r.history["iter"][-1] == 30 and r.record["status"] == "done"
+    assert (env / "quickstart.png").is_file()
+    assert r2.record["compile_seconds"] == 0.0
+    assert "0.0" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_readme_batched_solve_example(capsys):
+    ns: dict = {}
+    exec(_snippet("Batched solve"), ns)  # noqa: S102
+    results = ns["results"]
+    assert len(results) == 3 and len(capsys.readouterr().out.splitlines()) == 3
+    for r, t, w in zip(results, (0.5, 1.0, 2.0), (1.0, 10.0, 100.0)):
+        # reference: the real root of d/dx [w (x - t)^2 + x^4] = 4x^3 + 2w x - 2w t, float64
+        roots = np.roots([4.0, 0.0, 2.0 * w, -2.0 * w * t])
+        x_star = float(roots[np.abs(roots.imag) < 1e-9].real[0])
+        assert r.status in ("done", "converged") and 1 <= r.iterations <= 30
+        np.testing.assert_allclose(r.x, x_star, rtol=1e-4)
+        assert r.history[-1]["dist"] == pytest.approx(r.x.size * (x_star - t) ** 2, rel=1e-3)

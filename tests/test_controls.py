@@ -323,7 +323,9 @@ def test_multiscale_beats_one_scale_with_the_same_iterations(files, tmp_path):
     assert [s["iterations"] for s in rec["scales"]] == [10, 10] and rec["iterations"] == 20
     with open(d / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["scale", *run.HISTORY_COLUMNS] and len(rows) == 22
+    cols, layers = list(rows[0]), config.load(p).loss.style_layers
+    assert cols[:6] == ["scale", *run.HISTORY_COLUMNS[:-1]] and cols[-1] == "seconds"
+    assert cols[6:-1] == sorted(f"style/{n}" for n in layers) and len(rows) == 22
     assert [(r["scale"], r["iter"]) for r in rows[10:13]] == [("1", "10"), ("2", "10"),
                                                               ("2", "11")]
     single = run.run(config.load(p, ["multiscale.sizes=null"]), tmp_path / "one", quiet=True)

@@ -268,11 +268,11 @@ def test_lazy_program_equals_eager_init():
     res = solvers.minimize(s, _qfun, jnp.asarray(X0_Q), QARGS2, chunk=10)
     init, chunk = solvers.make(s, _qfun)
     st = jax.jit(init)(jnp.asarray(X0_Q), QARGS2)
-    assert int(st["evals"]) == 1 and res.history[0]["total"] == float(st["terms"]["total"])
-    assert float(st["g0"]) == pytest.approx(np.linalg.norm(quad64(X0_Q.ravel())[1]), rel=1e-5)
+    assert int(st.evals) == 1 and res.history[0]["total"] == float(st.terms["total"])
+    assert float(st.g0) == pytest.approx(np.linalg.norm(quad64(X0_Q.ravel())[1]), rel=1e-5)
     st, _ = jax.jit(chunk, static_argnums=3)(st, QARGS2, jnp.int32(25), 200)
-    np.testing.assert_array_equal(res.x, np.asarray(st["x"]))
-    assert res.evals == int(st["evals"]) and res.iterations == int(st["it"]) == 25
+    np.testing.assert_array_equal(res.x, np.asarray(st.x))
+    assert res.evals == int(st.evals) and res.iterations == int(st.it) == 25
 
 
 def test_solver_resume_equals_uninterrupted_and_maxevals():

@@ -325,13 +325,15 @@ def test_lbfgs_line_search_stays_out_of_nan_region(name, val):
 # --------------------------------------------------------------------------- batched solves
 
 
-@pytest.mark.parametrize("lanes", [1, 3])
-def test_batched_lbfgs_equals_single_runs(lanes):
+@pytest.mark.parametrize(("name", "lanes"), [("lbfgs", 1), ("lbfgs", 3), ("jaxopt_lbfgs", 3),
+                                             ("adam", 2)])
+def test_batched_solve_equals_single_runs(name, lanes):
     """3 cells of different problems (own b and weights per cell, A shared) in one program equal
-    3 single `minimize` runs: iterations, evaluations, every history row, the final x."""
+    3 single `minimize` runs: iterations, evaluations, every history row, the final x. (Adam
+    with 2 lanes over 3 cells: a vmapped pair, then the remaining cell, in one program.)"""
     from nstjax import batch
 
-    s = solvers.Settings(name="lbfgs", maxiter=12)
+    s = dataclasses.replace(SETTINGS[name], maxiter=12)
     cells = [problem(), problem(b=-B32, wq=2.0), problem(wq=0.0, wr=1.0)]
     x0s = [X0_RAND, X0, X0_ROSEN]
     singles = [solve(s, p, x0, chunk=5) for p, x0 in zip(cells, x0s)]

@@ -85,3 +85,37 @@ def test_sharded_equals_unsharded(ratio_sweep, tmp_path, home):
         b, _ = _final(sweep.cell_dir(outs[1].out, c))
         assert rec["sweep"]["devices"] == 4
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b)))
+
+
+def test_lbfgs_cells_keep_their_own_iteration_count_and_snapshots(tmp_path):
+    """lbfgs in lockstep: cells needing different numbers of evaluations each make exactly
+    maxiter iterations, with snapshots at the save_every multiples, as single runs do; each
+    chunk's rows get seconds placed by the cell's evaluations (not all the chunk's end)."""
+    from PIL import Image
+    from sweep_helpers import prepared, write_sweep
+
+    p = write_sweep(tmp_path / "snap.yaml", axes={"loss.style_to_content_ratio": [1, 30]},
+                    set={"output.save_every": 3, "solver.maxiter": 7})
+    sw, cells, groups = prepared(p)
+    o = sweep.run_sweep(sw, cells, groups, tmp_path / "out", lanes=2, quiet=True)
+    assert o.exit_code == 0 and o.compilations == 1
+    evals = set()
+    for c in cells:
+        d = sweep.cell_dir(o.out, c)
+        x, rec = _final(d)
+        assert rec["sweep"]["lanes"] == 2 and rec["solver"] == "lbfgs"
+        assert rec["status"] == "done" and rec["iterations"] == 7
+        evals.add(rec["evaluations"])
+        assert sorted(f.name for f in d.glob("iter_*")) == ["iter_000003.png", "iter_000006.png"]
+        with open(d / "history.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["iter"]) for r in rows] == list(range(8))
+        secs = [float(r["seconds"]) for r in rows]
+        assert secs == sorted(secs) and len(set(secs)) == len(secs)
+        single = run.run(c.cfg, tmp_path / c.name, quiet=True)
+        assert single.record["evaluations"] == rec["evaluations"]
+        for name in ("iter_000003.png", "iter_000006.png", "final.png"):
+            a = np.asarray(Image.open(d / name), np.int16)
+            b = np.asarray(Image.open(tmp_path / c.name / name), np.int16)
+            assert np.abs(a - b).max() <= 1, name
+    assert len(evals) == 2  # the two cells did need different numbers of evaluations

@@ -151,10 +151,7 @@ def main(a: argparse.Namespace) -> int:
     process, count = init_distributed(a)
     cache = _cache_dir(sw, a)
     if cache is not False:
-        try:
-            runtime.enable_compile_cache(cache)
-        except OSError as e:  # only a speed-up
-            print(f"warning: no compilation cache ({e})", file=sys.stderr)
+        runtime.use_compile_cache(None if cache is None else True, cache)
     devices = jax.local_devices()[: a.devices]
     o = run_sweep(sw, cells, groups, out, devices=devices, batch=batch, lanes=lanes, quiet=a.quiet,
                   process=process, count=count)

@@ -219,7 +219,8 @@ class Runner:
         recs = []
         for c, p, d in zip(live, probs, dirs):
             rec = record.Recorder(d, c.cfg, {**record.start_record(c.cfg, p),
-                                             **self.sweep_info(c, g, **info)}, post=p.post)
+                                             **self.sweep_info(c, g, **info)},
+                                  post=p.post, problem=p)
             rec.start()
             rec.stage(total=s.maxiter)
             recs.append(rec)
@@ -227,7 +228,7 @@ class Runner:
         xb, argsb, mask = inputs
         t0 = time.perf_counter()
         st = solvers.evaluate_start(chunk_c, init_c(xb, argsb, mask), argsb)
-        terms0, it0 = jax.device_get((st["terms"], st["it"]))
+        terms0, it0 = jax.device_get((st.terms, st.it))
         for i, rec in enumerate(recs):
             rec.first({"iter": int(it0[i]), **{k: float(v[i]) for k, v in terms0.items()},
                        "seconds": 0.0})
@@ -235,7 +236,7 @@ class Runner:
                    file=sys.stderr, desc=f"{g.name} {info['batch']}")
 
         def each(ch: solvers.Chunk) -> bool:
-            x = np.asarray(jax.device_get(ch.state["x"]))
+            x = np.asarray(jax.device_get(ch.state.x))
             for i, rec in enumerate(recs):
                 rows = solvers.rows_of({k: v[i] for k, v in ch.trace.items()}, t0,
                                        start=ch.start, evals0=int(ch.evals0[i]), end=ch.end)
@@ -260,13 +261,13 @@ class Runner:
         from nstjax import solvers
 
         self.flag.finishing = True
-        fin = jax.device_get({k: st[k] for k in ("x", "it", "evals", "done", "failed")})
+        fin = jax.device_get(st._replace(opt=None, terms=None))  # per-cell scalars and x
         self.outcome.solve_seconds += solve_s
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
-                one = {k: v[i] for k, v in fin.items()}
-                res = solvers.Result(x=np.asarray(one["x"]), evals=int(one["evals"]),
-                                     iterations=int(one["it"]),
+                one = jax.tree.map(lambda v, i=i: v[i], fin)
+                res = solvers.Result(x=np.asarray(one.x), evals=int(one.evals),
+                                     iterations=int(one.it),
                                      compile_seconds=compile_s if i == 0 else 0.0,
                                      solve_seconds=solve_s)
                 res.status, res.error = solvers.status_of(one)
