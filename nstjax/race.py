@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,9 @@ def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out
     rec = json.loads((out / "run.json").read_text())
     with open(out / "history.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
+    if rows and "scale" in rows[0]:  # coarse to fine: losses compare at the final size only
+        last = max(r["scale"] for r in rows)
+        rows = [r for r in rows if r["scale"] == last]
     trace = [(int(r["iter"]), float(r["seconds"]), float(r["total"]), None) for r in rows[1:]]
     return {"solver": label or solver, "iterations": rec["iterations"],
             "evaluations": rec["evaluations"],
@@ -162,6 +166,43 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def lanes(sweep_path: str, overrides: list[str], widths: tuple[int, ...] = (1, 4),
+          quiet: bool = False) -> list[dict]:
+    """`nstjax sweep` once per lane count (fresh process and directory, cold compilation
+    cache): compile, solve and wall seconds as the sweep reports them."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nstjax-lanes-") as tmp:
+        for n in widths:
+            if not quiet:
+                print(f"[race] nstjax sweep {sweep_path} --lanes {n}", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "nstjax.cli", "sweep", sweep_path, *overrides,
+                   "--lanes", str(n), "--out", str(Path(tmp) / f"lanes{n}"), "--quiet",
+                   "--no-compile-cache"]
+            t = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            m = re.search(r"(\d+) ran, (\d+) failed.*\(([\d.]+) s\), solve ([\d.]+) s, "
+                          r"wall ([\d.]+) s", p.stdout + p.stderr)
+            if p.returncode != 0 or m is None:
+                raise UserError(f"lanes: the sweep with --lanes {n} failed: "
+                                f"{(p.stderr or p.stdout).strip()[-300:]}")
+            rows.append({"lanes": n, "cells": int(m[1]), "failed": int(m[2]),
+                         "compile_seconds": float(m[3]), "solve_seconds": float(m[4]),
+                         "sweep_wall_seconds": float(m[5]), "process_seconds": wall})
+    return rows
+
+
+def lanes_table(rows: list[dict]) -> str:
+    base = rows[0]["compile_seconds"] + rows[0]["solve_seconds"]
+    out = ["| lanes | cells | compile s | solve s | compile + solve / 1 lane's | process s |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        cs = r["compile_seconds"] + r["solve_seconds"]
+        out.append(f"| {r['lanes']} | {r['cells']} | {r['compile_seconds']:.1f} | "
+                   f"{r['solve_seconds']:.1f} | {cs / base:.2f} | {r['process_seconds']:.1f} |")
+    return "\n".join(out)
+
+
 def parse_variant(text: str) -> tuple[str, list[str], bool]:
     """'LABEL:key=value;key=value' (or 'warm' for the warm compilation cache)."""
     label, _, rest = text.partition(":")
@@ -178,6 +219,8 @@ def add_arguments(p: Any) -> None:
 
     bench.add_arguments(p)
     r = p.add_argument_group("race (time to reach a loss, against PyTorch eager + scipy L-BFGS-B)")
+    r.add_argument("--lanes-sweep", metavar="SWEEP",
+                   help="run this sweep with --lanes 1 and 4 and compare the times")
     r.add_argument("--race", metavar="CONFIG",
                    help="race on this config's problem instead of the timing table (needs torch)")
     r.add_argument("--race-set", dest="race_overrides", action="append", metavar="KEY=VALUE",
@@ -196,6 +239,10 @@ def add_arguments(p: Any) -> None:
 
 def main(a: Any) -> int:
     """`nstjax bench`: the race with `--race CONFIG`, else the timing table (nstjax.bench)."""
+    if a.lanes_sweep:
+        rows = lanes(a.lanes_sweep, list(a.race_overrides or []), quiet=a.quiet)
+        print(lanes_table(rows))
+        return 0
     if not a.race:
         from nstjax import bench
 

@@ -320,11 +320,9 @@ class Recorder:
             print(f"warning: {self.d}: no metrics ({one_line(e)})", file=sys.stderr)
             return None
 
-    def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
-              crash: BaseException | None = None) -> BaseException | None:
-        """End the run whatever happened: status from the flag and the crash, then last.npy,
-        final image, history, run.json and (stopped by a signal) the solver state. Returns the
-        error to raise (the crash, or a failed write), if any."""
+    def settle(self, res: solvers.Result, flag: StopFlag,
+               crash: BaseException | None = None) -> None:
+        """The run's final status from the signal flag and the crash; from here on signals wait."""
         flag.finishing = True
         if self.bar is not None:
             self.bar.close()
@@ -334,6 +332,13 @@ class Recorder:
         if crash is not None:
             res.status, res.error = Status.FAILED, one_line(crash)
         self.record["signal"] = flag.signum
+
+    def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
+              crash: BaseException | None = None) -> BaseException | None:
+        """End the run whatever happened: status from the flag and the crash, then last.npy,
+        final image, history, run.json and (stopped by a signal) the solver state. Returns the
+        error to raise (the crash, or a failed write), if any."""
+        self.settle(res, flag, crash)
         try:
             write_atomic(self.d / "last.npy", npy_bytes(res.x))
             self.finish(res, t_start)

@@ -268,15 +268,7 @@ class _Memory(record.Recorder):
 
     def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
               crash: BaseException | None = None) -> BaseException | None:
-        flag.finishing = True
-        if self.bar is not None:
-            self.bar.close()
-        res.history = self.history
-        if flag.stopped and res.status != Status.FAILED:
-            res.status = Status.INTERRUPTED
-        if crash is not None:
-            res.status, res.error = Status.FAILED, record.one_line(crash)
-        self.record["signal"] = flag.signum
+        self.settle(res, flag, crash)
         self.finish(res, t_start)  # the record's final fields; the writes are no-ops here
         res.state = None
         return crash

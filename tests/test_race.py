@@ -51,3 +51,18 @@ def test_race_against_pytorch_and_scipy(tmp_path: Path, monkeypatch: pytest.Monk
     assert ours["solver"] == "lbfgs" and ours["iterations"] == 5  # iters + iters // 4
     assert ours["evaluations"] >= ours["iterations"]
     assert "| pytorch+scipy_lbfgsb | 4 |" in capsys.readouterr().out
+
+
+def test_lanes_runs_the_sweep_once_per_lane_count(tmp_path: Path):
+    from conftest import write_tiny
+
+    base = write_tiny(tmp_path / "tiny.yaml", solver__name="lbfgs", solver__learning_rate=None,
+                      solver__maxiter=2, output__save_every=None)
+    sweep = tmp_path / "four.yaml"
+    sweep.write_text(f"base: {base}\naxes:\n  loss.style_to_content_ratio: [1, 2, 3, 4]\n")
+    rows = race.lanes(str(sweep), [], widths=(1, 4), quiet=True)
+    assert [(r["lanes"], r["cells"], r["failed"]) for r in rows] == [(1, 4, 0), (4, 4, 0)]
+    assert all(r["solve_seconds"] > 0 and r["process_seconds"] >= r["sweep_wall_seconds"]
+               for r in rows)
+    table = race.lanes_table(rows)
+    assert table.splitlines()[2].startswith("| 1 | 4 |") and "| 1.00 |" in table

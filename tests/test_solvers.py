@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -358,3 +359,31 @@ def test_batched_solve_equals_single_runs(name, lanes):
         np.testing.assert_allclose(r.x, ref.x, rtol=2e-5, atol=2e-5)
         secs = [h["seconds"] for h in r.history]
         assert secs == sorted(secs) and len(set(secs[1:])) > 3  # placed within chunks
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "adam"])
+def test_lockstep_lanes_share_the_params(name):
+    """Under vmap over cells, a lockstep chunk never copies the (shared) network params per
+    cell: a `lax.cond` with a per-cell predicate broadcasts its operands, so the convolution
+    becomes a per-cell (grouped) one. Checked on the compiled program: no kernel-sized array
+    with a lane axis; without lockstep there is one (the check can fail)."""
+    from nstjax import vgg16
+
+    lanes, kernel = 3, jnp.ones((3, 3, 4, 4), jnp.float32)
+
+    def fun(x, k):
+        y = vgg16.conv(x, k, "highest")
+        return jnp.sum(y * y), {"total": jnp.sum(y * y)}
+
+    x0 = jnp.ones((lanes, 1, 6, 6, 4), jnp.float32)
+
+    def program_text(lockstep: bool) -> str:
+        init, chunk = solvers.make(solvers.Settings(name=name, maxiter=3), fun,
+                                   lockstep=lockstep)
+        st = jax.eval_shape(jax.vmap(init, in_axes=(0, None)), x0, (kernel,))
+        f = jax.vmap(lambda s_, k: chunk(s_, (k,), jnp.int32(2), 2), in_axes=(0, None))
+        return jax.jit(f).lower(st, kernel).compile().as_text()
+
+    per_lane = (f"f32[{lanes},3,3,4,4]", f"f32[3,3,4,{lanes},4]", f"f32[3,3,{lanes},4,4]")
+    assert not any(s in program_text(True) for s in per_lane)
+    assert any(s in program_text(False) for s in per_lane)

@@ -1,15 +1,7 @@
 """`nstjax sweep`: ablations compiled once per structure group, batched with vmap, sharded.
 
-A sweep file (YAML, usually in configs/sweeps/) names a base config and the axes to vary:
-
-    base: ../quickstart.yaml          # a config path (relative to this file) or an inline config
-    set: {solver.maxiter: 50}         # fixed overrides for every cell (optional)
-    axes:                             # the cells are the product of the axes, in this order
-      loss.style_to_content_ratio: [1, 5, 15]
-    zip:                              # keys that vary together (optional; a list of groups)
-      - label: [post, uniform]        # optional readable names for the zip's values
-        loss.style_weights: [[0.05, 0.2, 0.2, 0.25, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]]
-    sweep: {batch_size: auto, lanes: auto, compile_cache: true}   # optional settings
+A sweep file (YAML, usually in configs/sweeps/; format in `nstjax.sweep.spec` and `EPILOG`)
+names a base config and the axes to vary.
 
 Cells are grouped by structure, everything that shapes the compiled program: image shape,
 layers, pooling, normalization, precision, solver settings, chunk length, weights. Cells of a
