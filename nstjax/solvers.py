@@ -179,6 +179,30 @@ def _optax(s: Settings, fun: Callable):
     return init, step
 
 
+def _steps(body: Callable, st: SolveState, length: int) -> tuple[SolveState, dict]:
+    """`lax.scan(body, st, arange(length))` that ends after the first inactive step (inactive
+    steps change nothing, and once inactive a cell stays so until the next chunk). Under vmap
+    the loop runs while any lane is active: a scan would make lockstep lanes evaluate all
+    `length` steps even when every cell finished early (measured 1.5x a sweep's time). Steps not
+    run are inactive in the trace, their other entries those of the last step run."""
+    _, out0 = jax.eval_shape(body, st, jnp.int32(0))
+    buf = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), out0)
+
+    def step(c):
+        i, st, tr, _ = c
+        st, out = body(st, i)
+        tr = jax.tree.map(lambda b, v: b.at[i].set(v), tr, out)
+        return i + 1, st, tr, out["active"]
+
+    i, st, tr, _ = jax.lax.while_loop(lambda c: (c[0] < length) & c[3], step,
+                                      (jnp.int32(0), st, buf, jnp.bool_(True)))
+    ran = jnp.arange(length) < i
+    last = jax.tree.map(lambda b: b[jnp.maximum(i - 1, 0)], tr)
+    tr = jax.tree.map(lambda b, v: jnp.where(ran.reshape((-1,) + (1,) * (b.ndim - 1)), b, v),
+                      tr, last)
+    return st, {**tr, "active": tr["active"] & ran, "accepted": tr["accepted"] & ran}
+
+
 def _step_if(active: jax.Array, advance: Callable[[], SolveState], st: SolveState,
              lockstep: bool) -> SolveState:
     """advance() where `active`, else st. In lockstep (cells under `jax.vmap`) by a select:
@@ -226,7 +250,7 @@ def _make_lbfgs(s: Settings, fun: Callable, lazy: bool = False, lockstep: bool =
             return st, {**st.terms, "it": st.it, "evals": st.evals, "active": active,
                         "accepted": active & st.opt.accepted, "failed": st.failed}
 
-        return jax.lax.scan(body, st, jnp.arange(length))
+        return _steps(body, st, length)
 
     return init, chunk
 
@@ -274,7 +298,7 @@ def make(s: Settings, fun: Callable, *, lazy: bool = False, lockstep: bool = Fal
             return st, {**st.terms, "it": st.it, "evals": st.evals, "active": active,
                         "accepted": active, "failed": st.failed}
 
-        return jax.lax.scan(body, st, jnp.arange(length))
+        return _steps(body, st, length)
 
     return init, chunk
 

@@ -155,7 +155,8 @@ def demo_images(src: Path, out: Path, size: int, quality: int) -> list[Path]:
     return [*paths, out / "CREDITS.md"]
 
 
-def pair(run_dirs: list[str], out: Path, height: int, labels: list[str] | None) -> Path:
+def pair(run_dirs: list[str], out: Path, height: int, labels: list[str] | None,
+         quality: int = 85) -> Path:
     """content | style | each run's result, at one height, labelled."""
     runs = [results.load_run(d) for d in run_dirs]
     first = runs[0]
@@ -164,7 +165,7 @@ def pair(run_dirs: list[str], out: Path, height: int, labels: list[str] | None) 
     for i, r in enumerate(runs):
         text = labels[i] if labels and i < len(labels) else r.dir.name
         tiles.append(labelled(fit_height(_result(r), height), text))
-    return save(row(tiles), out)
+    return save(row(tiles), out, quality)
 
 
 def _value_text(v) -> str:
@@ -213,7 +214,7 @@ def _short_metric(name: str) -> str:
     return re.sub(r"block(\d)_conv(\d)", r"b\1c\2", name)
 
 
-def sheet(sweep_dir: str, out: Path, tile: int, metric: str | None) -> Path:
+def sheet(sweep_dir: str, out: Path, tile: int, metric: str | None, quality: int = 85) -> Path:
     """The sweep's final images in a grid, each labelled with its values (and a metric)."""
     sw = results.load_sweep(sweep_dir)
     if not sw.cells:
@@ -233,7 +234,7 @@ def sheet(sweep_dir: str, out: Path, tile: int, metric: str | None) -> Path:
         firsts.setdefault(repr(c.values.get(sw.keys[0])) if sw.keys else "", []).append(c)
     per_row = len(next(iter(firsts.values())))
     cols = per_row if len(firsts) > 1 and per_row > 1 else math.ceil(math.sqrt(len(tiles)))
-    return save(grid(tiles, cols), out)
+    return save(grid(tiles, cols), out, quality)
 
 
 def plot(run_dirs: list[str], out: Path, labels: list[str] | None, column: str) -> Path:
@@ -265,6 +266,7 @@ def plot(run_dirs: list[str], out: Path, labels: list[str] | None, column: str) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "gallery")
+    p.add_argument("--jpeg-quality", type=int, default=85, help="pair and sheet JPEGs")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo-images", help="small copies of the demo pair with CREDITS.md")
     d.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "images")
@@ -292,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "demo-images":
             paths = demo_images(args.src, args.dest, args.size, args.quality)
         elif args.cmd == "pair":
-            paths = [pair(args.runs, args.out_dir / args.name, args.height, args.labels)]
+            paths = [pair(args.runs, args.out_dir / args.name, args.height, args.labels,
+                          args.jpeg_quality)]
         elif args.cmd == "sheet":
-            paths = [sheet(args.sweep, args.out_dir / args.name, args.tile, args.metric)]
+            paths = [sheet(args.sweep, args.out_dir / args.name, args.tile, args.metric,
+                           args.jpeg_quality)]
         else:
             paths = [plot(args.runs, args.out_dir / args.name, args.labels, args.column)]
     except UserError as e:
