@@ -10,6 +10,7 @@ run is interrupted, no finer scale runs and final.* is that scale's.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -80,10 +81,13 @@ def upsample(x: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(jax.image.resize(jnp.asarray(x), (1, wh[1], wh[0], 3), "bicubic"))
 
 
-def run_multiscale(cfg: Config, d_out: Callable[[], Path], *, quiet: bool = False,
-                   compile_fn: Callable = record.program) -> tuple[Path, solvers.Result, dict]:
+def run_multiscale(cfg: Config, d_out: Callable[[], Path | None], *, quiet: bool = False,
+                   compile_fn: Callable = record.program,
+                   recorder: type[record.Recorder] = record.Recorder,
+                   ) -> tuple[Path | None, solvers.Result, record.Recorder]:
     """Solve `cfg` coarse to fine into the directory `d_out()` makes (called once the first
-    scale is built); returns (directory, result over all scales, run.json record)."""
+    scale is built; None with an in-memory `recorder`, which then takes no lock); returns
+    (directory, result over all scales, the recorder: its record is run.json's)."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -96,10 +100,10 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path], *, quiet: bool = Fals
     d = d_out()
     rec0 = {**record.start_record(cfg, problem), "content_size": list(sizes[-1]), "scales": []}
     bar = tqdm(total=sum(iters), disable=quiet, unit="it", dynamic_ncols=True, file=sys.stderr)
-    rec = record.Recorder(d, cfg, rec0, columns=COLUMNS, bar=bar, problem=problem)
+    rec = recorder(d, cfg, rec0, columns=COLUMNS, bar=bar, problem=problem)
     flag, errors = StopFlag(), []
     whole = solvers.Result(x=np.asarray(problem.x0))
-    with flag.installed(), DirLock(d):
+    with flag.installed(), (DirLock(d) if d is not None else contextlib.nullcontext()):
         with record.guarded(flag, errors, cfg.image.size):
             rec.start()
             for i, (wh, n) in enumerate(zip(sizes, iters), 1):
@@ -116,7 +120,7 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path], *, quiet: bool = Fals
         crash = rec.close(whole, t_start, flag, errors[0] if errors else None)
     if crash is not None:
         raise crash
-    return d, whole, rec.record
+    return d, whole, rec
 
 
 def _scale(rec: record.Recorder, i: int, cfg_i: Config, problem: Problem, flag: StopFlag,

@@ -76,7 +76,7 @@ def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
     if problem is None and cfg.multiscale.count:
         d, res, rec = multiscale.run_multiscale(
             cfg, lambda: make_run_dir(out, cfg, parent), quiet=quiet, compile_fn=program)
-        return RunResult(d, res, rec)
+        return RunResult(d, res, rec.record)
     problem = problem or _build_or_oom(cfg)
     d = make_run_dir(out, cfg, parent)
     with DirLock(d):
@@ -328,9 +328,7 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
     (a widget in notebooks), off with `quiet`. Ctrl-C stops after the current chunk (status
     interrupted). Bad input raises UserError.
 
-    Multi-scale configs run through `run` (until multiscale takes an in-memory recorder):
-    without `out` in a temporary directory, removed before returning (nothing is left in the
-    cwd or the cache directory); `.image` is read back from final.* (exact for 8-bit PNG).
+    Multi-scale configs run in memory too (with `out`, `.image` is read back from final.*).
     """
     t_start = time.perf_counter()
     cfg = _config(cfg_or_path, list(overrides))
@@ -352,19 +350,15 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
 
 
 def _multiscale(cfg: Config, out: str | Path | None, quiet: bool) -> Result:
-    """A multi-scale run through `run`; the image is read back from its final.* file. Without
-    `out`, in a temporary directory (output as 8-bit PNG: the image is then exact)."""
-    import tempfile
-
-    from nstjax.results import read_history as read_columns
-
-    with tempfile.TemporaryDirectory(prefix="nstjax-") as tmp:
-        if out is None:
-            cfg = cfg.model_copy(update={"output": cfg.output.model_copy(
-                update={"format": "png", "bits": 8})})
-        r = run(cfg, Path(out) if out is not None else Path(tmp) / "run", quiet=quiet)
+    """A multi-scale run: into `out` through `run`, else in memory (an in-memory recorder)."""
+    if out is not None:
+        r = run(cfg, out, quiet=quiet)
         with Image.open(r.dir / f"final.{cfg.output.format}") as im:
             img = im.convert("RGB")
-        hist = read_columns(r.dir / "history.csv")
-    return Result(img, np.asarray(r.result.x, np.float32), hist, r.record, r.result,
-                  r.dir if out is not None else None)
+        return Result(img, np.asarray(r.result.x, np.float32), _columns(r.result.history),
+                      r.record, r.result, r.dir)
+    _, res, rec = multiscale.run_multiscale(cfg, lambda: None, quiet=quiet, compile_fn=program,
+                                            recorder=_Memory)
+    x = np.asarray(res.x, np.float32)
+    return Result(Image.fromarray(image.deprocess(rec.visible(x)), "RGB"), x,
+                  _columns(res.history), rec.record, res, None)
