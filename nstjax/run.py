@@ -22,9 +22,7 @@ from nstjax import image, multiscale, record, solvers
 from nstjax.config import Config, merge, parse_overrides, read_yaml, validate
 from nstjax.errors import UserError
 from nstjax.problem import Problem, build
-from nstjax.record import (  # noqa: F401 - compat
-    HISTORY_COLUMNS,
-    STATE_FILE,
+from nstjax.record import (
     check_out,
     chunk_size,
     make_run_dir,
@@ -34,7 +32,6 @@ from nstjax.record import (  # noqa: F401 - compat
 from nstjax.runtime import (
     DirLock,
     StopFlag,
-    enable_compile_cache,  # noqa: F401 - compat
     signal_exit_code,
     use_compile_cache,
 )

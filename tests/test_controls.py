@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from nstjax import cli, config, image, losses, problem, run, weights
+from nstjax import cli, config, image, losses, problem, record, run, weights
 from nstjax.errors import UserError
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -324,7 +324,7 @@ def test_multiscale_beats_one_scale_with_the_same_iterations(files, tmp_path):
     with open(d / "history.csv") as f:
         rows = list(csv.DictReader(f))
     cols, layers = list(rows[0]), config.load(p).loss.style_layers
-    assert cols[:6] == ["scale", *run.HISTORY_COLUMNS[:-1]] and cols[-1] == "seconds"
+    assert cols[:6] == ["scale", *record.HISTORY_COLUMNS[:-1]] and cols[-1] == "seconds"
     assert cols[6:-1] == sorted(f"style/{n}" for n in layers) and len(rows) == 22
     assert [(r["scale"], r["iter"]) for r in rows[10:13]] == [("1", "10"), ("2", "10"),
                                                               ("2", "11")]

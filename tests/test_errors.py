@@ -19,7 +19,7 @@ import yaml
 from conftest import DEMO, write_tiny
 from PIL import Image
 
-from nstjax import cli, image, run, weights
+from nstjax import cli, image, record, run, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -501,7 +501,7 @@ def test_disk_full_writing_the_final_image(env, capsys, monkeypatch):
 def test_disk_full_mid_run(env, capsys, monkeypatch):
     _disk_full_on(monkeypatch, r"history\.csv", after=2)  # row 0, first chunk; then full
     d = _run_out_of_space(env, capsys, "history.csv")
-    rows = run.read_history(d / "history.csv")
+    rows = record.read_history(d / "history.csv")
     assert [r["iter"] for r in rows] == [0, 1, 2]  # the last complete write, intact
     assert json.loads((d / "run.json").read_text())["status"] == "failed"
     assert Image.open(d / "final.png").size == (32, 32)  # the image so far is not lost

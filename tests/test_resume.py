@@ -19,7 +19,8 @@ from conftest import TINY, after_chunks, history, record
 from conftest import quiet_cli as nstjax
 from PIL import Image
 
-from nstjax import image, run, solvers
+from nstjax import image, solvers
+from nstjax.record import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_resume_matches_an_uninterrupted_run(env, capsys, monkeypatch, solver):
     code, err = nstjax(capsys, "run", "ok.yaml", f"solver.name={solver}", "--out", "whole")
     assert code == 0, err
     d = interrupted_run(capsys, monkeypatch, "part", 1, f"solver.name={solver}")
-    assert record(d)["iterations"] == 2 and (d / run.STATE_FILE).is_file()
+    assert record(d)["iterations"] == 2 and (d / STATE_FILE).is_file()
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 0, err
     rec = record(d)
@@ -73,13 +74,13 @@ def test_resume_matches_an_uninterrupted_run(env, capsys, monkeypatch, solver):
     assert sorted(p.name for p in d.glob("iter_*")) == ["iter_000002.png", "iter_000004.png"]
     assert np.array_equal(np.asarray(Image.open(d / "final.png")),
                           image.deprocess(np.load(d / "last.npy")))
-    assert not (d / run.STATE_FILE).exists()
+    assert not (d / STATE_FILE).exists()
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
 
 
 def test_resume_without_solver_state_restarts_the_solver(env, capsys, monkeypatch):
     d = interrupted_run(capsys, monkeypatch, "part", 2)
-    (d / run.STATE_FILE).unlink()
+    (d / STATE_FILE).unlink()
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 0, err
     rec = record(d)
@@ -89,7 +90,7 @@ def test_resume_without_solver_state_restarts_the_solver(env, capsys, monkeypatc
 
 def test_resume_with_a_corrupt_solver_state_restarts(env, capsys, monkeypatch):
     d = interrupted_run(capsys, monkeypatch, "part", 1)
-    (d / run.STATE_FILE).write_bytes(b"PK\x03\x04 garbage")
+    (d / STATE_FILE).write_bytes(b"PK\x03\x04 garbage")
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 0, err
     assert record(d)["resumed"][0]["solver_state"] == "restarted"
@@ -121,7 +122,7 @@ def test_resume_a_killed_run(env, capsys, monkeypatch):
     rec = record(d)
     rec.update(status="running", pid=2**22 + 12345, host=platform.node())
     (d / "run.json").write_text(json.dumps(rec))
-    (d / run.STATE_FILE).unlink()
+    (d / STATE_FILE).unlink()
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 0, err
     assert record(d)["status"] == "done"
@@ -284,7 +285,7 @@ def test_resume_ignores_a_solver_state_declaring_a_huge_leaf(env, capsys, monkey
     """A solver_state.npz member whose header claims 4 TiB: not read, a warning, the solver
     state restarts and the resume completes."""
     d = interrupted_run(capsys, monkeypatch, "part", 1)
-    path = d / run.STATE_FILE
+    path = d / STATE_FILE
     with zipfile.ZipFile(path) as z:
         members = {n: z.read(n) for n in z.namelist()}
     members["leaf_0000.npy"] = npy_header_only(env / "x.npy", (1 << 40,), np.float32, b"\0" * 8)

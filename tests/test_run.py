@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from nstjax import cli, config, run
+from nstjax import cli, config, record, run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -148,7 +148,7 @@ def test_sighup_is_an_interrupt(env, capsys, monkeypatch):
     d = env / "r"
     rec = _strict_json(d / "run.json")
     assert rec["status"] == "interrupted" and rec["signal"] == signal.SIGHUP
-    assert rec["iterations"] == 2 and (d / run.STATE_FILE).is_file()
+    assert rec["iterations"] == 2 and (d / record.STATE_FILE).is_file()
     x = np.load(d / "last.npy")
     assert np.array_equal(np.asarray(Image.open(d / "final.png")), image.deprocess(x))
     assert not (d / "run.lock").exists()

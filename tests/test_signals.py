@@ -25,6 +25,7 @@ from conftest import quiet_cli as nstjax
 from PIL import Image
 
 from nstjax import cli, config, image, losses, run
+from nstjax.record import STATE_FILE
 
 
 def assert_complete(d: Path, status: str) -> dict:
@@ -145,7 +146,7 @@ def test_sigint_stops_and_keeps_everything(signalled):
     assert err.strip().splitlines()[-1] == f"nstjax: interrupted; continue with: nstjax resume {d}"
     rec = assert_complete(d, "interrupted")
     assert rec["signal"] == signal.SIGINT and 4 <= rec["iterations"] < 5000
-    assert (d / run.STATE_FILE).is_file()  # stopped between chunks: the solver state is kept
+    assert (d / STATE_FILE).is_file()  # stopped between chunks: the solver state is kept
 
 
 def test_sigterm_stops_and_keeps_everything(signalled):
@@ -185,7 +186,7 @@ def test_resume_after_sigterm(signalled, tmp_path, capsys, monkeypatch):
     assert rec["iterations"] == done + 4
     assert rec["resumed"][0]["from_iteration"] == done
     assert rec["resumed"][0]["solver_state"] == "restored"
-    assert not (d / run.STATE_FILE).exists()
+    assert not (d / STATE_FILE).exists()
     assert yaml.safe_load((d / "config.yaml").read_text())["solver"]["maxiter"] == done + 4
 
 
