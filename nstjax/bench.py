@@ -93,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed evaluations first (default 1)")
     p.add_argument("--chunk", type=int, default=50,
                    help="solver iterations per compiled chunk (default 50)")
+    p.add_argument("--loss-kind", default="gram",
+                   help="the loss kind timed (default gram, the post's); see --loss-plugin")
+    p.add_argument("--loss-plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="a .py file or module that registers loss kinds (repeatable)")
     p.add_argument("--weights", default="random",
                    help="VGG16 weights: random (default; same speed), hed, imagenet or a file")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and images")
@@ -131,7 +135,7 @@ class Inputs:
     def spec(self, precision: str, remat: bool = False) -> losses.Spec:
         lc = self.loss_cfg
         return losses.Spec(tuple(lc.content_layers), tuple(lc.style_layers), "avg",
-                           lc.normalization, precision, remat)
+                           lc.normalization, precision, remat, kind=lc.kind)
 
     def weights(self, spec: losses.Spec) -> dict:
         lc = self.loss_cfg
@@ -417,8 +421,15 @@ def run_bench(a: argparse.Namespace) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if a.repeats < 1 or a.chunk < 1:
         raise UserError("--repeats and --chunk must be >= 1")
+    for ref in a.loss_plugin:
+        losses.load_plugin(ref)
+    losses.kind(a.loss_kind)  # an unknown kind: one line listing the registered ones
+    loss_cfg = config.LossCfg().model_copy(update={"kind": a.loss_kind})
     if a.compare_torch:
         _import_torch()
+        if a.loss_kind != "gram":
+            raise UserError(f"--compare-torch: the PyTorch side implements the Gram loss only, "
+                            f"not --loss-kind {a.loss_kind}; drop one of them")
     if a.compile_cache:
         runtime.enable_compile_cache(a.compile_cache)
     params, winfo = weights.load(a.weights, seed=a.seed, quiet=True)
@@ -428,11 +439,13 @@ def run_bench(a: argparse.Namespace) -> dict:
                                  "precisions": precisions, "iters": a.iters,
                                  "repeats": a.repeats, "warmup": a.warmup, "chunk": a.chunk,
                                  "seed": a.seed, "remat": a.remat,
-                                 "loss": config.LossCfg().model_dump(),
+                                 "loss": loss_cfg.model_dump(),
                                  "compile_cache": a.compile_cache},
                     "results": [], "torch": []}
     for w, h in sizes:
-        rows, trow = bench_size(make_inputs(params, w, h, a.seed), precisions, a)
+        inputs = make_inputs(params, w, h, a.seed)
+        inputs.loss_cfg = loss_cfg
+        rows, trow = bench_size(inputs, precisions, a)
         report["results"] += rows
         if trow is not None:
             report["torch"].append(trow)

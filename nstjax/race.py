@@ -104,6 +104,9 @@ def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 8
             print(f"[race] {msg}", file=sys.stderr, flush=True)
 
     cfg, pb = _problem(cfg_path, overrides)
+    if cfg.loss.kind != "gram":
+        raise UserError(f"--race: the PyTorch peer implements the Gram loss only, not "
+                        f"loss.kind {cfg.loss.kind}")
     spec = pb.spec(cfg.model.precision)
     tc = bench_torch.TorchCase(pb, spec, threads, "nhwc")
     say(f"{pb.width}x{pb.height}: PyTorch eager + scipy L-BFGS-B, {iters} iterations")

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nstjax import bench, cli
@@ -87,3 +88,24 @@ def test_compare_torch_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_parse_sizes() -> None:
     assert bench.parse_sizes("512x384, 4k,512x384") == [(512, 384), (3840, 2160)]
     assert bench.parse_precisions("bfloat16,default") == ["bfloat16", "default"]
+
+
+def test_bench_times_a_plugin_loss_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`--loss-kind` with `--loss-plugin`: the timed program is the plugin's objective."""
+    plugin = Path(__file__).parents[1] / "configs" / "examples" / "adain_loss.py"
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "32x32", "--precisions", "highest", "--iters", "0",
+            "--repeats", "1", "--out", str(out), "--quiet", "--loss-plugin", str(plugin),
+            "--loss-kind", "adain"]
+    assert cli.main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["loss"]["kind"] == "adain"
+    (adain,) = rep["results"]
+    assert cli.main([*argv[:-2], "--loss-kind", "gram"]) == 0
+    (gram,) = json.loads(out.read_text())["results"]
+    # Same images, same x0: a different objective gives a different loss.
+    assert np.isfinite(adain["loss"]) and not np.isclose(adain["loss"], gram["loss"])
+    assert cli.main([*argv[:-2], "--loss-kind", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main([*argv, "--compare-torch"]) == 2
+    assert "Gram loss only" in capsys.readouterr().err
