@@ -266,12 +266,17 @@ class Recorder:
             self.history.append(self.shift([row])[0])
             self.write_history()
 
-    def add(self, x, rows: list[dict]) -> list[dict]:
+    def progress(self, rows: list[dict]) -> list[dict]:
+        """The rows in the run's numbering, counted on the progress bar."""
         rows = self.shift(rows)
         if self.bar is not None:
             self.bar.update(len(rows))
             if rows:
                 self.bar.set_postfix(loss=f"{rows[-1]['total']:.4g}")
+        return rows
+
+    def add(self, x, rows: list[dict]) -> list[dict]:
+        rows = self.progress(rows)
         every, s = self.cfg.output.save_every, self.now
         k = rows[-1]["iter"] - s.base if rows else 0
         if every and k and k % every == 0 and k < s.total:

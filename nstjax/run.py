@@ -254,11 +254,7 @@ class _Memory(record.Recorder):
             return None
 
     def add(self, x, rows: list[dict]) -> list[dict]:
-        rows = self.shift(rows)
-        if self.bar is not None:
-            self.bar.update(len(rows))
-            if rows:
-                self.bar.set_postfix(loss=f"{rows[-1]['total']:.4g}")
+        rows = self.progress(rows)
         self.x = np.asarray(x)
         self.history.extend(rows)
         return rows
