@@ -426,10 +426,10 @@ def run_bench(a: argparse.Namespace) -> dict:
     losses.kind(a.loss_kind)  # an unknown kind: one line listing the registered ones
     loss_cfg = config.LossCfg().model_copy(update={"kind": a.loss_kind})
     if a.compare_torch:
-        _import_torch()
         if a.loss_kind != "gram":
             raise UserError(f"--compare-torch: the PyTorch side implements the Gram loss only, "
                             f"not --loss-kind {a.loss_kind}; drop one of them")
+        _import_torch()
     if a.compile_cache:
         runtime.enable_compile_cache(a.compile_cache)
     params, winfo = weights.load(a.weights, seed=a.seed, quiet=True)
