@@ -300,7 +300,12 @@ def loss_plot(out: Path, g: Group) -> bytes | None:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{g.name} ({g.hw[1]}x{g.hw[0]}, {g.settings.name})")
+    return _png(fig, f"{g.name} ({g.hw[1]}x{g.hw[0]}, {g.settings.name})")
+
+
+def _png(fig, title: str) -> bytes:
+    """A titled matplotlib Figure as PNG bytes."""
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -347,8 +352,4 @@ def axis_plot(sw: Sweep, cells: list[Cell], rows: list[dict], j: int) -> bytes |
         ax.grid(alpha=0.3)
     if len(series) > 1:
         axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{sw.name}: {', '.join(d.keys)} (reference evaluation, all groups)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig, f"{sw.name}: {', '.join(d.keys)} (reference evaluation, all groups)")
