@@ -132,10 +132,10 @@ class Inputs:
     x0: np.ndarray
     loss_cfg: config.LossCfg = field(default_factory=config.LossCfg)
 
-    def spec(self, precision: str, remat: bool = False) -> losses.Spec:
+    def spec(self, precision: str, remat: bool = False, conv: str = "auto") -> losses.Spec:
         lc = self.loss_cfg
         return losses.Spec(tuple(lc.content_layers), tuple(lc.style_layers), "avg",
-                           lc.normalization, precision, remat, kind=lc.kind)
+                           lc.normalization, precision, remat, kind=lc.kind, conv=conv)
 
     def weights(self, spec: losses.Spec) -> dict:
         lc = self.loss_cfg
@@ -155,7 +155,7 @@ def make_inputs(params: dict, width: int, height: int, seed: int = 0) -> Inputs:
 
 def jax_args(pb: Inputs, spec: losses.Spec) -> tuple:
     """(params, targets, weights) on the device: the arguments of the objective."""
-    params = jax.tree.map(jnp.asarray, pb.params)
+    params = vgg16.prepare(pb.params, spec.conv, spec.precision)
     tgt = losses.targets(params, jnp.asarray(pb.content), jnp.asarray(pb.style), spec)
     return params, tgt, pb.weights(spec)
 

@@ -74,6 +74,7 @@ class ModelCfg(_Strict):
     pooling: Literal["avg", "max"] = "avg"
     precision: Literal["highest", "default", "bfloat16"] = "default"
     remat: bool = False
+    conv: Literal["auto", "direct", "winograd"] = "auto"
 
 
 class LossCfg(_Strict):

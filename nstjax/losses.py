@@ -47,6 +47,7 @@ class Spec:
     style_masks: int = 0
     content_mask: bool = False
     kind: str = "gram"  # a registered loss kind (`kinds()`)
+    conv: str = "auto"  # the convolution algorithm (vgg16.conv): auto, direct or winograd
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -161,10 +162,16 @@ def scored_image(x: jax.Array, tgt: dict, spec: Spec) -> jax.Array:
     return cm["mask"] * x + (1.0 - cm["mask"]) * cm["image"]
 
 
+def features(params: dict, x: jax.Array, layers: Sequence[str], spec: Spec) -> dict:
+    """`vgg16.features` of `layers` with the spec's pooling, precision, remat and convolution:
+    what a loss kind's targets and terms call, so both see the same network."""
+    return vgg16.features(params, x, layers, spec.pooling, spec.precision, spec.remat, spec.conv)
+
+
 def gram_targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> dict:
     """Targets: content features {layer: (1,h,w,c)} and style Grams {layer: (1,c,c)}."""
-    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
-    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
+    fc = features(params, content_x, spec.content_layers, spec)
+    fs = features(params, style_x, spec.style_layers, spec)
     return {
         "content": {n: fc[n] for n in spec.content_layers},
         "style": {n: gram(fs[n], spec.normalization) for n in spec.style_layers},
@@ -181,7 +188,7 @@ def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec)
     guided Grams.
     """
     x = scored_image(x, tgt, spec)
-    feats = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
+    feats = features(params, x, spec.layers, spec)
     norm = spec.normalization
     per_content = {n: weights["content"][n] * content_loss(feats[n], tgt["content"][n], norm)
                    for n in spec.content_layers}

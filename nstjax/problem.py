@@ -95,6 +95,7 @@ def spec_of(cfg: Config) -> losses.Spec:
         style_masks=len(cfg.styles) if cfg.masks.style else 0,
         content_mask=cfg.masks.content is not None,
         kind=cfg.loss.kind,
+        conv=cfg.model.conv,
     )
 
 
@@ -207,8 +208,8 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
         content = image.preprocess(image.gray(content_ycc[..., 0]))
     if params is None:
         params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
-    params = jax.tree.map(jnp.asarray, params)
     spec = spec_of(cfg)
+    params = vgg16.prepare(params, spec.conv, spec.precision)
     tgt = style_targets(params, content, styles, spec,
                         None if spec.style_masks else blend_weights(cfg))
     if spec.style_masks:

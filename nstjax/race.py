@@ -107,7 +107,7 @@ def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 8
     if cfg.loss.kind != "gram":
         raise UserError(f"--race: the PyTorch peer implements the Gram loss only, not "
                         f"loss.kind {cfg.loss.kind}")
-    spec = pb.spec(cfg.model.precision)
+    spec = pb.spec(cfg.model.precision, conv=cfg.model.conv)
     tc = bench_torch.TorchCase(pb, spec, threads, "nhwc")
     say(f"{pb.width}x{pb.height}: PyTorch eager + scipy L-BFGS-B, {iters} iterations")
     rows = [bench_torch.scipy_lbfgsb(tc, iters)]

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import image, losses, solvers
+from nstjax import image, losses, solvers, vgg16
 from nstjax.config import Config, dump
 from nstjax.errors import UserError
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
@@ -115,7 +115,8 @@ def start_record(cfg: Config, problem) -> dict:
     import jax
 
     return {"status": Status.RUNNING.value, "versions": versions(), "device": str(jax.devices()[0]),
-            "platform": jax.default_backend(), **problem.info, "solver": cfg.solver.name,
+            "platform": jax.default_backend(),
+            "conv": vgg16.resolve_conv(cfg.model.conv), **problem.info, "solver": cfg.solver.name,
             "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": platform.node()}
 

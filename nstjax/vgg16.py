@@ -3,7 +3,10 @@
 The convolution has a custom VJP: its input gradient is written as a forward convolution of the
 cotangent with the flipped, in/out-swapped kernel. The gradients equal `jax.grad`'s, but XLA:CPU
 keeps this form on its fast path inside compiled loops, where the transposed convolution that
-`jax.grad` emits runs ~3x slower (scripts/BENCH_NOTES.md, "Solver findings").
+`jax.grad` emits runs ~3x slower (scripts/BENCH_NOTES.md, "Solver findings"). On CPU the
+layers with 128 or more channels run as Winograd F(2x2, 3x3) (Lavin & Gray 2015): 2.25x fewer
+multiplications, float32 roundoff of ~1e-6 (`conv`, `model.conv`). `prepare` computes the
+kernels both passes need once per run, outside the compiled loop.
 """
 
 from collections.abc import Sequence
@@ -33,6 +36,7 @@ NAMES: tuple[str, ...] = tuple(name for name, _, _ in CONVS)
 CHANNELS: dict[str, int] = {name: cout for name, _, cout in CONVS}
 POOLINGS = ("avg", "max")
 PRECISIONS = ("highest", "default", "bfloat16")
+CONV_ALGOS = ("auto", "direct", "winograd")
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -49,35 +53,142 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, precision: str) -> jax.Array:
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_vjp(x: jax.Array, kernel: jax.Array, precision: str) -> jax.Array:
-    return _lax_conv(x, kernel, precision)
+def resolve_conv(algo: str) -> str:
+    """`auto` -> `winograd` on CPU (XLA:CPU's direct convolutions are its slowest part), else
+    `direct` (accelerator libraries choose their own algorithms)."""
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"conv must be one of {CONV_ALGOS}, got {algo!r}")
+    if algo == "auto":
+        return "winograd" if jax.default_backend() == "cpu" else "direct"
+    return algo
 
 
-def _conv_fwd(x: jax.Array, kernel: jax.Array, precision: str):
-    return _lax_conv(x, kernel, precision), (x, kernel)
+def uses_winograd(cin: int, cout: int, algo: str, precision: str) -> bool:
+    """Whether a layer runs as Winograd: float32 precisions only, and not block1's narrow
+    layers, where the transforms cost more than the multiplications they save."""
+    return (resolve_conv(algo) == "winograd" and precision != "bfloat16"
+            and max(cin, cout) >= 128)
 
 
-def _conv_bwd(precision: str, residuals: tuple[jax.Array, jax.Array], g: jax.Array):
-    x, kernel = residuals
-    # 3x3 SAME stride 1: the transpose w.r.t. x is again a 3x3 SAME convolution.
-    dx = _lax_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), precision)
+def flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel of the input gradient: spatially flipped, in/out channels swapped."""
+    return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def _f23(a, b, c, d):
+    # Winograd F(2x2, 3x3) data transform B^T along one axis, for 4 inputs.
+    return a - c, b + c, c - b, b - d
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+    """HWIO (3,3,C,K) -> (16,C,K): G k G^T of F(2x2, 3x3), row-major over the 4x4 tile."""
+    def g(r0, r1, r2):
+        return r0, (r0 + r1 + r2) / 2, (r0 - r1 + r2) / 2, r2
+    out = []
+    for row in g(kernel[0], kernel[1], kernel[2]):
+        out += g(row[0], row[1], row[2])
+    return jnp.stack(out)
+
+
+def winograd_conv(x: jax.Array, u: jax.Array, precision: str = "highest") -> jax.Array:
+    """The 3x3 SAME convolution of NHWC `x` as Winograd F(2x2, 3x3) with u = winograd_kernel(k):
+    16 matrix products (P, C) x (C, K) over 2x2 output tiles instead of 9 per pixel, 2.25x fewer
+    multiplications; results agree with the direct convolution to float32 roundoff (~1e-6)."""
+    n, h, w, c = x.shape
+    ht, wt = (h + 1) // 2, (w + 1) // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * ht - h), (1, 1 + 2 * wt - w), (0, 0)))
+    e, o = xp[:, 0::2], xp[:, 1::2]
+    d = []
+    for r in _f23(e[:, :-1], o[:, :-1], e[:, 1:], o[:, 1:]):
+        e2, o2 = r[:, :, 0::2], r[:, :, 1::2]
+        d += _f23(e2[:, :, :-1], o2[:, :, :-1], e2[:, :, 1:], o2[:, :, 1:])
+    prec = jax.lax.Precision.HIGHEST if precision == "highest" else None
+    if n * ht * wt <= 256:  # small maps: one batched product beats 16 small ones on CPU
+        m = jnp.einsum("tpc,tck->tpk", jnp.stack(d).reshape(16, -1, c), u, precision=prec)
+    else:
+        m = [jnp.dot(di.reshape(-1, c), u[i], precision=prec) for i, di in enumerate(d)]
+    m = [mi.reshape(n, ht, wt, -1) for mi in m]
+    rows = [[a + b + c_ for a, b, c_ in zip(m[0:4], m[4:8], m[8:12])],
+            [b - c_ - d_ for b, c_, d_ in zip(m[4:8], m[8:12], m[12:16])]]
+    y = jnp.stack([jnp.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], axis=3) for r in rows],
+                  axis=2)
+    return y.reshape(n, 2 * ht, 2 * wt, -1)[:, :h, :w]
+
+
+def _apply(x: jax.Array, k: jax.Array, winograd: bool, precision: str) -> jax.Array:
+    return winograd_conv(x, k, precision) if winograd else _lax_conv(x, k, precision)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_vjp(x, kernel, fwd_k, bwd_k, winograd: bool, precision: str) -> jax.Array:
+    return _apply(x, fwd_k, winograd, precision)
+
+
+def _conv_fwd(x, kernel, fwd_k, bwd_k, winograd, precision):
+    return _apply(x, fwd_k, winograd, precision), (x, kernel, fwd_k, bwd_k)
+
+
+def _conv_bwd(winograd: bool, precision: str, residuals, g: jax.Array):
+    x, kernel, fwd_k, bwd_k = residuals
+    # 3x3 SAME stride 1: the transpose w.r.t. x is again a 3x3 SAME convolution, with
+    # flipped(kernel) (or its Winograd form) as kernel. The kernel's gradient is the direct
+    # convolution's; fwd_k and bwd_k are functions of the kernel, so they get none of their own.
+    dx = _apply(g, bwd_k, winograd, precision)
     (dk,) = jax.linear_transpose(lambda k: _lax_conv(x, k, precision), kernel)(g)
-    return dx, dk
+    return dx, dk, jnp.zeros_like(fwd_k), jnp.zeros_like(bwd_k)
 
 
 _conv_vjp.defvjp(_conv_fwd, _conv_bwd)
 
+# Keys `prepare` adds beside a layer's kernel and bias: the backward kernel, and both
+# Winograd kernels. Computed once per run, outside the compiled loop, where XLA does not hoist
+# them (it would redo the flip, ~10 ms per 512-channel layer, every evaluation).
+PREPARED = ("kernel_t", "winograd", "winograd_t")
 
-def conv(x: jax.Array, kernel: jax.Array, precision: str = "highest") -> jax.Array:
+
+_MAKE = {"kernel_t": flipped, "winograd": winograd_kernel,
+         "winograd_t": lambda k: winograd_kernel(flipped(k))}
+
+
+def conv(x: jax.Array, kernel: jax.Array, precision: str = "highest", algo: str = "direct",
+         prepared: dict | None = None) -> jax.Array:
     """3x3, stride-1, 'SAME' convolution of NHWC `x` with an HWIO `kernel` (no bias).
 
     `precision`: `highest` (true float32), `default` (TF32 where the hardware has it) or
-    `bfloat16` (both operands cast to bf16; the result is bf16).
+    `bfloat16` (both operands cast to bf16; the result is bf16). `algo`: `direct`, `winograd`
+    (F(2x2,3x3) where `uses_winograd`) or `auto`. `prepared`: any of `PREPARED` precomputed
+    (`prepare`); missing ones are derived from `kernel`. Gradients: `jax.grad`'s of the direct
+    convolution for `direct` (exactly), and to float32 roundoff for `winograd`.
     """
+    prepared = prepared or {}
+    cin, cout = kernel.shape[2:]
+    wino = uses_winograd(cin, cout, algo, precision)
+    if wino:
+        fwd_k = prepared.get("winograd")
+        bwd_k = prepared.get("winograd_t")
+        fwd_k = winograd_kernel(kernel) if fwd_k is None else fwd_k
+        bwd_k = winograd_kernel(flipped(kernel)) if bwd_k is None else bwd_k
+    else:
+        fwd_k, bwd_k = kernel, prepared.get("kernel_t")
+        bwd_k = flipped(kernel) if bwd_k is None else bwd_k
     if precision == "bfloat16":
         x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    return _conv_vjp(x, kernel, precision)
+        fwd_k, bwd_k = fwd_k.astype(jnp.bfloat16), bwd_k.astype(jnp.bfloat16)
+    return _conv_vjp(x, kernel, fwd_k, bwd_k, wino, precision)
+
+
+def prepare(params: dict, algo: str = "auto", precision: str = "default") -> dict:
+    """`params` (on the device) with each layer's `PREPARED` kernels for `algo` and `precision`,
+    and no others: pass the result wherever params go when the same weights serve many
+    evaluations (a solve). Kernels already there are kept, so preparing twice costs nothing."""
+    out = {}
+    for name, p in params.items():
+        k = jnp.asarray(p["kernel"])
+        cin, cout = k.shape[2:]
+        keys = PREPARED[1:] if uses_winograd(cin, cout, algo, precision) else PREPARED[:1]
+        layer = {n: jnp.asarray(v) for n, v in p.items() if n not in PREPARED}
+        out[name] = layer | {n: p[n] if n in p else _MAKE[n](k) for n in keys}
+    return out
 
 
 def _pool(x: jax.Array, pooling: str) -> jax.Array:
@@ -87,7 +198,7 @@ def _pool(x: jax.Array, pooling: str) -> jax.Array:
     return x.max(axis=(2, 4)) if pooling == "max" else x.mean(axis=(2, 4))
 
 
-def _check(layers: Sequence[str], pooling: str, precision: str) -> None:
+def _check(layers: Sequence[str], pooling: str, precision: str, conv: str) -> None:
     unknown = [n for n in layers if n not in CHANNELS]
     if unknown or not layers:
         raise ValueError(f"unknown VGG16 layers {unknown} in {list(layers)}; valid: {list(NAMES)}")
@@ -95,6 +206,7 @@ def _check(layers: Sequence[str], pooling: str, precision: str) -> None:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    resolve_conv(conv)
 
 
 # Keras' own initializer is Glorot; He-normal keeps activations at scale through 13 ReLU layers
@@ -107,12 +219,15 @@ class Conv3x3(nn.Module):
 
     features: int
     precision: str = "highest"
+    conv: str = "direct"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _he_normal, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        y = conv(x, kernel, self.precision)
+        prepared = {k: self.get_variable("params", k) for k in PREPARED
+                    if self.has_variable("params", k)}
+        y = conv(x, kernel, self.precision, self.conv, prepared)
         return jax.nn.relu(y + bias.astype(y.dtype).reshape(1, 1, 1, -1))
 
 
@@ -123,7 +238,7 @@ def _run_block(
     # {"block1_conv1": {"kernel", "bias"}, ...}, with or without nn.remat around a block.
     acts = {}
     for n in names:
-        h = Conv3x3(CHANNELS[n], module.precision, name=n)(h)
+        h = Conv3x3(CHANNELS[n], module.precision, module.conv, name=n)(h)
         acts[n] = h
     return h, acts
 
@@ -135,17 +250,19 @@ class VGG16(nn.Module):
     the deepest one asked for. `pooling`: `avg` or `max` (2x2 'valid'). `precision`: `highest`,
     `default` or `bfloat16` (outputs are cast back to float32 so Grams and losses accumulate in
     float32). `remat` recomputes each block in the backward pass instead of storing its
-    activations (for large images).
+    activations (for large images). `conv`: the convolution algorithm (`conv`); params may hold
+    `prepare`'s precomputed kernels.
     """
 
     layers: Sequence[str] = NAMES
     pooling: str = "avg"
     precision: str = "highest"
     remat: bool = False
+    conv: str = "direct"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        _check(self.layers, self.pooling, self.precision)
+        _check(self.layers, self.pooling, self.precision, self.conv)
         last = max(NAMES.index(n) for n in self.layers)
         run = nn.remat(_run_block, static_argnums=(2,)) if self.remat else _run_block
         out: dict[str, jax.Array] = {}
@@ -169,11 +286,12 @@ def features(
     pooling: str = "avg",
     precision: str = "highest",
     remat: bool = False,
+    conv: str = "direct",
 ) -> dict[str, jax.Array]:
     """Activations {name: (N,h,w,c)} of `layers` for a preprocessed NHWC batch `x`.
 
     `params` is `{layer_name: {"kernel": (3,3,cin,cout), "bias": (cout,)}}` (flax's "params"
-    collection of `VGG16`); the rest as in `VGG16`.
+    collection of `VGG16`, optionally with `prepare`'s kernels); the rest as in `VGG16`.
     """
-    module = VGG16(tuple(layers), pooling, precision, remat)
+    module = VGG16(tuple(layers), pooling, precision, remat, conv)
     return module.apply({"params": params}, x)

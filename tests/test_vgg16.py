@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_vgg16, rel_err
+from conftest import np_conv3x3_same, np_vgg16, rel_err
 
 from nstjax import vgg16
 
@@ -171,7 +171,7 @@ LAX_PRECISION = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precis
                  "bfloat16": None}
 
 
-def plain_conv(x, kernel, precision="highest"):
+def plain_conv(x, kernel, precision="highest", algo="direct", prepared=None):
     """The convolution as jax.grad differentiates it by default (what vgg16.conv replaces)."""
     if precision == "bfloat16":
         x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
@@ -307,3 +307,139 @@ def test_features_under_vmap_with_remat(vgg_params, image):
         assert abs(float(values[i]) - float(v)) <= 1e-5 * abs(float(v))
         assert float(jnp.max(jnp.abs(g))) > 0
         assert rel_err(grads[i], g) < 1e-5
+
+
+# --- Winograd F(2x2, 3x3) -------------------------------------------------------------------
+
+
+def np_winograd_kernel(k: np.ndarray) -> np.ndarray:
+    # Lavin & Gray (2015), eq. 7: U = G g G^T, G written out.
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    return np.einsum("ai,ijck,bj->abck", g, k.astype(np.float64), g).reshape(16, *k.shape[2:])
+
+
+def test_winograd_kernel_is_g_k_gt():
+    k = np.random.default_rng(3).standard_normal((3, 3, 4, 5)).astype(np.float32)
+    got = vgg16.winograd_kernel(jnp.asarray(k))
+    assert got.shape == (16, 4, 5)
+    assert rel_err(got, np_winograd_kernel(k)) < 1e-7
+
+
+@pytest.mark.parametrize(("n", "h", "w", "cin", "cout"), [
+    (2, 7, 9, 5, 6),       # odd sizes: the last tile row/column is cropped; one batched product
+    (1, 40, 30, 3, 8),     # 300 tiles: 16 separate products
+    (1, 1, 1, 4, 4),       # a single pixel
+])
+def test_winograd_conv_matches_numpy(n, h, w, cin, cout):
+    rng = np.random.default_rng(h * w)
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    k = rng.standard_normal((3, 3, cin, cout)).astype(np.float32)
+    ref = np.stack([np_conv3x3_same(x[i:i + 1].astype(np.float64), k.astype(np.float64),
+                                    np.zeros(cout))[0] for i in range(n)])
+    got = jax.jit(vgg16.winograd_conv)(jnp.asarray(x), vgg16.winograd_kernel(jnp.asarray(k)))
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < 1e-5  # float32 roundoff; the direct convolution's is ~1e-7
+    direct = vgg16._lax_conv(jnp.asarray(x), jnp.asarray(k), "highest")
+    assert rel_err(got, direct) < 1e-5
+
+
+def test_uses_winograd_rules():
+    assert vgg16.resolve_conv("auto") == ("winograd" if jax.default_backend() == "cpu"
+                                          else "direct")
+    assert vgg16.uses_winograd(128, 128, "winograd", "highest")
+    assert vgg16.uses_winograd(64, 128, "winograd", "default")
+    assert not vgg16.uses_winograd(64, 64, "winograd", "highest")  # block1: slower as Winograd
+    assert not vgg16.uses_winograd(512, 512, "winograd", "bfloat16")
+    assert not vgg16.uses_winograd(512, 512, "direct", "highest")
+    with pytest.raises(ValueError, match="conv must be one of"):
+        vgg16.resolve_conv("fft")
+
+
+@pytest.fixture(scope="module")
+def wide_data():
+    # 130 output channels: wide enough for Winograd.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)
+    k = (0.3 * rng.standard_normal((3, 3, 5, 130))).astype(np.float32)
+    return x, k
+
+
+def test_winograd_conv_gradients_match_numpy(wide_data):
+    # The same hand-derived float64 reference as for the direct convolution.
+    x, k = (a.astype(np.float64) for a in wide_data)
+    cot = np.random.default_rng(12).standard_normal((2, 7, 9, 130))
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    gp = np.pad(cot, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dk, dx = np.zeros_like(k), np.zeros_like(x)
+    for i in range(3):
+        for j in range(3):
+            dk[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i : i + h, j : j + w], cot)
+            dx += np.einsum("nhwo,co->nhwc", gp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w], k[i, j])
+    y, vjp = jax.vjp(lambda a, b: vgg16.conv(a, b, "highest", "winograd"),
+                     *(jnp.asarray(a) for a in wide_data))
+    assert rel_err(y, np_conv3x3_same(x, k, np.zeros(130))) < 1e-5
+    gx, gk = vjp(jnp.asarray(cot, jnp.float32))
+    assert rel_err(gx, dx) < 1e-5
+    assert rel_err(gk, dk) < 1e-5
+
+
+def test_prepared_kernels_change_nothing(vgg_params, image):
+    layers = ["block1_conv2", "block2_conv2", "block3_conv1"]
+    x = jnp.asarray(image)
+    for algo in ("direct", "winograd"):
+        prepared = vgg16.prepare(vgg_params, algo, "highest")
+        assert set(prepared["block1_conv1"]) == {"kernel", "bias", "kernel_t"}
+        wide = {"kernel", "bias", "winograd", "winograd_t"} if algo == "winograd" else \
+            {"kernel", "bias", "kernel_t"}
+        assert set(prepared["block3_conv1"]) == wide
+        again = vgg16.prepare(prepared, algo, "highest")  # preparing twice costs nothing
+        assert all(again[n][k] is prepared[n][k] for n in prepared for k in prepared[n])
+
+        def f(x, p, algo=algo):
+            out = vgg16.features(p, x, layers, "avg", "highest", conv=algo)
+            return sum(jnp.sum(jnp.sin(v / 50.0)) for v in out.values())
+
+        vg = jax.jit(jax.value_and_grad(f))
+        v0, g0 = vg(x, vgg_params)
+        v1, g1 = vg(x, prepared)
+        assert float(v0) == float(v1)
+        np.testing.assert_array_equal(g0, g1)
+    # Prepared for Winograd, the direct algorithm still runs (it flips the kernel itself).
+    out = vgg16.features(vgg16.prepare(vgg_params, "winograd", "highest"), x, layers,
+                         "avg", "highest", conv="direct")
+    ref = vgg16.features(vgg_params, x, layers, "avg", "highest")
+    for n in layers:
+        np.testing.assert_array_equal(out[n], ref[n])
+
+
+def test_winograd_features_match_numpy_and_direct(vgg_params, image, reference):
+    x = jnp.asarray(image)
+    layers = ["block1_conv2", "block2_conv2", "block3_conv1", "block4_conv2", "block5_conv1"]
+
+    def f(x, algo):
+        out = vgg16.features(vgg_params, x, layers, "avg", "highest", conv=algo)
+        return sum(jnp.sum(jnp.sin(v / (1.0 + jnp.max(v)))) for v in out.values()), out
+
+    (v1, out), g1 = jax.jit(jax.value_and_grad(lambda x: f(x, "winograd"), has_aux=True))(x)
+    (v0, _), g0 = jax.jit(jax.value_and_grad(lambda x: f(x, "direct"), has_aux=True))(x)
+    for n in layers:
+        assert rel_err(out[n], reference["avg"][n]) < 1e-4, n
+    assert abs(float(v1) - float(v0)) <= 1e-5 * abs(float(v0))
+    assert float(jnp.max(jnp.abs(g0))) > 0
+    assert rel_err(g1, g0) < 1e-4
+
+
+def test_winograd_under_vmap_equals_single(wide_data):
+    x, k = (jnp.asarray(a) for a in wide_data)
+    xs = jnp.stack([x, -0.5 * x])
+
+    def loss(x):
+        return jnp.sum(jnp.sin(vgg16.conv(x, k, "highest", "winograd")))
+
+    vg = jax.value_and_grad(loss)
+    values, grads = jax.jit(jax.vmap(vg))(xs)
+    for i in range(2):
+        v, g = jax.jit(vg)(xs[i])
+        assert abs(float(values[i]) - float(v)) <= 1e-6 * abs(float(v))
+        assert rel_err(grads[i], g) < 1e-6

@@ -8,7 +8,7 @@ positions (relative, so about 1 for an unrelated image); content and TV as the G
 
 import jax.numpy as jnp
 
-from nstjax import losses, vgg16
+from nstjax import losses
 
 
 def covariance(f):
@@ -18,14 +18,14 @@ def covariance(f):
 
 
 def targets(params, content_x, style_x, spec):
-    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
-    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
+    fc = losses.features(params, content_x, spec.content_layers, spec)
+    fs = losses.features(params, style_x, spec.style_layers, spec)
     return {"content": {n: fc[n] for n in spec.content_layers},
             "style": {n: covariance(fs[n]) for n in spec.style_layers}}
 
 
 def terms(params, x, tgt, weights, spec):
-    f = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
+    f = losses.features(params, x, spec.layers, spec)
     per = {f"style/{n}": weights["style"][n] * jnp.sum(jnp.square(covariance(f[n]) - t))
            / jnp.sum(jnp.square(t)) for n, t in tgt["style"].items()}
     content = sum(weights["content"][n] * losses.content_loss(f[n], tgt["content"][n],

@@ -1,7 +1,7 @@
 """AdaIN-style loss: match each style layer's channel means and deviations, not its Grams."""
 import jax.numpy as jnp
 
-from nstjax import losses, vgg16
+from nstjax import losses
 
 
 def stats(f, eps=1e-5):  # (1, h, w, c) -> per-channel mean and std over positions
@@ -9,14 +9,14 @@ def stats(f, eps=1e-5):  # (1, h, w, c) -> per-channel mean and std over positio
 
 
 def targets(params, content_x, style_x, spec):
-    fc = vgg16.features(params, content_x, spec.content_layers, spec.pooling, spec.precision)
-    fs = vgg16.features(params, style_x, spec.style_layers, spec.pooling, spec.precision)
+    fc = losses.features(params, content_x, spec.content_layers, spec)
+    fs = losses.features(params, style_x, spec.style_layers, spec)
     return {"content": {n: fc[n] for n in spec.content_layers},
             "style": {n: stats(fs[n]) for n in spec.style_layers}}
 
 
 def terms(params, x, tgt, weights, spec):
-    f = vgg16.features(params, x, spec.layers, spec.pooling, spec.precision, spec.remat)
+    f = losses.features(params, x, spec.layers, spec)
     per = {}
     for n, t in tgt["style"].items():  # relative distance: about 1 for an unrelated image
         s = stats(f[n])

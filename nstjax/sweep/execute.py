@@ -106,12 +106,13 @@ class Runner:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from nstjax import weights
+        from nstjax import vgg16, weights
 
         key = params_key(cfg)
         if key not in self.params:
             params, info = weights.load(cfg.model.weights, seed=cfg.seed,
                                         quiet=bool(self.params) or self.quiet)
+            params = vgg16.prepare(params, cfg.model.conv, cfg.model.precision)
             params = jax.device_put(params, NamedSharding(self.mesh, P()))
             self.params[key] = (params, info)
         return self.params[key]

@@ -62,9 +62,10 @@ def structure(cfg: Config, hw: tuple[int, int]) -> tuple:
 
 
 def params_key(cfg: Config) -> tuple:
-    """Cells with equal keys share VGG params (random weights depend on the seed)."""
-    w = cfg.model.weights
-    return (w, cfg.seed if w == "random" else None)
+    """Cells with equal keys share VGG params (random weights depend on the seed; the prepared
+    kernels on the convolution algorithm and precision)."""
+    w, m = cfg.model.weights, cfg.model
+    return (w, cfg.seed if w == "random" else None, m.conv, m.precision == "bfloat16")
 
 
 def _content_hw(cfg: Config, cache: dict) -> tuple[int, int]:
