@@ -134,7 +134,14 @@ def race(cfg_path: str, overrides: list[str], solvers: list[str], iters: int = 8
             torch_ms = torch_ms_per_eval(tc2, repeats)
             runs = {s: nstjax_run(cfg_path, [*overrides, *sz], s, 10, Path(tmp) / f"speed-{s}")
                     for s in solvers}
-            speed = {"size": f"{w}x{h}", "torch_ms_per_eval": torch_ms,
+            for i, (label, extra, _) in enumerate(variants):
+                if extra:  # a changed setting, e.g. model.conv=direct: its speed too
+                    runs[label] = nstjax_run(cfg_path, [*overrides, *extra, *sz], solvers[0], 10,
+                                             Path(tmp) / f"speed-v{i}", label)
+            # Measured again after the runs: a change of load shows as two different numbers.
+            torch_ms = [torch_ms, torch_ms_per_eval(tc2, repeats)]
+            speed = {"size": f"{w}x{h}", "torch_ms_per_eval": min(torch_ms),
+                     "torch_ms_per_eval_before_after": torch_ms,
                      "run_ms_per_eval": {s: r["ms_per_evaluation"] for s, r in runs.items()}}
     for r in rows:
         r.update(reach(r, target))
@@ -164,7 +171,9 @@ def table(report: dict) -> str:
     sp = report.get("speed")
     if sp:
         runs = ", ".join(f"{k} {v:.0f}" for k, v in sp["run_ms_per_eval"].items())
-        out += ["", f"{sp['size']}: PyTorch eager {sp['torch_ms_per_eval']:.0f} ms/eval; "
+        ba = "/".join(f"{v:.0f}" for v in sp.get("torch_ms_per_eval_before_after", []))
+        out += ["", f"{sp['size']}: PyTorch eager {sp['torch_ms_per_eval']:.0f} ms/eval "
+                f"(before/after the runs: {ba}); "
                 f"nstjax runs' own ms/eval (run.json): {runs}"]
     return "\n".join(out)
 

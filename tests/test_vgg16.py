@@ -326,8 +326,8 @@ def test_winograd_kernel_is_g_k_gt():
 
 
 @pytest.mark.parametrize(("n", "h", "w", "cin", "cout"), [
-    (2, 7, 9, 5, 6),       # odd sizes: the last tile row/column is cropped; one batched product
-    (1, 40, 30, 3, 8),     # 300 tiles: 16 separate products
+    (2, 7, 9, 5, 6),       # odd sizes: the last tile row/column is cropped
+    (1, 40, 30, 3, 8),
     (1, 1, 1, 4, 4),       # a single pixel
 ])
 def test_winograd_conv_matches_numpy(n, h, w, cin, cout):
@@ -346,28 +346,30 @@ def test_winograd_conv_matches_numpy(n, h, w, cin, cout):
 def test_uses_winograd_rules():
     assert vgg16.resolve_conv("auto") == ("winograd" if jax.default_backend() == "cpu"
                                           else "direct")
-    assert vgg16.uses_winograd(128, 128, "winograd", "highest")
-    assert vgg16.uses_winograd(64, 128, "winograd", "default")
-    assert not vgg16.uses_winograd(64, 64, "winograd", "highest")  # block1: slower as Winograd
+    assert vgg16.uses_winograd(256, 256, "winograd", "highest")
+    assert vgg16.uses_winograd(128, 256, "winograd", "default")
+    assert not vgg16.uses_winograd(128, 128, "winograd", "highest")  # block2: gains too little
     assert not vgg16.uses_winograd(512, 512, "winograd", "bfloat16")
     assert not vgg16.uses_winograd(512, 512, "direct", "highest")
+    assert vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES)
+    assert not vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES + 1)
     with pytest.raises(ValueError, match="conv must be one of"):
         vgg16.resolve_conv("fft")
 
 
 @pytest.fixture(scope="module")
 def wide_data():
-    # 130 output channels: wide enough for Winograd.
+    # 260 output channels: wide enough for Winograd.
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)
-    k = (0.3 * rng.standard_normal((3, 3, 5, 130))).astype(np.float32)
+    k = (0.3 * rng.standard_normal((3, 3, 5, 260))).astype(np.float32)
     return x, k
 
 
 def test_winograd_conv_gradients_match_numpy(wide_data):
     # The same hand-derived float64 reference as for the direct convolution.
     x, k = (a.astype(np.float64) for a in wide_data)
-    cot = np.random.default_rng(12).standard_normal((2, 7, 9, 130))
+    cot = np.random.default_rng(12).standard_normal((2, 7, 9, 260))
     _, h, w, _ = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     gp = np.pad(cot, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -378,7 +380,7 @@ def test_winograd_conv_gradients_match_numpy(wide_data):
             dx += np.einsum("nhwo,co->nhwc", gp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w], k[i, j])
     y, vjp = jax.vjp(lambda a, b: vgg16.conv(a, b, "highest", "winograd"),
                      *(jnp.asarray(a) for a in wide_data))
-    assert rel_err(y, np_conv3x3_same(x, k, np.zeros(130))) < 1e-5
+    assert rel_err(y, np_conv3x3_same(x, k, np.zeros(260))) < 1e-5
     gx, gk = vjp(jnp.asarray(cot, jnp.float32))
     assert rel_err(gx, dx) < 1e-5
     assert rel_err(gk, dk) < 1e-5
@@ -390,8 +392,8 @@ def test_prepared_kernels_change_nothing(vgg_params, image):
     for algo in ("direct", "winograd"):
         prepared = vgg16.prepare(vgg_params, algo, "highest")
         assert set(prepared["block1_conv1"]) == {"kernel", "bias", "kernel_t"}
-        wide = {"kernel", "bias", "winograd", "winograd_t"} if algo == "winograd" else \
-            {"kernel", "bias", "kernel_t"}
+        wide = {"kernel", "bias", "kernel_t"} | (
+            {"winograd", "winograd_t"} if algo == "winograd" else set())
         assert set(prepared["block3_conv1"]) == wide
         again = vgg16.prepare(prepared, algo, "highest")  # preparing twice costs nothing
         assert all(again[n][k] is prepared[n][k] for n in prepared for k in prepared[n])
