@@ -68,19 +68,23 @@ def resolve_conv(algo: str) -> str:
 # Y = A^T [(G k G^T) * (B^T d B)] A.
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-# Measured on XLA:CPU (2 cores, AVX-512): Winograd beats the direct convolution by 1.3-1.9x on
-# layers with 256+ channels and maps of at most this many 2x2 tiles. On larger maps XLA's
-# batched product and transforms slow down and the direct convolution wins; on 128-channel
-# layers the gain (~10%) does not repay the compile time (~0.1 s per convolution).
-MAX_TILES = 1024
-MIN_CHANNELS = 256
+# Where Winograd beats XLA:CPU's direct convolution (measured on 2 AVX-512 cores, per layer,
+# forward and backward; scripts/BENCH_NOTES.md): maps of at most `MAX_TILES` 2x2 tiles with
+# 256+ channels, as one batched product (1.3-1.9x); maps of up to `MAX_TILES_SPLIT` tiles with
+# 128+ channels, as 16 separate products (1.2-1.4x, but ~0.35 s of compile time each). Beyond
+# that XLA's products and transforms slow down and the direct convolution wins; 128-channel
+# layers on small maps gain too little to repay the compile time.
+MAX_TILES, MIN_CHANNELS = 1024, 256
+MAX_TILES_SPLIT, MIN_CHANNELS_SPLIT = 4096, 128
 
 
 def uses_winograd(cin: int, cout: int, algo: str, precision: str, tiles: int = 1) -> bool:
-    """Whether a layer runs as Winograd: float32 precisions only, `MIN_CHANNELS`+ channels
-    and at most `MAX_TILES` 2x2 output tiles per image."""
+    """Whether a layer of `tiles` 2x2 output tiles per image runs as Winograd: float32
+    precisions only, and where it is faster (`MAX_TILES`, `MAX_TILES_SPLIT`)."""
+    ch = max(cin, cout)
     return (resolve_conv(algo) == "winograd" and precision != "bfloat16"
-            and max(cin, cout) >= MIN_CHANNELS and tiles <= MAX_TILES)
+            and ((ch >= MIN_CHANNELS and tiles <= MAX_TILES)
+                 or (ch >= MIN_CHANNELS_SPLIT and MAX_TILES < tiles <= MAX_TILES_SPLIT)))
 
 
 def flipped(kernel: jax.Array) -> jax.Array:
@@ -101,25 +105,49 @@ def winograd_kernel(kernel: jax.Array, xp=jnp) -> jax.Array:
 
 def winograd_conv(x: jax.Array, u: jax.Array, precision: str = "highest") -> jax.Array:
     """The 3x3 SAME convolution of NHWC `x` as Winograd F(2x2, 3x3) with u = winograd_kernel(k):
-    one batched product (16, P, C) x (16, C, K) over the P 2x2 output tiles, 2.25x fewer
-    multiplications than 9 per pixel; agrees with the direct convolution to float32 roundoff
-    (~1e-6). Each transform is a sum of broadcast slices: one fusion for XLA, not 16."""
+    16 products (P, C) x (C, K) over the P 2x2 output tiles, 2.25x fewer multiplications than 9
+    per pixel; agrees with the direct convolution to float32 roundoff (~1e-6). Up to
+    `MAX_TILES` tiles one batched product, with each transform one fusion for XLA; beyond, 16
+    separate products, each fed by its own transform (faster there, slower to compile)."""
     n, h, w, c = x.shape
     ht, wt = (h + 1) // 2, (w + 1) // 2
     xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * ht - h), (1, 1 + 2 * wt - w), (0, 0)))
-    bt, at = jnp.asarray(_BT, x.dtype), jnp.asarray(_AT, x.dtype)
-    # B^T over the 4 rows of each tile, then over its 4 columns: (4, 4, n, ht, wt, c).
-    r = sum(bt[:, a, None, None, None, None] * xp[None, :, a:a + 2 * ht:2] for a in range(4))
-    v = sum(bt[None, :, b, None, None, None, None] * r[:, None, :, :, b:b + 2 * wt:2]
-            for b in range(4))
     prec = jax.lax.Precision.HIGHEST if precision == "highest" else None
-    m = jax.lax.dot_general(v.reshape(16, n * ht * wt, c), u, (((2,), (1,)), ((0,), (0,))),
-                            precision=prec).reshape(4, 4, n, ht, wt, -1)
-    # A^T over rows and columns: (2, 2, n, ht, wt, k), then the tiles back in place.
-    y = sum(at[:, i, None, None, None, None, None] * m[None, i] for i in range(4))
-    y = sum(at[None, :, j, None, None, None, None] * y[:, None, j] for j in range(4))
-    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * ht, 2 * wt, -1)
-    return y[:, :h, :w]
+    if ht * wt > MAX_TILES:
+        y = _winograd_split(xp, u, ht, wt, prec)
+    else:
+        bt, at = jnp.asarray(_BT, x.dtype), jnp.asarray(_AT, x.dtype)
+        # B^T over the 4 rows of each tile, then over its 4 columns: (4, 4, n, ht, wt, c).
+        r = sum(bt[:, a, None, None, None, None] * xp[None, :, a:a + 2 * ht:2] for a in range(4))
+        v = sum(bt[None, :, b, None, None, None, None] * r[:, None, :, :, b:b + 2 * wt:2]
+                for b in range(4))
+        m = jax.lax.dot_general(v.reshape(16, n * ht * wt, c), u, (((2,), (1,)), ((0,), (0,))),
+                                precision=prec).reshape(4, 4, n, ht, wt, -1)
+        # A^T over rows and columns: (2, 2, n, ht, wt, k), then the tiles back in place.
+        y = sum(at[:, i, None, None, None, None, None] * m[None, i] for i in range(4))
+        y = sum(at[None, :, j, None, None, None, None] * y[:, None, j] for j in range(4))
+        y = y.transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(n, 2 * ht, 2 * wt, -1)[:, :h, :w]
+
+
+def _bt4(a, b, c, d):  # B^T along one axis of 4 tile rows (or columns)
+    return a - c, b + c, c - b, b - d
+
+
+def _winograd_split(xp: jax.Array, u: jax.Array, ht: int, wt: int, prec) -> jax.Array:
+    # The transforms written out per tile position: 16 (n, ht, wt, c) inputs, one per product.
+    n, c = xp.shape[0], xp.shape[-1]
+    e, o = xp[:, 0::2], xp[:, 1::2]
+    d = []
+    for r in _bt4(e[:, :-1], o[:, :-1], e[:, 1:], o[:, 1:]):
+        e2, o2 = r[:, :, 0::2], r[:, :, 1::2]
+        d += _bt4(e2[:, :, :-1], o2[:, :, :-1], e2[:, :, 1:], o2[:, :, 1:])
+    m = [jnp.dot(di.reshape(-1, c), u[i], precision=prec).reshape(n, ht, wt, -1)
+         for i, di in enumerate(d)]
+    rows = [[a + b + c_ for a, b, c_ in zip(m[0:4], m[4:8], m[8:12])],
+            [b - c_ - d_ for b, c_, d_ in zip(m[4:8], m[8:12], m[12:16])]]
+    return jnp.stack([jnp.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], axis=3)
+                      for r in rows], axis=2)
 
 
 def _apply(x: jax.Array, k: jax.Array, winograd: bool, precision: str) -> jax.Array:

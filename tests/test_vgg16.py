@@ -329,6 +329,7 @@ def test_winograd_kernel_is_g_k_gt():
     (2, 7, 9, 5, 6),       # odd sizes: the last tile row/column is cropped
     (1, 40, 30, 3, 8),
     (1, 1, 1, 4, 4),       # a single pixel
+    (2, 69, 64, 3, 5),     # 35 x 32 tiles > MAX_TILES: 16 separate products
 ])
 def test_winograd_conv_matches_numpy(n, h, w, cin, cout):
     rng = np.random.default_rng(h * w)
@@ -352,7 +353,9 @@ def test_uses_winograd_rules():
     assert not vgg16.uses_winograd(512, 512, "winograd", "bfloat16")
     assert not vgg16.uses_winograd(512, 512, "direct", "highest")
     assert vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES)
-    assert not vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES + 1)
+    assert vgg16.uses_winograd(128, 128, "winograd", "highest", vgg16.MAX_TILES + 1)
+    assert not vgg16.uses_winograd(64, 64, "winograd", "highest", vgg16.MAX_TILES + 1)
+    assert not vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES_SPLIT + 1)
     with pytest.raises(ValueError, match="conv must be one of"):
         vgg16.resolve_conv("fft")
 
