@@ -213,12 +213,14 @@ def prepare(params: dict, algo: str = "auto", precision: str = "default") -> dic
     """`params` (on the device) with each layer's `PREPARED` kernels for `algo` and `precision`,
     and no others: pass the result wherever params go when the same weights serve many
     evaluations (a solve). Kernels already there are kept, so preparing twice costs nothing;
-    the missing ones are computed by one compiled program."""
+    the missing ones are computed on the host."""
     want = {}
     for name, p in params.items():
         cin, cout = p["kernel"].shape[2:]
-        # Winograd layers also run direct on large maps (`MAX_TILES`): both kinds of kernels.
-        want[name] = PREPARED if uses_winograd(cin, cout, algo, precision) else PREPARED[:1]
+        # Whether a layer runs as Winograd depends on the map size too: a layer that may gets
+        # both kinds of kernels.
+        wino = any(uses_winograd(cin, cout, algo, precision, t) for t in (1, MAX_TILES_SPLIT))
+        want[name] = PREPARED if wino else PREPARED[:1]
     out = {}
     for name, p in params.items():
         out[name] = {key: v for key, v in p.items() if key not in PREPARED} | {

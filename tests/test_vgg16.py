@@ -395,6 +395,8 @@ def test_prepared_kernels_change_nothing(vgg_params, image):
     for algo in ("direct", "winograd"):
         prepared = vgg16.prepare(vgg_params, algo, "highest")
         assert set(prepared["block1_conv1"]) == {"kernel", "bias", "kernel_t"}
+        assert set(prepared["block2_conv2"]) == {"kernel", "bias", "kernel_t"} | (
+            {"winograd", "winograd_t"} if algo == "winograd" else set())  # on large maps
         wide = {"kernel", "bias", "kernel_t"} | (
             {"winograd", "winograd_t"} if algo == "winograd" else set())
         assert set(prepared["block3_conv1"]) == wide
