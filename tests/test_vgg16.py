@@ -445,8 +445,14 @@ def test_winograd_under_vmap_equals_single(wide_data):
         return jnp.sum(jnp.sin(vgg16.conv(x, k, "highest", "winograd")))
 
     vg = jax.value_and_grad(loss)
-    values, grads = jax.jit(jax.vmap(vg))(xs)
+    values, grads = jax.jit(jax.vmap(vg))(xs)  # lanes folded into the batch
     for i in range(2):
         v, g = jax.jit(vg)(xs[i])
         assert abs(float(values[i]) - float(v)) <= 1e-6 * abs(float(v))
         assert rel_err(grads[i], g) < 1e-6
+    # A kernel per lane (vmap over the Winograd kernels too): no folding, same results.
+    us = jnp.stack([vgg16.winograd_kernel(k), vgg16.winograd_kernel(-k)])
+    ys = jax.jit(jax.vmap(vgg16.winograd_conv))(xs, us)
+    for i, ki in enumerate((k, -k)):
+        ref = np_conv3x3_same(np.asarray(xs[i]), np.asarray(ki), np.zeros(ki.shape[-1]))
+        assert rel_err(ys[i], ref) < 1e-5
