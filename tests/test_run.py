@@ -56,10 +56,27 @@ def test_cli_run_writes_every_file(tiny_cfg, tmp_path, capsys):
         assert rec["versions"][key]
     assert rec["weights"]["source"] == "random"
     assert rec["content_size"] == [32, 32]
+    # `model.conv: auto` as resolved on this backend
+    assert rec["conv"] == ("winograd" if rec["platform"] == "cpu" else "direct")
     assert rec["evaluations"] >= 12 and rec["compile_seconds"] >= 0 and rec["solve_seconds"] > 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["solver"]["maxiter"] == 12 and resolved["loss"]["normalization"] == "seed"
+    assert resolved["model"]["conv"] == "auto"
     assert "done" in capsys.readouterr().out
+
+
+def test_conv_algorithms_reach_the_same_loss(tiny_cfg, tmp_path, capsys):
+    # Winograd and the direct convolution: the same problem, losses equal to float32 roundoff.
+    final = {}
+    for algo in ("direct", "winograd"):
+        out = tmp_path / algo
+        assert cli.main(["run", str(tiny_cfg), f"model.conv={algo}", "solver.maxiter=3",
+                         "output.save_every=0", "--out", str(out), "--quiet"]) == 0
+        assert json.loads((out / "run.json").read_text())["conv"] == algo
+        final[algo] = [float(r["total"]) for r in _history(out)]
+    assert final["winograd"][0] == pytest.approx(final["direct"][0], rel=1e-5)
+    assert final["winograd"][-1] == pytest.approx(final["direct"][-1], rel=1e-3)
+    assert final["direct"][-1] < final["direct"][0]
 
 
 def test_run_dir_never_overwritten(tiny_cfg, tmp_path, capsys):
