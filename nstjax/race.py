@@ -11,6 +11,8 @@ One script run, side by side, on the config's real problem (images, weights, los
   final.png, compile seconds, and from history.csv the first iteration at or below the target
   (time to target = compile + that row's solve seconds), evaluations per iteration, and the run's
   own ms per evaluation (run.json).
+- with a speed size: PyTorch's ms per evaluation there, before and after 10-iteration runs of
+  each solver and of each variant that changes a setting (e.g. `model.conv=direct`).
 """
 
 from __future__ import annotations
