@@ -155,7 +155,7 @@ def make_inputs(params: dict, width: int, height: int, seed: int = 0) -> Inputs:
 
 def jax_args(pb: Inputs, spec: losses.Spec) -> tuple:
     """(params, targets, weights) on the device: the arguments of the objective."""
-    params = vgg16.prepare(pb.params, spec.conv, spec.precision)
+    params = vgg16.prepare(pb.params, spec.conv, spec.precision, (pb.height, pb.width))
     tgt = losses.targets(params, jnp.asarray(pb.content), jnp.asarray(pb.style), spec)
     return params, tgt, pb.weights(spec)
 

@@ -209,7 +209,7 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     if params is None:
         params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
     spec = spec_of(cfg)
-    params = vgg16.prepare(params, spec.conv, spec.precision)
+    params = vgg16.prepare(params, spec.conv, spec.precision, (h, w))
     tgt = style_targets(params, content, styles, spec,
                         None if spec.style_masks else blend_weights(cfg))
     if spec.style_masks:

@@ -74,17 +74,38 @@ _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 # 128+ channels, as 16 separate products (1.2-1.4x, but ~0.35 s of compile time each). Beyond
 # that XLA's products and transforms slow down and the direct convolution wins; 128-channel
 # layers on small maps gain too little to repay the compile time.
+# `auto` also skips layers of less work (tiles x cin x cout) than `MIN_WORK`: there a few
+# tenths of a millisecond per evaluation do not repay the compile time (images of 64 px and
+# less run all direct; at 128x96 block5 does).
 MAX_TILES, MIN_CHANNELS = 1024, 256
 MAX_TILES_SPLIT, MIN_CHANNELS_SPLIT = 4096, 128
+MIN_WORK = 1 << 22
 
 
-def uses_winograd(cin: int, cout: int, algo: str, precision: str, tiles: int = 1) -> bool:
+def uses_winograd(cin: int, cout: int, algo: str, precision: str, tiles: int) -> bool:
     """Whether a layer of `tiles` 2x2 output tiles per image runs as Winograd: float32
-    precisions only, and where it is faster (`MAX_TILES`, `MAX_TILES_SPLIT`)."""
+    precisions only, where it is faster (`MAX_TILES`, `MAX_TILES_SPLIT`) and, for `auto`,
+    where it repays its compile time (`MIN_WORK`)."""
     ch = max(cin, cout)
-    return (resolve_conv(algo) == "winograd" and precision != "bfloat16"
-            and ((ch >= MIN_CHANNELS and tiles <= MAX_TILES)
-                 or (ch >= MIN_CHANNELS_SPLIT and MAX_TILES < tiles <= MAX_TILES_SPLIT)))
+    if resolve_conv(algo) != "winograd" or precision == "bfloat16":
+        return False
+    if algo == "auto" and tiles * cin * cout < MIN_WORK:
+        return False
+    return ((ch >= MIN_CHANNELS and tiles <= MAX_TILES)
+            or (ch >= MIN_CHANNELS_SPLIT and MAX_TILES < tiles <= MAX_TILES_SPLIT))
+
+
+def winograd_layers(algo: str, precision: str, hw: tuple[int, int],
+                    names: Sequence[str] = NAMES) -> list[str]:
+    """The layers of `names` that run as Winograd for an (H, W) input image."""
+    return [n for n, cin, cout in CONVS
+            if n in names and uses_winograd(cin, cout, algo, precision, tiles_at(n, hw))]
+
+
+def tiles_at(name: str, hw: tuple[int, int]) -> int:
+    """2x2 output tiles of layer `name`'s map for an (H, W) input image."""
+    h, w = (v >> (block(name) - 1) for v in hw)  # 'valid' 2x2 pooling floors at each block
+    return (h + 1) // 2 * ((w + 1) // 2)
 
 
 def flipped(kernel: jax.Array) -> jax.Array:
@@ -228,17 +249,20 @@ def conv(x: jax.Array, kernel: jax.Array, precision: str = "highest", algo: str 
     return _conv_vjp(x, kernel, fwd_k, bwd_k, wino, precision)
 
 
-def prepare(params: dict, algo: str = "auto", precision: str = "default") -> dict:
+def prepare(params: dict, algo: str = "auto", precision: str = "default",
+            hw: tuple[int, int] | None = None) -> dict:
     """`params` (on the device) with each layer's `PREPARED` kernels for `algo` and `precision`,
     and no others: pass the result wherever params go when the same weights serve many
-    evaluations (a solve). Kernels already there are kept, so preparing twice costs nothing;
-    the missing ones are computed on the host."""
+    evaluations (a solve). `hw`: the (H, W) of the images to come, if known (which layers run as
+    Winograd depends on their map size); without it every layer that may gets its Winograd
+    kernels. Kernels already there are kept, so preparing twice costs nothing; the missing
+    ones are computed on the host. Correctness never depends on it: `conv` derives what is
+    missing."""
     want = {}
     for name, p in params.items():
         cin, cout = p["kernel"].shape[2:]
-        # Whether a layer runs as Winograd depends on the map size too: a layer that may gets
-        # both kinds of kernels.
-        wino = any(uses_winograd(cin, cout, algo, precision, t) for t in (1, MAX_TILES_SPLIT))
+        sizes = [tiles_at(name, hw)] if hw else [1, MAX_TILES, MAX_TILES_SPLIT]
+        wino = any(uses_winograd(cin, cout, algo, precision, t) for t in sizes)
         want[name] = PREPARED if wino else PREPARED[:1]
     out = {}
     for name, p in params.items():

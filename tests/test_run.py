@@ -56,8 +56,9 @@ def test_cli_run_writes_every_file(tiny_cfg, tmp_path, capsys):
         assert rec["versions"][key]
     assert rec["weights"]["source"] == "random"
     assert rec["content_size"] == [32, 32]
-    # `model.conv: auto` as resolved on this backend
+    # `model.conv: auto` as resolved on this backend; at 32 px no layer repays Winograd
     assert rec["conv"] == ("winograd" if rec["platform"] == "cpu" else "direct")
+    assert rec["winograd_layers"] == []
     assert rec["evaluations"] >= 12 and rec["compile_seconds"] >= 0 and rec["solve_seconds"] > 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["solver"]["maxiter"] == 12 and resolved["loss"]["normalization"] == "seed"
@@ -72,7 +73,11 @@ def test_conv_algorithms_reach_the_same_loss(tiny_cfg, tmp_path, capsys):
         out = tmp_path / algo
         assert cli.main(["run", str(tiny_cfg), f"model.conv={algo}", "solver.maxiter=3",
                          "output.save_every=0", "--out", str(out), "--quiet"]) == 0
-        assert json.loads((out / "run.json").read_text())["conv"] == algo
+        rec = json.loads((out / "run.json").read_text())
+        assert rec["conv"] == algo
+        assert rec["winograd_layers"] == ([] if algo == "direct" else [  # 256+ channels
+            "block3_conv1", "block3_conv2", "block3_conv3", "block4_conv1", "block4_conv2",
+            "block4_conv3", "block5_conv1", "block5_conv2"])
         final[algo] = [float(r["total"]) for r in _history(out)]
     assert final["winograd"][0] == pytest.approx(final["direct"][0], rel=1e-5)
     assert final["winograd"][-1] == pytest.approx(final["direct"][-1], rel=1e-3)

@@ -347,11 +347,18 @@ def test_winograd_conv_matches_numpy(n, h, w, cin, cout):
 def test_uses_winograd_rules():
     assert vgg16.resolve_conv("auto") == ("winograd" if jax.default_backend() == "cpu"
                                           else "direct")
-    assert vgg16.uses_winograd(256, 256, "winograd", "highest")
-    assert vgg16.uses_winograd(128, 256, "winograd", "default")
-    assert not vgg16.uses_winograd(128, 128, "winograd", "highest")  # block2: gains too little
-    assert not vgg16.uses_winograd(512, 512, "winograd", "bfloat16")
-    assert not vgg16.uses_winograd(512, 512, "direct", "highest")
+    assert vgg16.uses_winograd(256, 256, "winograd", "highest", 1)
+    assert vgg16.uses_winograd(128, 256, "winograd", "default", 1)
+    assert not vgg16.uses_winograd(128, 128, "winograd", "highest", 1)  # block2: gains too little
+    assert not vgg16.uses_winograd(512, 512, "winograd", "bfloat16", 1)
+    assert not vgg16.uses_winograd(512, 512, "direct", "highest", 1)
+    # `auto` on CPU: only where the work repays the compile time.
+    cpu = jax.default_backend() == "cpu"
+    assert vgg16.uses_winograd(512, 512, "auto", "highest", 16) == cpu
+    assert not vgg16.uses_winograd(512, 512, "auto", "highest", 15)  # 15 * 512 * 512 < 2**22
+    assert vgg16.tiles_at("block1_conv1", (7, 9)) == 4 * 5
+    assert vgg16.tiles_at("block3_conv1", (96, 128)) == 12 * 16  # maps of 24x32
+    assert vgg16.tiles_at("block5_conv2", (25, 33)) == 1 * 1  # 'valid' pooling: 1x2 maps
     assert vgg16.uses_winograd(512, 512, "winograd", "highest", vgg16.MAX_TILES)
     assert vgg16.uses_winograd(128, 128, "winograd", "highest", vgg16.MAX_TILES + 1)
     assert not vgg16.uses_winograd(64, 64, "winograd", "highest", vgg16.MAX_TILES + 1)
@@ -394,6 +401,9 @@ def test_prepared_kernels_change_nothing(vgg_params, image):
     x = jnp.asarray(image)
     for algo in ("direct", "winograd"):
         prepared = vgg16.prepare(vgg_params, algo, "highest")
+        if algo == "winograd":  # knowing the size: only what runs at that size
+            sized = vgg16.prepare(vgg_params, "auto", "highest", (H, W))
+            assert all(set(sized[n]) == {"kernel", "bias", "kernel_t"} for n in sized)
         assert set(prepared["block1_conv1"]) == {"kernel", "bias", "kernel_t"}
         assert set(prepared["block2_conv2"]) == {"kernel", "bias", "kernel_t"} | (
             {"winograd", "winograd_t"} if algo == "winograd" else set())  # on large maps
