@@ -1,5 +1,6 @@
 """The one exception type for user mistakes: the CLI prints it as one line and exits 2."""
 
+import contextlib
 import reprlib
 
 PREVIEW = 60  # characters of a user's value echoed in an error
@@ -22,3 +23,21 @@ def cut(text: str, limit: int = PREVIEW) -> str:
 def preview(value: object) -> str:
     """A short repr of a value of any size or depth, for echoing in a one-line error."""
     return cut(_repr.repr(value))
+
+
+class PluginError(UserError):
+    """User code (a loss or metric plugin, an objective or callback passed to the API) raised
+    or broke its contract; the message names the code and the rule."""
+
+
+@contextlib.contextmanager
+def user_code(name: str, doing: str):
+    """Turn any exception raised by user code inside the block into one-line `PluginError`s:
+    "<name>: <doing> failed: <ExceptionType>: <message>" (a UserError passes as it is)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code may raise anything
+        msg = " ".join(str(e).split()) or "(no message)"
+        raise PluginError(f"{name}: {doing} failed: {type(e).__name__}: {cut(msg, 300)}") from e
