@@ -84,8 +84,10 @@ class LossCfg(_Strict):
     content_weights: list[NonNeg] | None = Field(default=None, max_length=len(LAYERS))
     style_layers: list[str] = Field(
         default_factory=lambda: list(POST_STYLE_LAYERS), min_length=1, max_length=len(LAYERS))
-    style_weights: list[NonNeg] = Field(
-        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
+    style_weights: list[NonNeg] | Literal["auto"] = Field(
+        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS),
+        description="one per style layer, or auto: 1 / (L x each layer's term at the content "
+        "image), so every layer has an equal say there")
     style_to_content_ratio: float = Field(default=15.0, gt=0)
     tv_weight: float = Field(default=0.0, ge=0)
     kind: str = Field(default="gram", max_length=100, description="a registered loss kind "
@@ -113,7 +115,7 @@ class LossCfg(_Strict):
 
     @model_validator(mode="after")
     def _lengths(self):
-        if len(self.style_weights) != len(self.style_layers):
+        if self.style_weights != "auto" and len(self.style_weights) != len(self.style_layers):
             raise ValueError(
                 f"loss.style_weights has {len(self.style_weights)} values but loss.style_layers "
                 f"has {len(self.style_layers)} layers: give one weight per layer")
@@ -224,24 +226,40 @@ class MultiscaleCfg(_Strict):
 
 
 class EvalCfg(_Strict):
-    """The reference evaluation (`nstjax.metrics`) every run scores its final image with."""
+    """The metrics (`nstjax.metrics`) every run scores its final image with."""
 
+    metrics: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=lambda: list(metrics.DEFAULT_METRICS), max_length=100,
+        description="registered metric names (nstjax.metrics.names())")
+    plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
+        "config) or module names imported before the run: they register metrics")
     style_layers: list[str] = Field(
         default_factory=lambda: list(metrics.DEFAULT_STYLE_LAYERS), min_length=1,
         max_length=len(LAYERS))
     content_layers: list[str] = Field(
         default_factory=lambda: ["block4_conv2"], min_length=1, max_length=len(LAYERS))
+    swd_layers: list[str] = Field(
+        default_factory=lambda: list(metrics.DEFAULT_SWD_LAYERS), min_length=1,
+        max_length=len(LAYERS))
+    projections: int = Field(default=64, ge=1, le=4096)
+    seed: int = Field(default=0, ge=0, lt=2**32)
     normalization: Literal["seed", "gatys"] = "gatys"
     pooling: Literal["avg", "max"] = "avg"
     precision: Literal["highest", "default", "bfloat16"] = "highest"
 
-    @field_validator("content_layers", "style_layers")
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("content_layers", "style_layers", "swd_layers")
     @classmethod
     def _layers(cls, v):
         return _check_layers(v)
 
     def spec(self) -> "metrics.EvalSpec":
-        return metrics.EvalSpec(**self.model_dump())
+        return metrics.EvalSpec(**self.model_dump(exclude={"plugins"}))
 
 
 class Config(_Strict):
@@ -385,14 +403,14 @@ def _is_path_value(key: str, value: Any) -> bool:
         return value not in INITS
     if key == "model.weights":
         return value not in WEIGHT_NAMES
-    if key == "loss.plugins":  # a module name stays as it is
+    if key in ("loss.plugins", "eval.plugins"):  # a module name stays as it is
         return value.endswith(".py") or "/" in value or "\\" in value
     return key in ("content", "style", "masks.style", "masks.content")
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:
     if isinstance(value, list) and key in LIST_PATH_KEYS:
-        most = MAX_PLUGINS if key == "loss.plugins" else MAX_STYLES
+        most = MAX_PLUGINS if key.endswith(".plugins") else MAX_STYLES
         if len(value) > most:
             raise UserError(f"{key}: lists {len(value)} entries; at most {most}")
         return [_resolve(key, v, base) if isinstance(v, str) else v for v in value]
@@ -425,8 +443,8 @@ def _set(d: dict, dotted: str, value: Any) -> None:
 
 
 PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content",
-             "loss.plugins")
-LIST_PATH_KEYS = ("content", "style", "masks.style", "loss.plugins")
+             "loss.plugins", "eval.plugins")
+LIST_PATH_KEYS = ("content", "style", "masks.style", "loss.plugins", "eval.plugins")
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
@@ -586,6 +604,16 @@ def validate(raw: dict, source: str = "config") -> Config:
         plug = "" if cfg.loss.plugins else "; a custom kind's file goes in loss.plugins"
         raise UserError(f"{source}: loss.kind: unknown loss kind {preview(cfg.loss.kind)}; "
                         f"registered kinds: {', '.join(losses.kinds())}{plug}")
+    for ref in cfg.eval.plugins:
+        try:
+            metrics.load_plugins([ref])
+        except UserError as e:
+            raise UserError(f"{source}: eval.plugins: {e}") from None
+    for name in cfg.eval.metrics:
+        if name not in metrics.names():
+            raise UserError(f"{source}: eval.metrics: unknown metric {preview(name)}; "
+                            f"registered: {', '.join(metrics.names())} (a metric's file goes "
+                            "in eval.plugins)")
     return cfg
 
 

@@ -283,9 +283,10 @@ def kind(name: str) -> Kind:
             "(a custom kind must be registered with nstjax.losses.register first)") from None
 
 
-def load_plugin(ref: str, here: str | Path | None = None) -> None:
-    """Import a module that registers loss kinds: a `.py` file (relative to `here`) or a dotted
-    module name. Importing the same file twice runs it once."""
+def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plugin") -> None:
+    """Import a module that registers loss kinds (or metrics: `what` names it in errors): a
+    `.py` file (relative to `here`) or a dotted module name. Importing the same file twice
+    runs it once."""
     if ref.endswith(".py") or "/" in ref or "\\" in ref:
         path = Path(ref).expanduser()
         if here is not None and not path.is_absolute():
@@ -293,7 +294,7 @@ def load_plugin(ref: str, here: str | Path | None = None) -> None:
         path = path.resolve()
         if not path.is_file():
             where = "" if str(path) == ref else f" ({path})"
-            raise UserError(f"{ref}: loss plugin file not found{where}; check the path (a "
+            raise UserError(f"{ref}: {what} file not found{where}; check the path (a "
                             "relative one is relative to the config file)")
         mod_name = f"nstjax_plugin_{abs(hash(str(path))):x}"
         if mod_name in sys.modules:
@@ -305,13 +306,13 @@ def load_plugin(ref: str, here: str | Path | None = None) -> None:
             spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[mod_name]
-            raise UserError(f"{ref}: importing the loss plugin failed: "
+            raise UserError(f"{ref}: importing the {what} failed: "
                             f"{type(e).__name__}: {e}") from None
         return
     try:
         importlib.import_module(ref)
     except Exception as e:
-        raise UserError(f"{ref}: importing the loss plugin module failed: "
+        raise UserError(f"{ref}: importing the {what} module failed: "
                         f"{type(e).__name__}: {e}") from None
 
 

@@ -1,43 +1,63 @@
-"""A fixed reference evaluation of an image, independent of the run's own loss settings.
+"""Metrics that judge a result: a registry of named scores of the final image, in run.json
+`metrics` and a sweep's `metric.*` columns (config `eval:`; README "Metrics").
 
-Every run and sweep cell can be scored on the same yardstick: per-layer Gram distances to the
-style (default `block1..5_conv1` and `_conv2`) and the content distance (default
-`block4_conv2`), unweighted, with the paper's (`gatys`) normalization, through the run's own
-VGG16 weights. A layer ablation or a loss-kind comparison is then read off one set of numbers.
-
-`gatys` per style layer: sum((G_x/M_x - G_s/M_s)^2) / (4 N^2) with G = F^T F, N channels and M
-positions: the paper's E_l = sum((G_x - G_s)^2) / (4 N^2 M^2) when x and the style have the same
-size, and still comparable when they do not. Content: 1/2 sum((F_x - F_c)^2).
-`seed` per style layer: the post's summed MSE of Grams F^T F/(h w c) (without the post's
-division by the first layer's size: each layer stands alone); content: its summed MSE / (h w c).
+Built in (`eval.metrics` picks; all by default), with which way is better:
+- `gram` (lower): the loss's own yardstick, kept as one metric among others: per-layer Gram
+  distances to the style (`style.<layer>`, their sum `style`) and the content distance
+  (`content`), unweighted, `gatys` normalization, through the run's VGG16. It measures what a
+  Gram loss minimizes, so it cannot judge a result on its own.
+- `structure` (higher, <= 1): SSIM of the low-pass luminance of the result against the
+  content's. SSIM multiplies luminance, contrast and structure terms, so a faint town (low
+  contrast) scores low as well as a lost one.
+- `edges` (higher, <= 1): correlation of the low-pass luminance's gradient magnitude with the
+  content's: are the content's edges where they were (contrast does not count).
+- `weave` (lower, >= 0): the periodic-lattice index: the share of the luminance spectrum's
+  high-frequency power (periods of 2-16 px) in sharp peaks (10x their neighbourhood's median),
+  minus the style image's own share. A woven sky gives ~0.1-0.4; paintings and photos ~0.
+- `color` (lower): sliced Wasserstein distance between the result's and the style's pixel
+  colours in CIELab (in Lab units, ~ Delta E): is the palette the painting's.
+- `swd` (lower): sliced Wasserstein distance between the result's and the style's VGG16
+  features at layers the built-in losses do not use (`eval.swd_layers`, default the conv3
+  layers of blocks 3-5), each layer's divided by the style features' RMS, averaged.
+Other metrics register with `register(name, fn)` (a module named in `eval.plugins` does so on
+import); `fn(inp: Inputs)` returns a float (stored under `name`) or a mapping of floats (keys
+stored as given).
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nstjax import losses, vgg16
-from nstjax.errors import UserError
+from nstjax.errors import PluginError, UserError, user_code
 
 DEFAULT_STYLE_LAYERS = tuple(f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2))
+DEFAULT_SWD_LAYERS = ("block3_conv3", "block4_conv3", "block5_conv3")
+DEFAULT_METRICS = ("gram", "structure", "edges", "weave", "color", "swd")
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The `eval:` section: which layers the reference evaluation scores, and how."""
+    """The `eval:` section: which metrics score the final image, and their settings."""
 
     style_layers: tuple[str, ...] = DEFAULT_STYLE_LAYERS
     content_layers: tuple[str, ...] = ("block4_conv2",)
     normalization: str = "gatys"
     pooling: str = "avg"
     precision: str = "highest"
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    swd_layers: tuple[str, ...] = DEFAULT_SWD_LAYERS
+    projections: int = 64
+    seed: int = 0
 
     def __post_init__(self):
         # Lists from YAML become tuples (hashable: an EvalSpec is a static jit argument).
-        for f in ("style_layers", "content_layers"):
+        for f in ("style_layers", "content_layers", "swd_layers"):
             v = getattr(self, f)
             if isinstance(v, str) or not isinstance(v, (list, tuple)) or not v:
                 raise UserError(f"eval.{f}: {v!r} is not a non-empty list of VGG16 layers")
@@ -46,6 +66,10 @@ class EvalSpec:
             if bad:
                 raise UserError(f"eval.{f}: {bad[0]!r} is not a VGG16 conv layer; valid: "
                                 f"{', '.join(vgg16.NAMES)}")
+        m = self.metrics
+        if isinstance(m, str) or not isinstance(m, (list, tuple)):
+            raise UserError(f"eval.metrics: {m!r} is not a list of metric names")
+        object.__setattr__(self, "metrics", tuple(m))
         for f, ok in (("normalization", losses.NORMALIZATIONS), ("pooling", vgg16.POOLINGS),
                       ("precision", vgg16.PRECISIONS)):
             if getattr(self, f) not in ok:
@@ -55,6 +79,7 @@ class EvalSpec:
     def from_dict(cls, d: Mapping[str, Any] | None) -> "EvalSpec":
         """From a config's `eval:` mapping (missing keys take the defaults)."""
         d = dict(d or {})
+        d.pop("plugins", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -64,6 +89,91 @@ class EvalSpec:
     @property
     def layers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.content_layers + self.style_layers))
+
+
+class Inputs(NamedTuple):
+    """What a metric sees. Images are preprocessed (1,H,W,3) float32 (`rgb` turns them into
+    0-255 RGB); `style` (the first style image) is at the run's style size; `content` is None
+    for a texture."""
+
+    params: dict
+    x: jax.Array
+    content: jax.Array | None
+    style: jax.Array
+    cfg: EvalSpec
+    gram_ref: dict | None = None  # `reference(...)`, blended over several styles; else computed
+
+    def features(self, img: jax.Array, layers: tuple[str, ...]) -> dict[str, jax.Array]:
+        """VGG16 features of `img` at `layers` with the evaluation's pooling and precision."""
+        return _features(self.params, img, tuple(layers), self.cfg.pooling, self.cfg.precision)
+
+
+MetricFn = Callable[[Inputs], "float | Mapping[str, float]"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: MetricFn
+    better: Literal["lower", "higher"] = "lower"
+    description: str = ""
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, fn: MetricFn, *, better: Literal["lower", "higher"] = "lower",
+             description: str = "", replace: bool = False) -> Metric:
+    """Register metric `name` (selectable in `eval.metrics`); `better` says which way is
+    better (shown in reports). `replace=True` swaps in a new function."""
+    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"metric name must be a non-empty identifier, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"metric {name!r}: fn must be callable")
+    if better not in ("lower", "higher"):
+        raise ValueError(f"metric {name!r}: better must be 'lower' or 'higher', got {better!r}")
+    if name in _METRICS and not replace:
+        raise ValueError(f"metric {name!r} is already registered; pass replace=True")
+    m = _METRICS[name] = Metric(name, fn, better, description)
+    return m
+
+
+def names() -> tuple[str, ...]:
+    """The registered metrics, sorted."""
+    return tuple(sorted(_METRICS))
+
+
+def get(name: str) -> Metric:
+    """The registered metric `name`; a UserError naming `eval.metrics` if none."""
+    try:
+        return _METRICS[name]
+    except (KeyError, TypeError):
+        raise UserError(f"eval.metrics: unknown metric {name!r}; registered: "
+                        f"{', '.join(names())} (a plugin in eval.plugins may register more)"
+                        ) from None
+
+
+def load_plugins(refs, here: str | Path | None = None) -> None:
+    """Import the `eval.plugins` modules (files relative to `here`, or dotted names)."""
+    for ref in refs or ():
+        losses.load_plugin(ref, here, what="metric plugin")
+
+
+def direction(key: str) -> str | None:
+    """'lower' or 'higher' for a metric key (`structure`, `style.block1_conv1`, ...)."""
+    m = _METRICS.get(key) or _METRICS.get(key.split(".")[0])
+    if m is None and (key in ("style", "content") or key.startswith(("style.", "content."))):
+        m = _METRICS.get("gram")
+    return m.better if m else None
+
+
+# ------------------------------------------------------------------ gram (the loss's yardstick)
+
+def _features(params, x, layers, pooling, precision):
+    return vgg16.features(params, x, layers, pooling, precision)
+
+
+_features = jax.jit(_features, static_argnums=(2, 3, 4))
 
 
 def _normalized_gram(f: jax.Array, normalization: str) -> jax.Array:
@@ -81,7 +191,7 @@ def _style_distance(g: jax.Array, a: jax.Array, normalization: str) -> jax.Array
 
 
 def reference(params: dict, content_x: jax.Array, style_x: jax.Array, cfg: EvalSpec) -> dict:
-    """Targets of the evaluation: content features and normalized style Grams (jitted, cfg
+    """The Gram metric's targets: content features and normalized style Grams (jitted, cfg
     static; once per content/style pair)."""
     fc = vgg16.features(params, content_x, cfg.content_layers, cfg.pooling, cfg.precision)
     fs = vgg16.features(params, style_x, cfg.style_layers, cfg.pooling, cfg.precision)
@@ -90,7 +200,12 @@ def reference(params: dict, content_x: jax.Array, style_x: jax.Array, cfg: EvalS
 
 
 def score(params: dict, x: jax.Array, ref: dict, cfg: EvalSpec) -> dict:
-    """The evaluation's terms (device scalars) of x against `reference(...)` (jitted)."""
+    """The Gram metric's terms (device scalars) of x against `reference(...)` (jitted).
+
+    `gatys` per style layer: sum((G_x/M_x - G_s/M_s)^2) / (4 N^2): the paper's E_l when x and
+    the style have the same size, comparable when not; content: 1/2 sum((F_x - F_c)^2).
+    `seed`: the post's summed MSE of Grams F^T F/(h w c) per layer; content: its MSE/(h w c).
+    """
     f = vgg16.features(params, x, cfg.layers, cfg.pooling, cfg.precision)
     out = {f"style.{n}": _style_distance(_normalized_gram(f[n], cfg.normalization),
                                          ref["style"][n], cfg.normalization)
@@ -108,15 +223,177 @@ reference = jax.jit(reference, static_argnums=(3,))
 score = jax.jit(score, static_argnums=(3,))
 
 
-def evaluate(params: dict, x, content_x, style_x, cfg: EvalSpec = EvalSpec()) -> dict[str, float]:
-    """Score image x (1,H,W,3, preprocessed: the saved image) against the content and style.
+def _gram(inp: Inputs) -> dict[str, float]:
+    content = inp.content if inp.content is not None else inp.x
+    ref = inp.gram_ref if inp.gram_ref is not None else reference(
+        inp.params, content, inp.style, inp.cfg)
+    out = {k: float(v) for k, v in jax.device_get(score(inp.params, inp.x, ref, inp.cfg)).items()}
+    if inp.content is None:  # a texture: there is no content to keep
+        out = {k: v for k, v in out.items() if not k.startswith("content")}
+    return out
 
-    Returns {"style.<layer>": ..., "style": sum over layers, "content": ...} as Python floats
-    (plus "content.<layer>" with several content layers). Compiled once per shape and `cfg`; a
-    sweep scoring many cells of one pair can call `reference` once and `score` per cell.
+
+# ------------------------------------------------------------------ image metrics (numpy)
+
+def rgb(x) -> np.ndarray:
+    """A preprocessed (1,H,W,3) image as float64 (H,W,3) RGB in 0..255 (clipped, as saved)."""
+    bgr = np.asarray(x, np.float64)[0] + np.array([103.939, 116.779, 123.68])
+    return np.clip(bgr[..., ::-1], 0.0, 255.0)
+
+
+def luminance(img: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma of RGB (H,W,3) in 0..255."""
+    return img @ np.array([0.299, 0.587, 0.114])
+
+
+def _lowpass(lum: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(lum, sigma=max(1.0, min(lum.shape) / 128.0), mode="reflect")
+
+
+def structure(x_rgb: np.ndarray, c_rgb: np.ndarray) -> float:
+    """SSIM of the low-pass luminances (window 7, data range 255)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = _lowpass(luminance(x_rgb)), _lowpass(luminance(c_rgb))
+    return float(structural_similarity(a, b, data_range=255.0, win_size=7))
+
+
+def edges(x_rgb: np.ndarray, c_rgb: np.ndarray) -> float:
+    """Pearson correlation of the Sobel gradient magnitudes of the low-pass luminances."""
+    from skimage.filters import sobel
+
+    a, b = (sobel(_lowpass(luminance(i))).ravel() for i in (x_rgb, c_rgb))
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / den) if den > 0 else 0.0
+
+
+def peak_share(lum: np.ndarray, ratio: float = 10.0, longest: float = 16.0) -> float:
+    """Share of the luminance spectrum's power at periods of 2..`longest` px that lies in bins
+    `ratio` x above the median of their 9x9 neighbourhood (Hann window, mean removed)."""
+    from scipy.ndimage import median_filter
+
+    h, w = lum.shape
+    win = np.outer(np.hanning(h), np.hanning(w))
+    p = np.abs(np.fft.fft2((lum - lum.mean()) * win)) ** 2 + 1e-12
+    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
+    band = np.hypot(fy, fx) >= 1.0 / longest
+    background = np.exp(median_filter(np.log(p), size=9, mode="wrap"))
+    peaks = band & (p > ratio * background)
+    total = p[band].sum()
+    return float(p[peaks].sum() / total) if total > 0 else 0.0
+
+
+def weave(x_rgb: np.ndarray, s_rgb: np.ndarray) -> float:
+    """`peak_share` of the result minus the style's (at the result's size), at least 0."""
+    from PIL import Image
+
+    h, w = x_rgb.shape[:2]
+    if s_rgb.shape[:2] != (h, w):
+        s_rgb = np.asarray(Image.fromarray(s_rgb.astype(np.uint8)).resize(
+            (w, h), Image.BICUBIC), np.float64)
+    return max(0.0, peak_share(luminance(x_rgb)) - peak_share(luminance(s_rgb)))
+
+
+def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int, seed: int) -> float:
+    """POT's sliced 2-Wasserstein distance between point sets a (n,d) and b (m,d)."""
+    import ot
+
+    return float(ot.sliced_wasserstein_distance(a, b, n_projections=projections, seed=seed))
+
+
+def color(x_rgb: np.ndarray, s_rgb: np.ndarray, projections: int = 64, seed: int = 0) -> float:
+    """Sliced Wasserstein distance of the pixels' CIELab colours (Lab units)."""
+    from skimage.color import rgb2lab
+
+    a, b = (rgb2lab(i / 255.0).reshape(-1, 3) for i in (x_rgb, s_rgb))
+    return sliced_wasserstein(a, b, projections, seed)
+
+
+def _swd(inp: Inputs) -> float:
+    layers = inp.cfg.swd_layers
+    fx, fs = inp.features(inp.x, layers), inp.features(inp.style, layers)
+    out = []
+    for n in layers:
+        a = np.asarray(fx[n], np.float64).reshape(-1, fx[n].shape[-1])
+        b = np.asarray(fs[n], np.float64).reshape(-1, fs[n].shape[-1])
+        rms = np.sqrt(np.mean(b * b)) or 1.0
+        out.append(sliced_wasserstein(a / rms, b / rms, inp.cfg.projections, inp.cfg.seed))
+    return float(np.mean(out))
+
+
+def _need_content(fn):
+    def wrapped(inp: Inputs):
+        if inp.content is None:
+            return {}
+        return fn(rgb(inp.x), rgb(inp.content))
+    return wrapped
+
+
+register("gram", _gram, description="Gram distances per layer (style.*, style) and content "
+         "distance (content), gatys normalization")
+register("structure", _need_content(structure), better="higher",
+         description="SSIM of low-pass luminance against the content")
+register("edges", _need_content(edges), better="higher",
+         description="correlation of gradient magnitude with the content's")
+register("weave", lambda inp: weave(rgb(inp.x), rgb(inp.style)),
+         description="periodic-lattice index: peaked high-frequency power beyond the style's")
+register("color", lambda inp: color(rgb(inp.x), rgb(inp.style), inp.cfg.projections,
+                                    inp.cfg.seed),
+         description="sliced Wasserstein distance of CIELab colours to the style")
+register("swd", _swd, description="sliced Wasserstein distance of VGG16 features at "
+         "eval.swd_layers to the style's, per-layer RMS-normalized")
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _finite(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) and not (
+            isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 0):
+        raise PluginError(f"metric {name!r}: returned {type(v).__name__}; a metric must "
+                          "return a float or a mapping of floats")
+    v = float(v)
+    if not np.isfinite(v):
+        raise PluginError(f"metric {name!r}: returned {v}; a metric must be finite")
+    return v
+
+
+def run_metric(name: str, inp: Inputs) -> dict[str, float]:
+    """One metric's values ({key: float}); user code's faults as one-line PluginErrors."""
+    m = get(name)
+    with user_code(f"metric {name!r}", "computing it"):
+        v = m.fn(inp)
+    if isinstance(v, Mapping):
+        return {str(k): _finite(f"{name}.{k}", x) for k, x in v.items()}
+    return {name: _finite(name, v)}
+
+
+def evaluate(params: dict, x, content_x, style_x, cfg: EvalSpec = EvalSpec(),
+             on_error: Callable[[Exception], None] | None = None,
+             gram_ref: dict | None = None) -> dict[str, float]:
+    """Score image x (1,H,W,3, preprocessed: the saved image) with `cfg.metrics`.
+
+    `content_x` (None for a texture) must have x's shape; `style_x` may have another size.
+    Returns {key: float}: the Gram metric's "style.<layer>", "style", "content", the others
+    under their names. A metric that fails raises PluginError, or with `on_error` is reported
+    there and left out. `gram_ref`: the Gram metric's reference when it is not the one of
+    `content_x` and `style_x` (several styles blended).
     """
-    x, content_x, style_x = (jnp.asarray(a, jnp.float32) for a in (x, content_x, style_x))
-    if x.shape != content_x.shape:
-        raise ValueError(f"x {x.shape} and content {content_x.shape} must have the same shape")
-    ref = reference(params, content_x, style_x, cfg)
-    return {k: float(v) for k, v in jax.device_get(score(params, x, ref, cfg)).items()}
+    x, style_x = jnp.asarray(x, jnp.float32), jnp.asarray(style_x, jnp.float32)
+    if content_x is not None:
+        content_x = jnp.asarray(content_x, jnp.float32)
+        if x.shape != content_x.shape:
+            raise ValueError(f"x {x.shape} and content {content_x.shape} must have the same "
+                             "shape")
+    inp = Inputs(params, x, content_x, style_x, cfg, gram_ref)
+    out: dict[str, float] = {}
+    for name in cfg.metrics:
+        try:
+            out.update(run_metric(name, inp))
+        except PluginError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+    return out

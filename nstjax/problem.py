@@ -50,12 +50,14 @@ class Problem:
 _PARAMS: dict = {}  # the last weights final_metrics loaded itself: {(name, seed): params}
 
 
-def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None) -> dict:
+def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None,
+                  on_error=None) -> dict:
     """The reference evaluation (`metrics`, settings from `cfg.eval`) of a final image x
     (1,H,W,3), preprocessed, as saved (controls applied) against the content image and the
     style images as given (before colour control) at the run's sizes; several styles are
     scored against their targets blended by `style_blend` (equal by default). The params are
-    the problem's, else loaded from `cfg.model.weights`."""
+    the problem's, else loaded from `cfg.model.weights`. A metric that fails goes to
+    `on_error` (else raises PluginError)."""
     if problem is not None:
         params = problem.params
     else:
@@ -72,16 +74,16 @@ def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None) ->
         raise ValueError(f"the final image is {np.shape(x)}, the content {content.shape}")
     swh = style_size(cfg, (w, h))
     spec = cfg.eval.spec()
-    refs = [metrics.reference(params, jnp.asarray(content), jnp.asarray(
-        image.load(p, list(swh), cfg.image.resample, max_pixels=mp)), spec) for p in cfg.styles]
-    ref = refs[0]
-    if len(refs) > 1:
+    styles = [jnp.asarray(image.load(p, list(swh), cfg.image.resample, max_pixels=mp))
+              for p in cfg.styles]
+    ref = None
+    if "gram" in spec.metrics and len(styles) > 1:
+        refs = [metrics.reference(params, jnp.asarray(content), s, spec) for s in styles]
         b = blend_weights(cfg)
-        ref = {"content": ref["content"],
+        ref = {"content": refs[0]["content"],
                "style": {n: sum(float(bi) * r["style"][n] for bi, r in zip(b, refs))
-                         for n in ref["style"]}}
-    out = metrics.score(params, jnp.asarray(x, jnp.float32), ref, spec)
-    return {k: float(v) for k, v in jax.device_get(out).items()}
+                         for n in refs[0]["style"]}}
+    return metrics.evaluate(params, x, content, styles[0], spec, on_error, ref)
 
 
 def spec_of(cfg: Config) -> losses.Spec:

@@ -319,6 +319,10 @@ class Recorder:
         self.write_record()
         return self.record
 
+    def _metric_failed(self, e: Exception) -> None:
+        print(f"warning: {self.d}: {one_line(e)} (left out of run.json metrics)",
+              file=sys.stderr)
+
     def final_metrics(self, x) -> dict | None:
         """`metrics.evaluate` of the final image as saved (controls applied; an 8-bit file read
         back, so quantized as saved), or None (with a warning on stderr) if it cannot be
@@ -330,7 +334,7 @@ class Recorder:
                 saved = image.load(self.image_path("final"), None, max_pixels=None)
             else:
                 saved = self.visible(x)
-            return problem_mod.final_metrics(self.cfg, saved, self.problem)
+            return problem_mod.final_metrics(self.cfg, saved, self.problem, self._metric_failed)
         except Exception as e:  # noqa: BLE001 - the run itself is complete; say why, go on
             print(f"warning: {self.d}: no metrics ({one_line(e)})", file=sys.stderr)
             return None

@@ -248,7 +248,8 @@ class _Memory(record.Recorder):
         shown = self.visible(x)
         saved = image.preprocess(image.deprocess(shown)) if self.cfg.output.bits == 8 else shown
         try:
-            return problem_mod.final_metrics(self.cfg, saved, self.problem)
+            return problem_mod.final_metrics(self.cfg, saved, self.problem,
+                                             self._metric_failed)
         except Exception as e:  # noqa: BLE001 - as in Recorder: say why, go on
             print(f"warning: no metrics ({record.one_line(e)})", file=sys.stderr)
             return None

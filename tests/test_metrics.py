@@ -8,7 +8,7 @@ import pytest
 from conftest import np_vgg16
 
 from nstjax import metrics
-from nstjax.errors import UserError
+from nstjax.errors import PluginError, UserError
 
 
 def np_gram(f: np.ndarray) -> np.ndarray:
@@ -44,7 +44,8 @@ def test_default_evaluation_against_numpy(vgg_params, imgs, np_feats):
     got = metrics.evaluate(vgg_params, *imgs)
     fx, fc, fs = np_feats
     names = [f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2)]
-    assert set(got) == {f"style.{n}" for n in names} | {"style", "content"}
+    assert set(got) == ({f"style.{n}" for n in names} | {"style", "content"}
+                        | {"structure", "edges", "weave", "color", "swd"})
     assert all(isinstance(v, float) for v in got.values())
     for n in names:
         # With M_x != M_s (the style is larger) the per-position Grams are compared.
@@ -113,5 +114,106 @@ def test_eval_spec_from_config_section():
 def test_jnp_inputs_accepted(vgg_params, imgs):
     x, c, s = imgs
     a = metrics.evaluate(vgg_params, jnp.asarray(x), jnp.asarray(c), jnp.asarray(s),
-                         metrics.EvalSpec(style_layers=("block1_conv1",)))
+                         metrics.EvalSpec(style_layers=("block1_conv1",), metrics=("gram",)))
     assert set(a) == {"style.block1_conv1", "style", "content"}
+
+
+# ------------------------------------------------------------------ the result metrics
+
+
+def _pre(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H,W,3) 0..255 -> preprocessed (1,H,W,3) BGR minus the ImageNet mean."""
+    bgr = rgb[..., ::-1] - np.array([103.939, 116.779, 123.68])
+    return bgr[None].astype(np.float32)
+
+
+def _scene(n: int = 64, seed: int = 0) -> np.ndarray:
+    """A smooth 'photo': blobs and a bright rectangle, RGB 0..255."""
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n] / n
+    lum = 120 + 60 * np.sin(6 * xx + r.uniform()) * np.cos(4 * yy) + 50 * ((xx > .3) & (yy > .5))
+    return np.clip(np.stack([lum, 0.9 * lum, 0.8 * lum], -1), 0, 255)
+
+
+def test_structure_and_edges_rank_a_faint_and_a_lost_scene():
+    c = _scene()
+    faint = 128 + 0.25 * (c - 128)  # same layout, a quarter of the contrast
+    lost = _scene(seed=7)[:, ::-1]  # another layout
+    s_same, s_faint, s_lost = (metrics.structure(x, c) for x in (c, faint, lost))
+    assert s_same == pytest.approx(1.0)
+    assert s_same > s_faint > s_lost
+    assert metrics.edges(c, c) == pytest.approx(1.0)
+    assert metrics.edges(faint, c) == pytest.approx(1.0, abs=1e-6)  # edges ignore contrast
+    assert metrics.edges(lost, c) < 0.5
+
+
+def test_weave_sees_a_lattice_the_style_lacks():
+    r = np.random.default_rng(1)
+    n = 64
+    yy, xx = np.mgrid[:n, :n]
+    # a 1/f-like "painting": smoothed noise at several scales
+    from scipy.ndimage import gaussian_filter
+    paint = sum(gaussian_filter(r.standard_normal((n, n)), s) * s for s in (1, 2, 4, 8))
+    paint = np.clip(128 + 40 * paint / paint.std(), 0, 255)
+    style = np.repeat(paint[..., None], 3, -1)
+    lattice = 25 * np.sin(2 * np.pi * xx / 4) * np.sin(2 * np.pi * yy / 4)
+    woven = np.clip(style + lattice[..., None], 0, 255)
+    assert metrics.weave(style, style) == 0.0
+    assert metrics.peak_share(metrics.luminance(style)) < 0.05
+    assert metrics.weave(woven, style) > 0.15
+    assert metrics.weave(woven, woven) == 0.0  # a lattice the style has itself does not count
+
+
+def test_color_is_a_lab_distance():
+    a = np.full((16, 16, 3), 100.0)
+    b = np.full((16, 16, 3), 100.0)
+    assert metrics.color(a, b) == pytest.approx(0.0, abs=1e-9)
+    from skimage.color import rgb2lab
+    c = np.zeros((16, 16, 3))
+    c[..., 2] = 200.0
+    # Two single-colour images: the sliced W2 distance of two Diracs is |d| * E|<u, e>| over
+    # random unit directions u, i.e. |d| / sqrt(3) in 3D on average over directions.
+    d = np.linalg.norm(rgb2lab(a[:1, :1] / 255.0) - rgb2lab(c[:1, :1] / 255.0))
+    got = metrics.color(a, c, projections=4096)
+    assert got == pytest.approx(d / np.sqrt(3), rel=0.05)
+
+
+def test_swd_zero_at_the_style_and_positive_elsewhere(vgg_params, imgs):
+    x, _, s = imgs
+    spec = metrics.EvalSpec(metrics=("swd",), swd_layers=("block1_conv2", "block2_conv1"))
+    assert metrics.evaluate(vgg_params, s, s, s, spec)["swd"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics.evaluate(vgg_params, x, x, s, spec)["swd"] > 0.01
+
+
+def test_registry_plugins_and_faults(vgg_params, imgs, tmp_path):
+    x, c, s = imgs
+    plug = tmp_path / "my_metric.py"
+    plug.write_text("from nstjax import metrics\n"
+                    "metrics.register('mean_abs', lambda inp: float(abs(inp.x).mean()), "
+                    "better='lower', replace=True)\n")
+    metrics.load_plugins([str(plug)])
+    got = metrics.evaluate(vgg_params, x, c, s, metrics.EvalSpec(metrics=("mean_abs",)))
+    assert got == {"mean_abs": pytest.approx(float(np.abs(x).mean()))}
+    assert metrics.direction("mean_abs") == "lower"
+    assert metrics.direction("structure") == "higher"
+    assert metrics.direction("style.block1_conv1") == "lower"
+    for fn, msg in [(lambda inp: 1 / 0, "metric 'bad': computing it failed: ZeroDivisionError"),
+                    (lambda inp: float("nan"), "metric 'bad': returned nan"),
+                    (lambda inp: "high", "metric 'bad': returned str"),
+                    (lambda inp: {"a": [1, 2]}, "metric 'bad.a': returned list")]:
+        metrics.register("bad", fn, replace=True)
+        spec = metrics.EvalSpec(metrics=("bad", "mean_abs"))
+        with pytest.raises(PluginError, match=msg):
+            metrics.evaluate(vgg_params, x, c, s, spec)
+        seen = []
+        got = metrics.evaluate(vgg_params, x, c, s, spec, on_error=seen.append)
+        assert set(got) == {"mean_abs"} and len(seen) == 1 and "\n" not in str(seen[0])
+    with pytest.raises(UserError, match="eval.metrics: unknown metric 'nope'"):
+        metrics.get("nope")
+
+
+def test_texture_has_no_content_metrics(vgg_params, imgs):
+    x, _, s = imgs
+    got = metrics.evaluate(vgg_params, x, None, s)
+    assert not any(k.startswith("content") for k in got)
+    assert {"weave", "color", "swd", "style"} <= set(got) and "structure" not in got
