@@ -312,16 +312,18 @@ def color(x_rgb: np.ndarray, s_rgb: np.ndarray, projections: int = 64, seed: int
     return sliced_wasserstein(a, b, projections, seed)
 
 
-def _swd(inp: Inputs) -> float:
+def _swd(inp: Inputs) -> float | dict:
     layers = inp.cfg.swd_layers
     fx, fs = inp.features(inp.x, layers), inp.features(inp.style, layers)
     out = []
     for n in layers:
         a = np.asarray(fx[n], np.float64).reshape(-1, fx[n].shape[-1])
         b = np.asarray(fs[n], np.float64).reshape(-1, fs[n].shape[-1])
+        if not (len(a) and len(b)):  # an image too small for the layer: nothing to compare
+            continue
         rms = np.sqrt(np.mean(b * b)) or 1.0
         out.append(sliced_wasserstein(a / rms, b / rms, inp.cfg.projections, inp.cfg.seed))
-    return float(np.mean(out))
+    return float(np.mean(out)) if out else {}
 
 
 def _need_content(fn):

@@ -101,9 +101,32 @@ def spec_of(cfg: Config) -> losses.Spec:
     )
 
 
-def loss_weights(cfg: Config, spec: losses.Spec) -> dict:
-    return losses.default_weights(spec, cfg.loss.style_weights, cfg.loss.style_to_content_ratio,
+def loss_weights(cfg: Config, spec: losses.Spec, params: dict | None = None,
+                 tgt: dict | None = None, x_ref: jax.Array | None = None) -> dict:
+    """The loss weights; `loss.style_weights: auto` needs params, targets and the reference
+    image (the content) to measure each layer's unit-weight term there (`auto_style_weights`)."""
+    sw = cfg.loss.style_weights
+    if sw == "auto":
+        sw = auto_style_weights(spec, params, tgt, x_ref)
+    return losses.default_weights(spec, sw, cfg.loss.style_to_content_ratio,
                                   cfg.loss.tv_weight, cfg.loss.content_weights)
+
+
+def auto_style_weights(spec: losses.Spec, params: dict, tgt: dict, x_ref: jax.Array
+                       ) -> list[float]:
+    """w_l = 1 / (L * E_l(x_ref)), E_l the layer's style term with unit weights: each of the L
+    layers then contributes 1/L at the reference image (style = 1 there), whatever the pooling,
+    size or weight file."""
+    unit = losses.default_weights(spec, [1.0] * len(spec.style_layers), 1.0)
+    _, terms = jax.jit(losses.objective(spec))(x_ref, params, tgt, unit)
+    out = []
+    for n in spec.style_layers:
+        e = float(terms.get(f"style/{n}", float("nan")))
+        if not np.isfinite(e) or e <= 0:
+            raise UserError(f"loss.style_weights: auto needs a positive per-layer term "
+                            f"style/{n} at the content image (got {e:g}); give the weights")
+        out.append(1.0 / (len(spec.style_layers) * e))
+    return out
 
 
 def blend_weights(cfg: Config) -> np.ndarray:
@@ -232,12 +255,15 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
             x = cmask * x + (1.0 - cmask) * content
         return image.recolor(x, content_ycc) if lum else x
 
+    lw = loss_weights(cfg, spec, params, tgt, jnp.asarray(content))
     info = {"weights": winfo, "content_size": [w, h]}
+    if cfg.loss.style_weights == "auto":
+        info["style_weights"] = [float(f"{float(v):.7g}") for v in lw["style"].values()]
     if controls_used(cfg):
         info.update(style_size=list(swh), styles=len(cfg.styles),
                     style_blend=blend_weights(cfg).round(6).tolist())
     return Problem(spec, params, jnp.asarray(content), jnp.asarray(styles[:1]), tgt,
-                   loss_weights(cfg, spec), jnp.asarray(x0), info,
+                   lw, jnp.asarray(x0), info,
                    post if (cmask is not None or lum) else None)
 
 
