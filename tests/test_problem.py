@@ -83,7 +83,7 @@ def test_final_metrics_blend_the_styles_at_their_own_size(vgg_params):
     two = [str(DEMO / "style.png"), str(DEMO / "content.png")]
     cfg = make_cfg(style=two, style_blend=[1, 3], style_scale=0.5, image={"size": [32, 24]},
                    eval={"style_layers": ["block1_conv2", "block2_conv1"],
-                         "content_layers": ["block2_conv1"]})
+                         "content_layers": ["block2_conv1"], "metrics": ["gram"]})
     rng = np.random.default_rng(3)
     x = image.load(DEMO / "content.png", [32, 24]) + rng.normal(0, 20, (1, 24, 32, 3))
     got = problem.final_metrics(cfg, x.astype(np.float32), SimpleNamespace(params=vgg_params))
