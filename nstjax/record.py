@@ -263,6 +263,10 @@ class Recorder:
         self.bar = bar
         self.x: np.ndarray | None = None  # the newest image written to last.npy
         self.now = Stage()
+        # Counts of earlier sessions (resume) when run.json is to keep running totals after each
+        # chunk (see `checkpoint`); None: run.json is written at the start and the end only.
+        self.carry: dict | None = None
+        self.t_start = time.perf_counter()
 
     def image_path(self, stem: str) -> Path:
         return self.d / f"{stem}.{self.cfg.output.format}"
@@ -320,6 +324,20 @@ class Recorder:
         self.history.extend(rows)
         self.write_history()
         return rows
+
+    def checkpoint(self, evals: int, solve_seconds: float, compile_seconds: float) -> None:
+        """run.json (still `running`) with the totals so far, after a chunk's history: a killed
+        process's work is then on disk and a resume adds up across every session."""
+        if self.carry is None:
+            return
+        c = self.carry
+        self.record.update(
+            iterations=self.history[-1]["iter"] - self.now.base if self.history else 0,
+            evaluations=int(c.get("evals", 0) + evals),
+            solve_seconds=round(c.get("solve_seconds", 0.0) + solve_seconds, 4),
+            compile_seconds=round(c.get("compile_seconds", 0.0) + compile_seconds, 4),
+            wall_seconds=round(time.perf_counter() - self.t_start, 4))
+        self.write_record()
 
     def finish(self, res: solvers.Result, t_start: float) -> dict:
         """Final image, history.csv and the completed run.json (last: it marks completion), with
@@ -459,8 +477,14 @@ def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk:
             return True
         return flag.stopped
 
+    counts = [0, 0.0]
+
+    def on_counts(evals: int, seconds: float) -> None:
+        counts[:] = [evals, seconds]
+
     def on_chunk(x, rows: list[dict]) -> bool:
         rec.add(x, rows)
+        rec.checkpoint(counts[0], counts[1], compile_s)  # after history.csv: never ahead of it
         return flag.stopped
 
     key = "rounds" if s.name == "scipy_lbfgsb" else "maxiter"
@@ -468,7 +492,7 @@ def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk:
                            losses.objective(problem.spec), problem.x0, args, chunk=chunk,
                            on_chunk=on_chunk, on_start=on_start, compiled=compiled,
                            state0=state0, keep_state=s.name in solvers.COMPILED,
-                           first_chunk=chunk - done % chunk)
+                           first_chunk=chunk - done % chunk, on_counts=on_counts)
     res.compile_seconds = max(res.compile_seconds, compile_s)
     res.iterations = rec.history[-1]["iter"] - rec.now.base if rec.history else done
     if bad:

@@ -107,6 +107,7 @@ def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: f
     make = record.Recorder if d is not None else _Memory
     rec = make(d, cfg, rec0, problem=problem, history=prior or (), bar=bar)
     rec.stage(total=record.steps(s), seconds=prior[-1]["seconds"] if prior else 0.0)
+    rec.carry, rec.t_start = dict(carry or {}), t_start  # running totals in run.json
     flag, errors, res = StopFlag(), [], None
     with flag.installed():
         with record.guarded(flag, errors, cfg.image.size):

@@ -393,7 +393,8 @@ def status_of(st: Any) -> tuple[Status, str]:
     return (Status.CONVERGED, "") if bool(st.done) else (Status.DONE, "")
 
 
-def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Result:
+def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
+                    on_counts=None) -> Result:
     from scipy.optimize import fmin_l_bfgs_b
 
     vg = jax.jit(jax.value_and_grad(fun, has_aux=True))
@@ -430,6 +431,8 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Resu
         res.history.append(row)
         res.x = x.reshape(shape).astype(np.float32)
         res.iterations = r + 1
+        if on_counts is not None:
+            on_counts(evals, time.perf_counter() - t0)
         if on_chunk is not None and on_chunk(res.x, [row]):
             res.status = Status.INTERRUPTED
             break
@@ -451,6 +454,7 @@ def minimize(
     state0: Any = None,
     keep_state: bool = False,
     first_chunk: int | None = None,
+    on_counts: Callable[[int, float], None] | None = None,
 ) -> Result:
     """Minimize fun(x, *args)[0] over x from x0 with solver `s.name`: the one entry point.
 
@@ -462,12 +466,14 @@ def minimize(
     `state0` (compiled solvers) continues from a saved state (from `keep_state=True`, which puts
     the final state in `Result.state`) instead of starting at x0; its `it` numbers the rows.
     `first_chunk` (<= chunk) shortens the first chunk, e.g. to realign snapshots on resume.
+    `on_counts(evals, seconds)` is called after each chunk, before `on_chunk`, with the
+    evaluations so far (the state's count) and the seconds since the solve started.
     Chunks are `chunk` iterations long; for `lbfgs`, `chunk` evaluations that end early at the
     iteration multiples of `chunk`. The solve stops after `s.maxiter` iterations, `s.maxevals`
     evaluations (when > 0) or at convergence.
     """
     if s.name == "scipy_lbfgsb":
-        return _minimize_scipy(s, fun, x0, args, on_chunk, on_start)
+        return _minimize_scipy(s, fun, x0, args, on_chunk, on_start, on_counts)
     t = time.perf_counter()
     init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
@@ -482,6 +488,8 @@ def minimize(
         rows = rows_of(c.trace, t0, start=c.start, evals0=int(c.evals0), end=c.end)
         res.history += rows
         res.x = np.asarray(c.state.x)
+        if on_counts is not None:
+            on_counts(int(c.state.evals), c.end - t0)
         return on_chunk is not None and bool(on_chunk(res.x, rows))
 
     if not stopped:
