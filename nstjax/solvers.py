@@ -42,9 +42,9 @@ class Settings:
 
     name: str = DEFAULT
     maxiter: int = 200
-    maxevals: int = 0  # compiled solvers: evaluation budget (0: none); a step may overshoot it
-    history_size: int = 10
-    maxls: int = 20
+    maxevals: int = 0  # evaluation budget (0: none); a compiled solver's step may overshoot it
+    history_size: int = 10  # L-BFGS solvers (scipy_lbfgsb: its m)
+    maxls: int = 20  # L-BFGS line-search steps (scipy_lbfgsb too)
     tol: float = 0.0  # stop when |grad| <= tol * |grad at x0| (compiled solvers)
     learning_rate: float = 5.0  # adam
     rounds: int = 10  # scipy_lbfgsb
@@ -393,6 +393,10 @@ def status_of(st: Any) -> tuple[Status, str]:
     return (Status.CONVERGED, "") if bool(st.done) else (Status.DONE, "")
 
 
+class _OutOfEvaluations(Exception):
+    """solver.maxevals reached inside a scipy_lbfgsb round."""
+
+
 def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
                     on_counts=None) -> Result:
     from scipy.optimize import fmin_l_bfgs_b
@@ -404,11 +408,16 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
     compile_s = time.perf_counter() - t
     evals = 0
     t0 = time.perf_counter()
+    best: list = [np.inf, None]  # this round's lowest loss and its point (for the budget)
 
     def f(z):
         nonlocal evals
+        if s.maxevals and evals >= s.maxevals:
+            raise _OutOfEvaluations
         evals += 1
         (v, _), g = vg(jnp.asarray(z.reshape(shape), jnp.float32), *args)
+        if float(v) < best[0]:
+            best[:] = [float(v), z.copy()]
         return float(v), np.asarray(g, np.float64).ravel()
 
     def terms_at(z):
@@ -422,7 +431,14 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
     if on_start is not None and on_start(res.x, res.history[0]):
         res.status, rounds = Status.INTERRUPTED, 0
     for r in range(rounds):
-        x, _, _ = fmin_l_bfgs_b(f, x, maxfun=s.maxfun, pgtol=s.pgtol, factr=s.factr)
+        if s.maxevals and evals >= s.maxevals:
+            break
+        best[:] = [np.inf, None]
+        try:
+            x, _, _ = fmin_l_bfgs_b(f, x, m=s.history_size, maxls=s.maxls, maxfun=s.maxfun,
+                                    pgtol=s.pgtol, factr=s.factr)
+        except _OutOfEvaluations:  # the budget ran out inside the round: its best point
+            x = x if best[1] is None else best[1]
         x = np.clip(x, -s.clip, s.clip)
         row = {"iter": r + 1, **terms_at(x), "seconds": time.perf_counter() - t0}
         if not np.isfinite(row["total"]):

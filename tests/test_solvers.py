@@ -173,6 +173,31 @@ def test_scipy_lbfgsb_rounds_quadratic_and_rosenbrock():
     assert short.history[-1]["total"] - quad_min64() > 1e-2
 
 
+@pytest.mark.parametrize("maxevals", [1, 3, 25])
+def test_scipy_lbfgsb_honours_maxevals(maxevals):
+    """solver.maxevals is a budget for scipy_lbfgsb too (it used to run rounds x maxfun):
+    exactly that many evaluations, ending at the lowest point evaluated."""
+    s = solvers.Settings(name="scipy_lbfgsb", rounds=5, maxfun=20, maxevals=maxevals)
+    res = solve(s, problem(), X0_RAND)
+    free = solve(solvers.Settings(name="scipy_lbfgsb", rounds=5, maxfun=20), problem(), X0_RAND)
+    assert free.evals > 25 and res.evals == maxevals
+    assert res.history[-1]["total"] <= res.history[0]["total"]
+    assert res.history[-1]["quad"] == pytest.approx(quad64(res.x, B32), rel=1e-5)
+
+
+def test_scipy_lbfgsb_honours_history_size_and_maxls():
+    """history_size and maxls reach scipy (its m and maxls): the same iterates as scipy's own
+    L-BFGS-B with maxcor=m, maxls on Rosenbrock."""
+    s = solvers.Settings(name="scipy_lbfgsb", rounds=1, maxfun=15000, history_size=3, maxls=5)
+    ref = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64), jac=rosen_grad64,
+                                  method="L-BFGS-B", options={"maxcor": 3, "maxls": 5})
+    default = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64),
+                                      jac=rosen_grad64, method="L-BFGS-B")
+    res = solve(s, problem(wq=0.0, wr=1.0), X0_ROSEN)
+    assert ref.nfev != default.nfev  # the settings matter for this problem
+    assert abs(res.evals - ref.nfev) <= max(3, ref.nfev // 10)
+
+
 def test_scipy_lbfgsb_clips_between_rounds():
     b = 500.0 * B32  # the unconstrained minimum lies far outside [-127, 127]
     x_star = np.linalg.solve(A32.astype(np.float64), b.astype(np.float64))
