@@ -297,9 +297,15 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
                         np.int64 if k in ("iter", "scale") else np.float64) for k in keys}
 
 
-def _config(cfg_or_path: Config | str | Path, overrides: list[str]) -> Config:
+def _config(cfg_or_path: Config | str | Path, overrides) -> Config:
     from nstjax import config
 
+    if isinstance(overrides, str):
+        raise UserError(f"stylize: overrides must be a list of 'key=value' strings, not one "
+                        f"string; write [{overrides[:60]!r}]")
+    if not isinstance(cfg_or_path, (Config, str, Path)):
+        raise UserError(f"stylize: takes a Config or a YAML file path, not a "
+                        f"{type(cfg_or_path).__name__}; for a dict use nstjax.config.validate(d)")
     if isinstance(cfg_or_path, Config):
         if not overrides:
             return cfg_or_path
@@ -325,7 +331,7 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
     Multi-scale configs run in memory too (with `out`, `.image` is read back from final.*).
     """
     t_start = time.perf_counter()
-    cfg = _config(cfg_or_path, list(overrides))
+    cfg = _config(cfg_or_path, overrides)
     use_compile_cache(compile_cache)
     if cfg.multiscale.count:
         return _multiscale(cfg, out, quiet)

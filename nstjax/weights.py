@@ -222,10 +222,15 @@ def convert(
     out_path: str | os.PathLike[str],
     *,
     convs: ConvTable | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta."""
+    """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta.
+    An existing `out_path` is replaced only with `force`."""
     if Path(out_path).suffix.lower() != ".npz":
         raise UserError(f"convert output {out_path}: only .npz output is supported; name it *.npz")
+    if os.path.lexists(out_path) and not force:
+        raise UserError(f"convert output {out_path}: exists; pass --force to replace it, or "
+                        "pick a new name")
     parent = Path(out_path).parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"convert output {out_path}: {parent} is not a directory")
