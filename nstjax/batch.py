@@ -164,8 +164,9 @@ def minimize_batched(s: solvers.Settings, fun: Callable, xb, argsb: tuple, *,
                         f"compiled chunk), got {chunk!r}")
     mesh = mesh or default_mesh()
     t = time.perf_counter()
-    init_c, chunk_c = compiled or compile_batched(s, fun, xb, argsb, in_axes=in_axes,
-                                                  lanes=lanes, mesh=mesh, chunk=chunk)
+    with solvers.users(fun):
+        init_c, chunk_c = compiled or compile_batched(s, fun, xb, argsb, in_axes=in_axes,
+                                                      lanes=lanes, mesh=mesh, chunk=chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
     cells = xb.shape[0]
     live = np.ones(cells, bool) if live is None else np.asarray(live, bool)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nstjax import lbfgs
+from nstjax.errors import user_code
 
 COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
 NAMES = (*COMPILED, "scipy_lbfgsb")
@@ -397,6 +398,17 @@ class _OutOfEvaluations(Exception):
     """solver.maxevals reached inside a scipy_lbfgsb round."""
 
 
+def users(fun: Callable, doing: str = "tracing the objective"):
+    """`errors.user_code` around calls into an objective passed in by the user (any function
+    not defined in nstjax, whose own loss plugins report their errors themselves)."""
+    import contextlib
+
+    if str(getattr(fun, "__module__", "")).startswith("nstjax"):
+        return contextlib.nullcontext()
+    name = getattr(fun, "__qualname__", None) or type(fun).__name__
+    return user_code(f"objective {name}", doing)
+
+
 def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
                     on_counts=None) -> Result:
     from scipy.optimize import fmin_l_bfgs_b
@@ -404,7 +416,8 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
     vg = jax.jit(jax.value_and_grad(fun, has_aux=True))
     shape = x0.shape
     t = time.perf_counter()
-    vg.lower(x0, *args).compile()
+    with users(fun):
+        vg.lower(x0, *args).compile()
     compile_s = time.perf_counter() - t
     evals = 0
     t0 = time.perf_counter()
@@ -491,7 +504,8 @@ def minimize(
     if s.name == "scipy_lbfgsb":
         return _minimize_scipy(s, fun, x0, args, on_chunk, on_start, on_counts)
     t = time.perf_counter()
-    init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
+    with users(fun):
+        init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
     t0 = time.perf_counter()
     st = evaluate_start(chunk_c, init_c(x0, args) if state0 is None else state0, args)

@@ -412,3 +412,39 @@ def test_lockstep_lanes_share_the_params(name):
     per_lane = (f"f32[{lanes},3,3,4,4]", f"f32[3,3,4,{lanes},4]", f"f32[3,3,{lanes},4,4]")
     assert not any(s in program_text(True) for s in per_lane)
     assert any(s in program_text(False) for s in per_lane)
+
+
+def _raises(x, p):
+    raise RuntimeError("my bug")
+
+
+def _wrong_type(x, p):
+    return "not a loss"
+
+
+def _no_terms(x, p):
+    return jnp.sum(x * x)  # a bare scalar: minimize needs (total, terms)
+
+
+@pytest.mark.parametrize("name", [*SETTINGS, "scipy_lbfgsb"])
+@pytest.mark.parametrize("bad", [_raises, _wrong_type, _no_terms])
+def test_a_broken_user_objective_is_one_plugin_error(name, bad):
+    """Every solver x an objective that raises or returns the wrong type: one line naming the
+    function (errors.PluginError, a UserError), not a traceback from inside JAX."""
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match=f"objective {bad.__name__}: tracing the objective "
+                       "failed: ") as e:
+        solvers.minimize(solvers.Settings(name=name, maxiter=2, rounds=1), bad,
+                         jnp.ones(SHAPE), (problem(),), chunk=2)
+    assert "\n" not in str(e.value)
+
+
+def test_a_broken_user_objective_in_the_batch_api():
+    from nstjax import batch
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match="objective _raises: .*RuntimeError: my bug"):
+        batch.minimize_batched(solvers.Settings(name="adam", maxiter=2), _raises,
+                               jnp.ones((2, *SHAPE)),
+                               (jax.tree.map(lambda v: jnp.stack([v, v]), problem()),), chunk=2)
