@@ -132,11 +132,11 @@ def test_bench_times_a_plugin_loss_kind(tmp_path: Path, capsys: pytest.CaptureFi
     rep = json.loads(out.read_text())
     assert rep["settings"]["loss"]["kind"] == "adain"
     (adain,) = rep["results"]
-    assert cli.main([*argv[:-2], "--loss-kind", "gram"]) == 0
+    assert cli.main([*argv[:-2], "--loss-kind", "gram", "--force"]) == 0  # replaces out
     (gram,) = json.loads(out.read_text())["results"]
     # Same images, same x0: a different objective gives a different loss.
     assert np.isfinite(adain["loss"]) and not np.isclose(adain["loss"], gram["loss"])
-    assert cli.main([*argv[:-2], "--loss-kind", "nope"]) == 2
+    assert cli.main([*argv[:-2], "--loss-kind", "nope", "--force"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert cli.main([*argv, "--compare-torch"]) == 2
+    assert cli.main([*argv, "--compare-torch", "--force"]) == 2
     assert "Gram loss only" in capsys.readouterr().err
