@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nstjax import solvers
+from nstjax.errors import UserError
 
 
 def _map(f: Callable, xs: Any, lanes: int, n: int) -> Any:
@@ -158,10 +159,14 @@ def minimize_batched(s: solvers.Settings, fun: Callable, xb, argsb: tuple, *,
     """
     if s.name not in solvers.COMPILED:
         raise ValueError(f"not a compiled solver: {s.name!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise UserError(f"minimize_batched: chunk must be an integer >= 1 (iterations per "
+                        f"compiled chunk), got {chunk!r}")
     mesh = mesh or default_mesh()
     t = time.perf_counter()
-    init_c, chunk_c = compiled or compile_batched(s, fun, xb, argsb, in_axes=in_axes,
-                                                  lanes=lanes, mesh=mesh, chunk=chunk)
+    with solvers.users(fun):
+        init_c, chunk_c = compiled or compile_batched(s, fun, xb, argsb, in_axes=in_axes,
+                                                      lanes=lanes, mesh=mesh, chunk=chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
     cells = xb.shape[0]
     live = np.ones(cells, bool) if live is None else np.asarray(live, bool)

@@ -42,6 +42,8 @@ from nstjax.errors import UserError
 SCHEMA = 1
 ALIASES = {"4k": (3840, 2160), "1080p": (1920, 1080), "720p": (1280, 720)}
 DEFAULT_SIZES = "128x96,256x192,512x384"
+# The config's default image.max_pixels: a larger size is refused before anything is allocated.
+MAX_BENCH_PIXELS = config.ImageCfg.model_fields["max_pixels"].default
 MATCH_RTOL = 1e-4  # loss
 # Gradient: float32 roundoff amplified through 13 ReLU layers; measured 3e-4..5e-4 at 256x192 and
 # 512x384 (2.6e-8 with both sides in float64), so a wrong network or loss shows as O(1).
@@ -61,8 +63,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
             out.append(ALIASES[item])
             continue
         m = re.fullmatch(r"(\d+)x(\d+)", item)
-        if not m or min(int(m[1]), int(m[2])) < 16:
-            raise UserError(f"--sizes: {item!r} is not WIDTHxHEIGHT with sides >= 16 "
+        if not m or min(int(m[1]), int(m[2])) < 16 or max(int(m[1]), int(m[2])) > config.MAX_SIDE \
+                or int(m[1]) * int(m[2]) > MAX_BENCH_PIXELS:
+            raise UserError(f"--sizes: {item[:40]!r} is not WIDTHxHEIGHT with sides in "
+                            f"16..{config.MAX_SIDE} and at most {MAX_BENCH_PIXELS} pixels "
                             f"(or one of {', '.join(ALIASES)}), e.g. 512x384")
         out.append((int(m[1]), int(m[2])))
     if not out:
@@ -102,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of weights and images")
     p.add_argument("--remat", action="store_true", help="model.remat: recompute activations")
     p.add_argument("--out", default="bench.json", help="JSON file to write (default bench.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="use JAX's persistent compilation cache in DIR (default: off)")
     p.add_argument("--compare-torch", action="store_true",
@@ -416,11 +421,7 @@ def table(report: dict, markdown: bool = False) -> str:
 def run_bench(a: argparse.Namespace) -> dict:
     """Measure every size and precision; the JSON at `a.out` is rewritten after each size."""
     sizes, precisions = parse_sizes(a.sizes), parse_precisions(a.precisions)
-    for name in ("iters", "warmup", "torch_threads"):
-        if getattr(a, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    if a.repeats < 1 or a.chunk < 1:
-        raise UserError("--repeats and --chunk must be >= 1")
+    check_flags(a)
     for ref in a.loss_plugin:
         losses.load_plugin(ref)
     losses.kind(a.loss_kind)  # an unknown kind: one line listing the registered ones
@@ -453,6 +454,26 @@ def run_bench(a: argparse.Namespace) -> dict:
     return report
 
 
+# Bounds of the numeric flags, as the config schema bounds its keys: (lowest, highest).
+FLAG_BOUNDS = {"iters": (0, config.MAX_ITER), "warmup": (0, 1000), "repeats": (1, 1000),
+               "chunk": (1, config.MAX_ITER), "seed": (0, 2**63 - 1), "torch_threads": (0, 4096)}
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    """Every numeric flag within its bounds: one line naming the flag, else UserError."""
+    for name, (lo, hi) in FLAG_BOUNDS.items():
+        v = getattr(a, name)
+        if not lo <= v <= hi:
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
+
+
+def refuse_overwrite(path: str | Path, force: bool, flag: str = "--out") -> None:
+    """UserError if `path` exists and `force` is not set: nothing is replaced unasked."""
+    if Path(path).exists() and not force:
+        raise UserError(f"{flag} {path}: exists; pass --force to replace it, or pick a new "
+                        "name")
+
+
 def write_json(path: str | Path, report: dict) -> None:
     """Write the report atomically (temporary file, then rename)."""
     runtime.write_atomic(Path(path), json.dumps(report, indent=2, allow_nan=True) + "\n")
@@ -469,6 +490,7 @@ def main(a: argparse.Namespace) -> int:
         return 0
     if Path(a.out).parent and not Path(a.out).parent.is_dir():
         raise UserError(f"--out {a.out}: directory {Path(a.out).parent} does not exist")
+    refuse_overwrite(a.out, getattr(a, "force", False))
     report = run_bench(a)
     print(table(report, a.markdown))
     print(f"wrote {a.out}")

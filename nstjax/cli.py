@@ -75,7 +75,7 @@ def _weights(a) -> int:
     elif a.wcmd == "fetch":
         print(weights.fetch(a.name, quiet=a.quiet))
     elif a.wcmd == "convert":
-        meta = weights.convert(a.src, a.dst)
+        meta = weights.convert(a.src, a.dst, force=a.force)
         print(f"wrote {a.dst} ({len(meta.get('layers', []))} layers, sha256 of input "
               f"{meta.get('sha256', '')[:12]}...)")
     return 0
@@ -127,6 +127,7 @@ def parser():
     c = wsub.add_parser("convert", help="Keras h5 -> nstjax npz")
     c.add_argument("src")
     c.add_argument("dst")
+    c.add_argument("--force", action="store_true", help="replace dst if it exists")
     w.set_defaults(fn=_weights)
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.

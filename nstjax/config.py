@@ -99,6 +99,8 @@ class LossCfg(_Strict):
     @field_validator("plugins", mode="before")
     @classmethod
     def _plugins(cls, v):
+        if v is None or v == "":  # `loss.plugins=` (an empty path value means null): none
+            return []
         return [v] if isinstance(v, str) else v
 
     @field_validator("kind")

@@ -15,6 +15,7 @@ Gram loss, above) is the built-in one. Others come from plugins (`load_plugin`, 
 key (the Spec; callers that cache by key add `kind(spec.kind)`, which a replace changes).
 """
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -240,10 +241,35 @@ class Kind:
 
 
 _KINDS: dict[str, Kind] = {}
+_PLUGIN_KINDS: dict[str, dict[str, Kind]] = {}  # what each imported plugin registered
 
 
 def _forget_programs() -> None:
     targets.clear_cache()  # the module's jitted `targets` (register's argument shadows it)
+
+
+def _set_kinds(new: dict[str, Kind]) -> None:
+    """Make `new` the registry; compiled targets are dropped if a name changes functions."""
+    if any(_KINDS.get(n, k) is not k for n, k in new.items()):
+        _forget_programs()
+    _KINDS.clear()
+    _KINDS.update(new)
+
+
+@contextlib.contextmanager
+def isolated(plugins: Sequence[str] = ()):
+    """Within the block, the registry holds exactly the kinds registered in code (not by a
+    plugin file or module) plus those of `plugins` (imported or re-registered); it is restored
+    after. A sweep cell sees the kinds its own config imports, never another cell's."""
+    saved = dict(_KINDS)
+    from_plugins = {id(k) for ks in _PLUGIN_KINDS.values() for k in ks.values()}
+    try:
+        _set_kinds({n: k for n, k in saved.items() if id(k) not in from_plugins})
+        for ref in plugins:
+            load_plugin(ref)
+        yield
+    finally:
+        _set_kinds(saved)
 
 
 def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str = "",
@@ -297,23 +323,42 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
             raise UserError(f"{ref}: {what} file not found{where}; check the path (a "
                             "relative one is relative to the config file)")
         mod_name = f"nstjax_plugin_{abs(hash(str(path))):x}"
-        if mod_name in sys.modules:
+        if _reinstall(mod_name) or mod_name in sys.modules:  # (or being imported now)
             return
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
+        before = dict(_KINDS)
         try:
             spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[mod_name]
             raise UserError(f"{ref}: importing the {what} failed: "
                             f"{type(e).__name__}: {e}") from None
+        _record_plugin(mod_name, before)
         return
+    if _reinstall(ref):
+        return
+    before = dict(_KINDS)
     try:
         importlib.import_module(ref)
     except Exception as e:
         raise UserError(f"{ref}: importing the {what} module failed: "
                         f"{type(e).__name__}: {e}") from None
+    _record_plugin(ref, before)
+
+
+def _record_plugin(key: str, before: dict[str, Kind]) -> None:
+    _PLUGIN_KINDS[key] = {n: k for n, k in _KINDS.items() if before.get(n) is not k}
+
+
+def _reinstall(key: str) -> bool:
+    """Whether plugin `key` was imported already; if so its kinds are put back in the registry
+    (an `isolated` block may have left them out)."""
+    if key not in _PLUGIN_KINDS or key not in sys.modules:
+        return False
+    _set_kinds({**_KINDS, **_PLUGIN_KINDS[key]})
+    return True
 
 
 def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> Any:

@@ -253,13 +253,19 @@ def add_arguments(p: Any) -> None:
 
 def main(a: Any) -> int:
     """`nstjax bench`: the race with `--race CONFIG`, else the timing table (nstjax.bench)."""
+    from nstjax import bench
+    from nstjax.errors import UserError
+
+    bench.check_flags(a)  # every flag checked first, whichever mode uses it
+    if not 1 <= a.race_iters <= 100_000:
+        raise UserError(f"--race-iters {a.race_iters}: must be in 1..100000")
+    if a.out and not a.table and (a.race or not a.lanes_sweep):
+        bench.refuse_overwrite(a.out, a.force)
     if a.lanes_sweep:
         rows = lanes(a.lanes_sweep, list(a.race_overrides or []), quiet=a.quiet)
         print(lanes_table(rows))
         return 0
     if not a.race:
-        from nstjax import bench
-
         return bench.main(a)
     solvers = [s for s in a.race_solvers.split(",") if s]
     variants = [parse_variant(v) for v in a.race_variants or []]

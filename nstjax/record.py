@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import image, losses, solvers, vgg16
+from nstjax import image, losses, runtime, solvers, vgg16
 from nstjax.config import Config, dump
 from nstjax.errors import UserError
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
@@ -160,37 +160,60 @@ def _slug(text: str) -> str:
     return s.strip("-")[:40] or "run"
 
 
+CLAIM = '{"status": "starting"}\n'  # run.json from a directory's claim until the run starts
+
+
+def _is_empty(d: Path) -> bool:
+    """`d` is a directory with nothing in it but a killed write's temporary files."""
+    return d.is_dir() and runtime.only_temp_files(d)
+
+
+def _claim(d: Path, made: bool) -> bool:
+    """Claim directory `d` by creating its run.json exclusively and complete (see
+    `runtime.claim_file`): two runs never share it. On failure the directory is left as it was
+    (removed if `made` here), so a rerun after the cause is fixed finds it free."""
+    try:
+        return runtime.claim_file(d / "run.json", CLAIM)
+    except UserError:
+        if made:
+            with suppress(OSError):
+                d.rmdir()
+        raise
+
+
 def make_run_dir(out: str | Path | None, cfg: Config, parent: str | Path = "runs") -> Path:
-    """A new run directory: `out` if it is absent or empty, else a unique name under `parent`."""
+    """A new run directory, claimed (its run.json holds status `starting`): `out` if it is
+    absent or empty, else a unique name under `parent`."""
     if out is not None:
         out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} exists and is not empty: pick a new directory")
+        busy = UserError(f"--out {out} exists and is not empty: pick a new directory")
+        if out.exists() and not _is_empty(out):
+            raise busy
+        made = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            # Claimed by creating run.json exclusively: two runs given one --out never share it.
-            fd = os.open(out / "run.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            raise UserError(f"--out {out} exists and is not empty: pick a new directory") from None
         except OSError as e:
             raise UserError(f"--out {out}: cannot create directory: {e.strerror}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write('{"status": "starting"}\n')
+        if not _claim(out, made):
+            raise busy
         return out
     parent = Path(parent)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_slug(Path(cfg.content).stem)}-" \
            f"{_slug(Path(cfg.styles[0]).stem)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        for i in range(10_000):
-            d = parent / (stem if i == 0 else f"{stem}-{i}")
-            try:
-                d.mkdir()  # atomic: two runs at once never share a directory
-                return d
-            except FileExistsError:
-                continue
     except OSError as e:
         raise UserError(f"cannot create a run directory in {parent}: {e.strerror}") from None
+    for i in range(10_000):
+        d = parent / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            d.mkdir()  # atomic: two runs at once never share a directory
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create a run directory {d}: {e.strerror}") from None
+        if _claim(d, made=True):
+            return d
     raise UserError(f"no free run directory name under {parent}")
 
 
@@ -198,7 +221,7 @@ def check_out(out: str | Path | None, parent: str | Path = "runs") -> None:
     """Fail fast, before loading images or weights, where no run directory could be made."""
     target = Path(out) if out is not None else Path(parent)
     what = "--out" if out is not None else "--runs-dir"
-    if out is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if out is not None and target.exists() and not _is_empty(target):
         raise UserError(f"--out {target} exists and is not empty: pick a new directory")
     probe = target.absolute()
     while not probe.exists() and probe != probe.parent:
@@ -240,6 +263,10 @@ class Recorder:
         self.bar = bar
         self.x: np.ndarray | None = None  # the newest image written to last.npy
         self.now = Stage()
+        # Counts of earlier sessions (resume) when run.json is to keep running totals after each
+        # chunk (see `checkpoint`); None: run.json is written at the start and the end only.
+        self.carry: dict | None = None
+        self.t_start = time.perf_counter()
 
     def image_path(self, stem: str) -> Path:
         return self.d / f"{stem}.{self.cfg.output.format}"
@@ -297,6 +324,20 @@ class Recorder:
         self.history.extend(rows)
         self.write_history()
         return rows
+
+    def checkpoint(self, evals: int, solve_seconds: float, compile_seconds: float) -> None:
+        """run.json (still `running`) with the totals so far, after a chunk's history: a killed
+        process's work is then on disk and a resume adds up across every session."""
+        if self.carry is None:
+            return
+        c = self.carry
+        self.record.update(
+            iterations=self.history[-1]["iter"] - self.now.base if self.history else 0,
+            evaluations=int(c.get("evals", 0) + evals),
+            solve_seconds=round(c.get("solve_seconds", 0.0) + solve_seconds, 4),
+            compile_seconds=round(c.get("compile_seconds", 0.0) + compile_seconds, 4),
+            wall_seconds=round(time.perf_counter() - self.t_start, 4))
+        self.write_record()
 
     def finish(self, res: solvers.Result, t_start: float) -> dict:
         """Final image, history.csv and the completed run.json (last: it marks completion), with
@@ -440,8 +481,14 @@ def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk:
             return True
         return flag.stopped
 
+    counts = [0, 0.0]
+
+    def on_counts(evals: int, seconds: float) -> None:
+        counts[:] = [evals, seconds]
+
     def on_chunk(x, rows: list[dict]) -> bool:
         rec.add(x, rows)
+        rec.checkpoint(counts[0], counts[1], compile_s)  # after history.csv: never ahead of it
         return flag.stopped
 
     key = "rounds" if s.name == "scipy_lbfgsb" else "maxiter"
@@ -449,7 +496,7 @@ def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk:
                            losses.objective(problem.spec), problem.x0, args, chunk=chunk,
                            on_chunk=on_chunk, on_start=on_start, compiled=compiled,
                            state0=state0, keep_state=s.name in solvers.COMPILED,
-                           first_chunk=chunk - done % chunk)
+                           first_chunk=chunk - done % chunk, on_counts=on_counts)
     res.compile_seconds = max(res.compile_seconds, compile_s)
     res.iterations = rec.history[-1]["iter"] - rec.now.base if rec.history else done
     if bad:

@@ -24,6 +24,12 @@ import yaml
 
 from nstjax.errors import UserError
 
+
+class ResultsError(UserError):
+    """A run or sweep directory's file holds something its format does not allow (a field of
+    the wrong type, a short history row): the message names the file and the field."""
+
+
 LOSS_KEYS = ("total", "content", "style", "tv")
 RECORD_KEYS = ("iterations", "evaluations", "compile_seconds", "solve_seconds")
 _INT_COLUMNS = ("iter", "scale")
@@ -166,6 +172,33 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         raise UserError(f"{path}: unreadable ({e})") from None
 
 
+_NUMBER = (int, float)
+
+
+def _is(v: Any, types: tuple) -> bool:
+    return isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+
+
+def _field(path: Path, name: str, v: Any, types: tuple, want: str) -> None:
+    if v is not None and not _is(v, types):
+        raise ResultsError(f"{path}: field {name!r} is {json.dumps(v, default=str)[:60]}, not "
+                           f"{want}")
+
+
+def _check_record(path: Path, rec: dict) -> dict:
+    """run.json's fields that the loader reads, of their documented types (null allowed)."""
+    _field(path, "status", rec.get("status"), (str,), "a string")
+    _field(path, "error", rec.get("error"), (str,), "a string")
+    for k in RECORD_KEYS:
+        _field(path, k, rec.get(k), _NUMBER, "a number")
+    for k in ("metrics", "final_loss", "initial_loss"):
+        v = rec.get(k)
+        _field(path, k, v, (dict,), "an object of numbers")
+        for name, x in (v or {}).items():
+            _field(path, f"{k}.{name}", x, _NUMBER, "a number")
+    return rec
+
+
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
     """history.csv as {column: array}: `iter` and `scale` int64, the rest float64 (an empty
     field is NaN); {} if there is no file."""
@@ -173,6 +206,11 @@ def read_history(path: str | Path) -> dict[str, np.ndarray]:
     rows = _csv_rows(path)
     if not rows:
         return {}
+    for i, r in enumerate(rows, 2):  # line numbers: the header is line 1
+        if None in r or None in r.values():  # DictReader: None for short, key None for long
+            n = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None, ()))
+            raise ResultsError(f"{path}: line {i} has {n} fields, the header "
+                               f"{len(rows[0]) - (None in rows[0])}; the file is damaged")
     out = {}
     try:
         for k in rows[0]:
@@ -196,7 +234,7 @@ def load_run(dir: str | Path) -> Run:
         what = "does not exist" if not d.exists() else "is not a run directory (no run.json)"
         raise UserError(f"{d}: {what}; give a directory written by nstjax run or a sweep "
                         "cell") from None
-    metrics = record.get("metrics") or {}
+    metrics = _check_record(d / "run.json", record).get("metrics") or {}
     return Run(d, _yaml(d / "config.yaml"), record, read_history(d / "history.csv"),
                {k: float(v) for k, v in metrics.items() if _float(v) is not None})
 
@@ -243,6 +281,25 @@ def _metrics_from(row: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def _check_plan(path: Path, plan: dict) -> dict:
+    """sweep.json's fields that the loader reads, of their documented types."""
+    _field(path, "name", plan.get("name"), (str,), "a string")
+    for k in ("dims", "cells"):
+        _field(path, k, plan.get(k), (list,), "a list")
+    for i, dim in enumerate(plan.get("dims") or []):
+        _field(path, f"dims[{i}]", dim, (dict,), "an object")
+        for k in ("keys", "values", "labels"):
+            _field(path, f"dims[{i}].{k}", (dim or {}).get(k), (list,), "a list")
+    for i, c in enumerate(plan.get("cells") or []):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise ResultsError(f"{path}: field 'cells[{i}].name' is missing or not a string")
+        _field(path, f"cells[{i}].index", c.get("index"), (int,), "an integer")
+        for k in ("dir", "group", "error"):
+            _field(path, f"cells[{i}].{k}", c.get(k), (str,), "a string")
+        _field(path, f"cells[{i}].values", c.get("values"), (dict,), "an object")
+    return plan
+
+
 def load_sweep(dir: str | Path) -> Sweep:
     """The sweep in `dir`: its cells from sweep.json (names, groups, axis values as written
     from the sweep file), else from summary.csv (values read from each cell's config.yaml, or
@@ -255,7 +312,7 @@ def load_sweep(dir: str | Path) -> Sweep:
     if not plan_path.is_file() and not summary_path.is_file():
         raise UserError(f"{d}: not a sweep directory (no sweep.json or summary.csv); give the "
                         "--out directory of nstjax sweep")
-    plan = _json(plan_path) if plan_path.is_file() else {}
+    plan = _check_plan(plan_path, _json(plan_path)) if plan_path.is_file() else {}
     summary = {r.get("cell", ""): r for r in _csv_rows(summary_path)}
     dims = plan.get("dims") or []
     if dims:
@@ -274,7 +331,7 @@ def load_sweep(dir: str | Path) -> Sweep:
         cdir = d / (e.get("dir") or f"cells/{name}")
         srow = summary.get(name, {})
         try:
-            record = _json(cdir / "run.json")
+            record = _check_record(cdir / "run.json", _json(cdir / "run.json"))
         except FileNotFoundError:
             record = {}
         values = e.get("values")

@@ -107,6 +107,7 @@ def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: f
     make = record.Recorder if d is not None else _Memory
     rec = make(d, cfg, rec0, problem=problem, history=prior or (), bar=bar)
     rec.stage(total=record.steps(s), seconds=prior[-1]["seconds"] if prior else 0.0)
+    rec.carry, rec.t_start = dict(carry or {}), t_start  # running totals in run.json
     flag, errors, res = StopFlag(), [], None
     with flag.installed():
         with record.guarded(flag, errors, cfg.image.size):
@@ -297,9 +298,15 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
                         np.int64 if k in ("iter", "scale") else np.float64) for k in keys}
 
 
-def _config(cfg_or_path: Config | str | Path, overrides: list[str]) -> Config:
+def _config(cfg_or_path: Config | str | Path, overrides) -> Config:
     from nstjax import config
 
+    if isinstance(overrides, str):
+        raise UserError(f"stylize: overrides must be a list of 'key=value' strings, not one "
+                        f"string; write [{overrides[:60]!r}]")
+    if not isinstance(cfg_or_path, (Config, str, Path)):
+        raise UserError(f"stylize: takes a Config or a YAML file path, not a "
+                        f"{type(cfg_or_path).__name__}; for a dict use nstjax.config.validate(d)")
     if isinstance(cfg_or_path, Config):
         if not overrides:
             return cfg_or_path
@@ -325,7 +332,7 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
     Multi-scale configs run in memory too (with `out`, `.image` is read back from final.*).
     """
     t_start = time.perf_counter()
-    cfg = _config(cfg_or_path, list(overrides))
+    cfg = _config(cfg_or_path, overrides)
     use_compile_cache(compile_cache)
     if cfg.multiscale.count:
         return _multiscale(cfg, out, quiet)

@@ -10,6 +10,7 @@ import errno
 import io
 import os
 import platform
+import re
 import secrets
 import signal
 from collections.abc import Iterator
@@ -60,6 +61,41 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) to `path` atomically (see `atomic_file`)."""
     with atomic_file(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the filesystem, not the data
+TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # atomic_file's temporary names
+
+
+def claim_file(path: str | os.PathLike, data: bytes | str) -> bool:
+    """Create `path` holding `data` only if it does not exist: written complete to a temporary
+    name, then hard-linked to `path` (atomic and exclusive), so a full disk never leaves a
+    partial file under its final name. False if `path` exists; UserError naming it on any
+    other failure (no temporary file is left)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; check permissions and free "
+                        "disk space") from None
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def only_temp_files(d: Path) -> bool:
+    """Whether directory `d` holds nothing but temporary files of nstjax's writes (left by a
+    process killed mid-write): such a directory counts as empty."""
+    return all(TEMP_NAME.fullmatch(p.name) and p.is_file() for p in d.iterdir())
 
 
 def npy_bytes(x) -> bytes:
@@ -174,8 +210,15 @@ class DirLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+                except OSError as e:  # e.g. a full disk: the lock is held, say whose it is not
+                    os.close(fd)
+                    with suppress(OSError):
+                        self.path.unlink()
+                    raise UserError(f"cannot write {self.path}: {e.strerror or e}; check "
+                                    "permissions and free disk space") from None
                 self.fd = fd
                 return self
             os.close(fd)  # locked a file its holder had just removed: lock the new one

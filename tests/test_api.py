@@ -95,6 +95,34 @@ def test_stylize_bad_input_is_a_user_error(env):
         nstjax.stylize("ok.yaml", ["solver.maxiter=-1"], quiet=True)
 
 
+def test_stylize_wrong_argument_types_are_one_line_errors(env):
+    from nstjax.errors import UserError
+
+    with pytest.raises(UserError, match=r"overrides must be a list.*\['solver.maxiter=2'\]"):
+        nstjax.stylize("ok.yaml", "solver.maxiter=2", quiet=True)
+    with pytest.raises(UserError, match="not a dict; for a dict use nstjax.config.validate"):
+        nstjax.stylize({"content": "c.png", "style": "s.png"}, quiet=True)
+
+
+def test_loss_plugins_empty_override_means_none(env):
+    assert config.load("ok.yaml", ["loss.plugins="]).loss.plugins == []
+    assert config.validate({"content": "c.png", "style": "s.png",
+                            "loss": {"plugins": None}}).loss.plugins == []
+
+
+def test_minimize_batched_chunk_must_be_positive():
+    import jax.numpy as jnp
+
+    from nstjax import batch, solvers
+    from nstjax.errors import UserError
+
+    for chunk in (0, -3, 2.5, True):
+        with pytest.raises(UserError, match=f"chunk must be an integer >= 1.*{chunk!r}"):
+            batch.minimize_batched(solvers.Settings(name="adam", maxiter=2),
+                                   lambda x, a: (jnp.sum(x * x), {}), jnp.ones((2, 3)), (),
+                                   chunk=chunk)
+
+
 def test_import_nstjax_is_light_and_exposes_submodules():
     code = ("import sys, nstjax, nstjax.cli; heavy = [m for m in ('jax', 'numpy', 'yaml', 'PIL')"
             " if m in sys.modules]; print(heavy); print(nstjax.solvers.DEFAULT, "

@@ -77,6 +77,37 @@ def test_bench_bad_arguments(argv: list[str], needle: str, tmp_path: Path,
     assert not (tmp_path / "b.json").exists()
 
 
+# Every numeric flag x just out of range on each side (the schema's bounds), and sizes whose
+# allocation no machine has: one line naming the flag, exit 2, nothing measured or written.
+_OUT_OF_RANGE = [([f"--{n.replace('_', '-')}", str(v)], f"--{n.replace('_', '-')}")
+                 for n, (lo, hi) in bench.FLAG_BOUNDS.items() for v in (lo - 1, hi + 1)]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    *_OUT_OF_RANGE,
+    (["--sizes", "200000x200000"], "--sizes"),
+    (["--sizes", "65536x65536"], "--sizes"),
+    (["--race-iters", "0"], "--race-iters"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_flags_out_of_range(argv: list[str], needle: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", *argv, "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("nstjax: error:") and needle in err, err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_out_is_never_overwritten_unasked(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    out.write_text("mine")
+    for extra in ([], ["--race", "x.yaml"]):
+        assert cli.main(["bench", "--sizes", "16x16", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "exists" in err and "--force" in err and out.read_text() == "mine"
+
+
 def test_compare_torch_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
@@ -101,11 +132,11 @@ def test_bench_times_a_plugin_loss_kind(tmp_path: Path, capsys: pytest.CaptureFi
     rep = json.loads(out.read_text())
     assert rep["settings"]["loss"]["kind"] == "adain"
     (adain,) = rep["results"]
-    assert cli.main([*argv[:-2], "--loss-kind", "gram"]) == 0
+    assert cli.main([*argv[:-2], "--loss-kind", "gram", "--force"]) == 0  # replaces out
     (gram,) = json.loads(out.read_text())["results"]
     # Same images, same x0: a different objective gives a different loss.
     assert np.isfinite(adain["loss"]) and not np.isclose(adain["loss"], gram["loss"])
-    assert cli.main([*argv[:-2], "--loss-kind", "nope"]) == 2
+    assert cli.main([*argv[:-2], "--loss-kind", "nope", "--force"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert cli.main([*argv, "--compare-torch"]) == 2
+    assert cli.main([*argv, "--compare-torch", "--force"]) == 2
     assert "Gram loss only" in capsys.readouterr().err

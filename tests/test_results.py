@@ -251,3 +251,59 @@ def test_every_cell_row_has_metric_and_term_columns(made):
     assert h["style/block1_conv1"].dtype == np.float64 and h["style/block1_conv1"].shape == (3,)
     np.testing.assert_allclose(h["style/block1_conv1"] + h["style/block1_conv2"], h["style"],
                                rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- damaged records
+
+
+def _tiny_run(d: Path, record: dict, history: str = "iter,total,seconds\n0,1.5,0.0\n") -> Path:
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"status": "done", **record}))
+    (d / "history.csv").write_text(history)
+    return d
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    ({"metrics": [1, 2]}, "'metrics'"),
+    ({"final_loss": "low"}, "'final_loss'"),
+    ({"final_loss": {"total": "1.0"}}, "'final_loss.total'"),
+    ({"metrics": {"style": [1]}}, "'metrics.style'"),
+    ({"status": 3}, "'status'"),
+    ({"evaluations": "many"}, "'evaluations'"),
+])
+def test_load_run_names_file_and_field(tmp_path, record, field):
+    d = _tiny_run(tmp_path / "r", record)
+    with pytest.raises(results.ResultsError, match=f"run.json: field {field}") as e:
+        results.load_run(d)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("line", ["1", "1,2.5,0.1,9"])
+def test_load_run_refuses_a_short_or_long_history_row(tmp_path, line):
+    d = _tiny_run(tmp_path / "r", {}, f"iter,total,seconds\n0,1.5,0.0\n{line}\n")
+    with pytest.raises(results.ResultsError, match=r"history.csv: line 3 has \d fields, the "
+                       r"header 3"):
+        results.load_run(d)
+
+
+@pytest.mark.parametrize(("cells", "field"), [
+    ([{"index": 0}], "'cells\\[0\\].name'"),
+    ([{"name": "a", "index": "0"}], "'cells\\[0\\].index'"),
+    ([{"name": "a", "index": 1.5}], "'cells\\[0\\].index'"),
+    ([{"name": "a", "values": [1]}], "'cells\\[0\\].values'"),
+    ("abc", "'cells'"),
+])
+def test_load_sweep_names_file_and_field(tmp_path, cells, field):
+    d = tmp_path / "sw"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps({"name": "s", "dims": [], "cells": cells}))
+    with pytest.raises(results.ResultsError, match=f"sweep.json: field {field}"):
+        results.load_sweep(d)
+
+
+def test_load_sweep_refuses_string_dims(tmp_path):
+    d = tmp_path / "sw"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps({"name": "s", "dims": "ab", "cells": []}))
+    with pytest.raises(results.ResultsError, match="sweep.json: field 'dims'"):
+        results.load_sweep(d)

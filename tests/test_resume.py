@@ -296,3 +296,38 @@ def test_resume_ignores_a_solver_state_declaring_a_huge_leaf(env, capsys, monkey
     assert code == 0, err
     assert "solver_state.npz: not used" in err and "Traceback" not in err
     assert record(d)["resumed"][0]["solver_state"] == "restarted"
+
+
+def test_resume_after_kill_9_adds_up_every_process(env, capsys):
+    """A run killed -9 (SIGKILL: no handler, nothing written at the end) during its second
+    chunk and then resumed: run.json's counts and seconds include the killed process's work
+    (persisted with each chunk's checkpoint), not only the resuming one's."""
+    code, err = nstjax(capsys, "run", "ok.yaml", "--out", "whole")
+    assert code == 0, err
+    kill = ("import os, signal, sys; from nstjax import cli, solvers; real = solvers.minimize\n"
+            "def minimize(*a, on_chunk=None, **kw):\n"
+            "    n = [0]\n"
+            "    def each(x, rows):\n"
+            "        n[0] += 1\n"
+            "        if n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "        return on_chunk(x, rows)\n"
+            "    return real(*a, on_chunk=each, **kw)\n"
+            "solvers.minimize = minimize\n"
+            "sys.exit(cli.main(['run', 'ok.yaml', '--out', 'part', '--quiet', "
+            "'--no-compile-cache']))\n")
+    p = subprocess.run([sys.executable, "-c", kill], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    d = env / "part"
+    killed = record(d)
+    assert killed["status"] == "running" and killed["iterations"] == 2  # the first chunk
+    assert killed["evaluations"] == 3 and killed["compile_seconds"] > 0  # x0 + 2 steps
+    code, err = nstjax(capsys, "resume", str(d))
+    assert code == 0, err
+    rec, whole = record(d), record(env / "whole")
+    assert rec["iterations"] == 6 and [int(r["iter"]) for r in history(d)] == list(range(7))
+    # Adam: one evaluation per step and one at each session's start image (x0, last.npy).
+    assert whole["evaluations"] == 7 and rec["evaluations"] == 3 + (6 - 2) + 1
+    assert rec["solve_seconds"] > killed["solve_seconds"]
+    assert rec["compile_seconds"] >= killed["compile_seconds"]
+    assert rec["wall_seconds"] > killed["wall_seconds"]

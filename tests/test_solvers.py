@@ -173,6 +173,31 @@ def test_scipy_lbfgsb_rounds_quadratic_and_rosenbrock():
     assert short.history[-1]["total"] - quad_min64() > 1e-2
 
 
+@pytest.mark.parametrize("maxevals", [1, 3, 25])
+def test_scipy_lbfgsb_honours_maxevals(maxevals):
+    """solver.maxevals is a budget for scipy_lbfgsb too (it used to run rounds x maxfun):
+    exactly that many evaluations, ending at the lowest point evaluated."""
+    s = solvers.Settings(name="scipy_lbfgsb", rounds=5, maxfun=20, maxevals=maxevals)
+    res = solve(s, problem(), X0_RAND)
+    free = solve(solvers.Settings(name="scipy_lbfgsb", rounds=5, maxfun=20), problem(), X0_RAND)
+    assert free.evals > 25 and res.evals == maxevals
+    assert res.history[-1]["total"] <= res.history[0]["total"]
+    assert res.history[-1]["quad"] == pytest.approx(quad64(res.x, B32), rel=1e-5)
+
+
+def test_scipy_lbfgsb_honours_history_size_and_maxls():
+    """history_size and maxls reach scipy (its m and maxls): the same iterates as scipy's own
+    L-BFGS-B with maxcor=m, maxls on Rosenbrock."""
+    s = solvers.Settings(name="scipy_lbfgsb", rounds=1, maxfun=15000, history_size=3, maxls=5)
+    ref = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64), jac=rosen_grad64,
+                                  method="L-BFGS-B", options={"maxcor": 3, "maxls": 5})
+    default = scipy.optimize.minimize(rosen64, X0_ROSEN.ravel().astype(np.float64),
+                                      jac=rosen_grad64, method="L-BFGS-B")
+    res = solve(s, problem(wq=0.0, wr=1.0), X0_ROSEN)
+    assert ref.nfev != default.nfev  # the settings matter for this problem
+    assert abs(res.evals - ref.nfev) <= max(3, ref.nfev // 10)
+
+
 def test_scipy_lbfgsb_clips_between_rounds():
     b = 500.0 * B32  # the unconstrained minimum lies far outside [-127, 127]
     x_star = np.linalg.solve(A32.astype(np.float64), b.astype(np.float64))
@@ -387,3 +412,39 @@ def test_lockstep_lanes_share_the_params(name):
     per_lane = (f"f32[{lanes},3,3,4,4]", f"f32[3,3,4,{lanes},4]", f"f32[3,3,{lanes},4,4]")
     assert not any(s in program_text(True) for s in per_lane)
     assert any(s in program_text(False) for s in per_lane)
+
+
+def _raises(x, p):
+    raise RuntimeError("my bug")
+
+
+def _wrong_type(x, p):
+    return "not a loss"
+
+
+def _no_terms(x, p):
+    return jnp.sum(x * x)  # a bare scalar: minimize needs (total, terms)
+
+
+@pytest.mark.parametrize("name", [*SETTINGS, "scipy_lbfgsb"])
+@pytest.mark.parametrize("bad", [_raises, _wrong_type, _no_terms])
+def test_a_broken_user_objective_is_one_plugin_error(name, bad):
+    """Every solver x an objective that raises or returns the wrong type: one line naming the
+    function (errors.PluginError, a UserError), not a traceback from inside JAX."""
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match=f"objective {bad.__name__}: tracing the objective "
+                       "failed: ") as e:
+        solvers.minimize(solvers.Settings(name=name, maxiter=2, rounds=1), bad,
+                         jnp.ones(SHAPE), (problem(),), chunk=2)
+    assert "\n" not in str(e.value)
+
+
+def test_a_broken_user_objective_in_the_batch_api():
+    from nstjax import batch
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match="objective _raises: .*RuntimeError: my bug"):
+        batch.minimize_batched(solvers.Settings(name="adam", maxiter=2), _raises,
+                               jnp.ones((2, *SHAPE)),
+                               (jax.tree.map(lambda v: jnp.stack([v, v]), problem()),), chunk=2)

@@ -275,3 +275,24 @@ def test_host_cells_run_as_nstjax_run_and_keep_user_files(tmp_path, capsys):
     assert json.loads((d / "run.json").read_text())["status"] == "done"
     assert (d / "notes.txt").read_text() == "mine"
     assert tree(out / "cells" / "ratio-5") == kept
+
+
+@pytest.mark.parametrize("order", ["plugin-first", "plugin-last"])
+def test_cells_see_only_their_own_loss_plugins(tmp_path, order):
+    """A cell whose config lacks the plugin of its loss.kind fails (unknown kind) whether or
+    not another cell of the sweep imported that plugin before it; the other cell runs."""
+    plug = str(DEMO / "centered_gram.py")
+    plugins = [[plug], []] if order == "plugin-first" else [[], [plug]]
+    p = write_sweep(tmp_path / "plug.yaml", set={"solver.maxiter": 2},
+                    zip=[{"label": ["a", "b"], "loss.kind": ["centered_gram"] * 2,
+                          "loss.plugins": plugins}])
+    sw, cells, groups = prepared(p)
+    with_plugin = {c.name: bool(c.raw["loss"]["plugins"]) for c in cells}
+    o = sweep.run_sweep(sw, cells, groups, tmp_path / "out", lanes=1, quiet=True)
+    rows = summary(tmp_path / "out")
+    for name, has in with_plugin.items():
+        assert rows[name]["status"] == ("done" if has else "failed"), (order, rows[name])
+    bad = next(c for c in cells if not with_plugin[c.name])
+    err = json.loads((sweep.cell_dir(tmp_path / "out", bad) / "run.json").read_text())["error"]
+    assert "loss.kind" in err and "centered_gram" in err
+    assert o.failed == [bad.name]

@@ -69,6 +69,20 @@ def test_convert(tmp_path: Path) -> None:
         W.convert(src, tmp_path / "out.pt", convs=TINY)
 
 
+def test_convert_never_overwrites_unasked(tmp_path: Path, capsys) -> None:
+    from nstjax import cli
+
+    src = write_hed(tmp_path / "in.weights.h5", make_params())
+    dst = tmp_path / "have.npz"
+    dst.write_bytes(b"mine")
+    with pytest.raises(UserError, match="exists; pass --force"):
+        W.convert(src, dst, convs=TINY)
+    assert cli.main(["weights", "convert", str(src), str(dst)]) == 2
+    assert "--force" in capsys.readouterr().err and dst.read_bytes() == b"mine"
+    W.convert(src, dst, convs=TINY, force=True)
+    assert_same(W.read_npz(dst, convs=TINY)[0], make_params())
+
+
 def _unpickled(marker: str) -> None:
     Path(marker).write_text("code ran")
 

@@ -56,7 +56,10 @@ def program(g: Group, mesh, xb, argsb, lanes: int) -> tuple[tuple, float, bool]:
     the XLA binaries came from JAX's persistent compilation cache."""
     import jax
 
-    key = (g.spec, replace(g.settings, maxiter=0), g.chunk, g.hw, lanes,
+    from nstjax import losses
+
+    # The kind's functions are in the key: one name may be another plugin's in another group.
+    key = (g.spec, losses.kind(g.spec.kind), replace(g.settings, maxiter=0), g.chunk, g.hw, lanes,
            tuple(d.id for d in mesh.devices.flat),
            jax.tree.structure(argsb),
            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves((xb, argsb))))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import nstjax.sweep.batched as batched
 import nstjax.sweep.report as report
 import nstjax.sweep.store as store
-from nstjax import runtime
+from nstjax import losses, runtime
 from nstjax.errors import UserError
 from nstjax.sweep.plan import Group, batch_size, batches, lanes_for, multiscale, owned, params_key
 from nstjax.sweep.spec import Cell, Sweep
@@ -399,7 +399,8 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
             for g in groups:
                 mine_g = [c for c in todo if c.key == g.key]
                 if mine_g and not r.flag.stopped:
-                    r.run_group(g, mine_g, sum(1 for c in mine if c.key == g.key))
+                    with losses.isolated(g.plugins):  # the group's plugins only
+                        r.run_group(g, mine_g, sum(1 for c in mine if c.key == g.key))
     r.outcome.signal = r.flag.signum
     r.outcome.interrupted = r.outcome.interrupted or r.flag.stopped
     if count > 1:

@@ -48,17 +48,25 @@ class Group:
         """Cells run one by one, as `nstjax run` runs them (not batched)."""
         return self.key[5]
 
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        """The cells' loss.plugins: the kinds the group's cells see (`losses.isolated`)."""
+        return self.key[6]
+
 
 def structure(cfg: Config, hw: tuple[int, int]) -> tuple:
-    """What shapes the compiled program: (spec, solver settings, chunk, weights, (H, W), host).
+    """What shapes the compiled program: (spec, solver settings, chunk, weights, (H, W), host,
+    loss plugins).
 
     `host`: the cell runs on its own, as `nstjax run` does (a host-side solver, multi-scale).
+    The plugins are part of it: one kind name may be two plugins' functions.
     """
     from nstjax import problem, record, solvers
 
     s = cfg.solver.settings()
     host = s.name not in solvers.COMPILED or multiscale(cfg)
-    return (problem.spec_of(cfg), s, record.chunk_size(cfg), cfg.model.weights, tuple(hw), host)
+    return (problem.spec_of(cfg), s, record.chunk_size(cfg), cfg.model.weights, tuple(hw), host,
+            tuple(cfg.loss.plugins))
 
 
 def params_key(cfg: Config) -> tuple:

@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def check_target(out: Path, sw: Sweep) -> bool:
         _same_sweep(out, sw, info)
         return True
     try:
-        empty = not out.exists() or not any(out.iterdir())
+        empty = not out.exists() or runtime.only_temp_files(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot read directory: {e.strerror}") from None
     if not empty:
@@ -93,28 +94,33 @@ def check_target(out: Path, sw: Sweep) -> bool:
 def claim(out: Path, sw: Sweep) -> None:
     """Make `out` this sweep's directory: create it, or check that it is one already."""
     marked = check_target(out, sw)
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create directory: {e.strerror}") from None
+    try:
         # A lost race is fine only against another process of this same sweep.
         if not marked and not _create_mark(out, sw) and not check_target(out, sw):
             raise UserError(f"--out {out}: another sweep is starting in it; pick a new "
                             "directory")
-        (out / "cells").mkdir(exist_ok=True)
-        (out / SCRATCH).mkdir(exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create directory: {e.strerror}") from None
+    except UserError:
+        if made:  # as it was: a rerun after the cause is fixed starts afresh
+            with suppress(OSError):
+                out.rmdir()
+        raise
+    for sub in (out / "cells", out / SCRATCH):
+        try:
+            sub.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{sub}: cannot create directory: {e.strerror}") from None
 
 
 def _create_mark(out: Path, sw: Sweep) -> bool:
-    """Create sweep.json exclusively (two sweeps never share a new directory); False if it
-    exists already."""
-    try:
-        fd = os.open(out / "sweep.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": MARK, "name": sw.name, "file": sw.source}, f)
-    return True
+    """Create sweep.json exclusively and complete (two sweeps never share a new directory; a
+    full disk leaves none, see `runtime.claim_file`); False if it exists already."""
+    mark = json.dumps({"format": MARK, "name": sw.name, "file": sw.source})
+    return runtime.claim_file(out / "sweep.json", mark)
 
 
 def write_plan(out: Path, plan: dict) -> None:
