@@ -365,6 +365,14 @@ def _announce_moved(r: Runner, moved: list[Cell]) -> None:
               f"kept, these run into cells/<name>-<hash> (e.g. cells/{moved[0].dir})")
 
 
+def _progress(out: Path, sw: Sweep, cells: list[Cell]) -> None:
+    """summary.csv and report.html after a group; a failure is a warning (the end retries)."""
+    try:
+        report.progress(out, sw, cells)
+    except Exception as e:  # noqa: BLE001 - the page must not stop the sweep
+        _warn(f"report.html not updated: {first_line(e)}")
+
+
 def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path, *,
               devices: list | None = None, batch: int | None = None, lanes: int | None = None,
               quiet: bool = False, process: int = 0, count: int = 1) -> Outcome:
@@ -400,6 +408,8 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
                 mine_g = [c for c in todo if c.key == g.key]
                 if mine_g and not r.flag.stopped:
                     r.run_group(g, mine_g, sum(1 for c in mine if c.key == g.key))
+                    if count == 1:
+                        _progress(out, sw, cells)
     r.outcome.signal = r.flag.signum
     r.outcome.interrupted = r.outcome.interrupted or r.flag.stopped
     if count > 1:

@@ -6,6 +6,8 @@ of truth):
   reference evaluation in each cell's run.json: comparable across cells whatever their loss);
 - summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
   column, per combination of the other axes: the noise floor of the comparison;
+- report.html: one self-contained page with all of it (`nstjax.report`), also rewritten after
+  each group while the sweep runs;
 - contact_sheet.png: the final images, labelled (with `sweep.label_metric`, also that metric);
 - plots/<group>.png: loss curves per structure group; plots/axis-<key>.png: per axis, the
   metrics (y, one shared axis per metric) against the axis values (x), across all groups.
@@ -161,7 +163,25 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
             p = out / "plots" / f"axis-{safe_name('_'.join(d.keys), 64)}.png"
             runtime.write_atomic(p, png)
             paths.append(p)
+    paths.append(write_page(out, sw))
     return paths
+
+
+def write_page(out: Path, sw: Sweep) -> Path:
+    """report.html (`nstjax.report`), rewritten atomically; with summary.csv, after each
+    group of a running sweep (`progress`) and at its end."""
+    from nstjax import report as html_report
+
+    return html_report.write(out, sw.label_metric)
+
+
+def progress(out: str | Path, sw: Sweep, cells: list[Cell]) -> None:
+    """The cheap part of `summarize` (summary.csv, report.html), so that a long sweep can be
+    watched by reloading its page."""
+    out = Path(out)
+    rows = summary_rows(out, sw, cells)
+    runtime.write_atomic(out / "summary.csv", _csv(_columns(sw, rows), rows))
+    write_page(out, sw)
 
 
 def _font(size: int = 12):
