@@ -267,10 +267,12 @@ class Runner:
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
                 one = jax.tree.map(lambda v, i=i: v[i], fin)
+                # The batch's seconds shared out, so that the cells' seconds add up to it.
+                rec.record["batch_solve_seconds"] = round(solve_s, 4)
                 res = solvers.Result(x=np.asarray(one.x), evals=int(one.evals),
                                      iterations=int(one.it),
                                      compile_seconds=compile_s if i == 0 else 0.0,
-                                     solve_seconds=solve_s)
+                                     solve_seconds=solve_s / len(live))
                 res.status, res.error = solvers.status_of(one)
                 crash = rec.close(res, t_start, self.flag)
                 if crash is not None:
