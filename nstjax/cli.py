@@ -81,6 +81,13 @@ def _weights(a) -> int:
     return 0
 
 
+def _html(a) -> int:
+    from nstjax import report
+
+    print(report.write(a.dir))
+    return 0
+
+
 def parser():
     """The argparse parser (imports the sweep and bench modules, and so JAX)."""
     import argparse
@@ -129,6 +136,10 @@ def parser():
     c.add_argument("dst")
     c.add_argument("--force", action="store_true", help="replace dst if it exists")
     w.set_defaults(fn=_weights)
+
+    rp = sub.add_parser("report", help="(re)write report.html of a sweep or run directory")
+    rp.add_argument("dir", help="a sweep's --out directory or a run directory")
+    rp.set_defaults(fn=_html)
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.
     for name, mod, text in (("sweep", "nstjax.sweep", "a sweep of runs, compiled once per group"),

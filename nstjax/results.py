@@ -31,7 +31,8 @@ class ResultsError(UserError):
 
 
 LOSS_KEYS = ("total", "content", "style", "tv")
-RECORD_KEYS = ("iterations", "evaluations", "compile_seconds", "solve_seconds")
+RECORD_KEYS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
+               "batch_solve_seconds")
 _INT_COLUMNS = ("iter", "scale")
 
 
@@ -86,10 +87,11 @@ class Cell:
         return load_run(self.dir)
 
     def row(self) -> dict[str, Any]:
-        """A flat row: cell, group, axis values, labels, status, final losses, counts,
-        `metric.<name>` columns."""
+        """A flat row: cell, group, dir (the cell's run directory), axis values, labels,
+        status, final losses, counts, `metric.<name>` columns."""
         fin = self.record.get("final_loss") or {}
-        return {"cell": self.name, "group": self.group, **self.values, **self.labels,
+        return {"cell": self.name, "group": self.group, "dir": str(self.dir), **self.values,
+                **self.labels,
                 "status": self.status, "error": self.error,
                 **{k: _float(fin.get(k)) for k in LOSS_KEYS},
                 **{k: v for k, v in fin.items() if k not in LOSS_KEYS},

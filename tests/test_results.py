@@ -185,6 +185,7 @@ def test_to_pandas_is_optional(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", fake)
     kind, rows = sw.to_pandas()
     assert kind == "frame" and rows[0]["cell"] == "c" and rows[0]["k"] == 1
+    assert rows[0]["dir"] == str(d / "cells" / "c")  # as summary.csv's dir, from here
 
 
 def _gallery():

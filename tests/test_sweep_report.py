@@ -36,6 +36,18 @@ def test_summary_contact_sheet_and_plots(ratio_sweep):
     assert [g["name"] for g in plan["groups"]] == ["g0"] and len(plan["cells"]) == 3
 
 
+def test_cell_seconds_add_up_to_the_batch(ratio_sweep):
+    """Three cells in one batch (lanes 3): each cell's solve_seconds is a third of the batch's
+    (batch_solve_seconds, the same on every cell), so the column sums to the batch's time."""
+    _, _, outs = ratio_sweep
+    rows = summary(outs[3].out)
+    batch = {float(r["batch_solve_seconds"]) for r in rows.values()}
+    assert len(batch) == 1 and batch.pop() > 0
+    total = sum(float(r["solve_seconds"]) for r in rows.values())
+    assert total == pytest.approx(float(rows["ratio-1"]["batch_solve_seconds"]), rel=1e-3)
+    assert outs[3].solve_seconds == pytest.approx(total, rel=1e-3)
+
+
 def test_summarize_only_rebuilds_from_the_cells(ratio_sweep, tmp_path, capsys):
     p, cells, outs = ratio_sweep
     out = copy_of(outs[1].out, tmp_path / "out")

@@ -267,10 +267,12 @@ class Runner:
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
                 one = jax.tree.map(lambda v, i=i: v[i], fin)
+                # The batch's seconds shared out, so that the cells' seconds add up to it.
+                rec.record["batch_solve_seconds"] = round(solve_s, 4)
                 res = solvers.Result(x=np.asarray(one.x), evals=int(one.evals),
                                      iterations=int(one.it),
                                      compile_seconds=compile_s if i == 0 else 0.0,
-                                     solve_seconds=solve_s)
+                                     solve_seconds=solve_s / len(live))
                 res.status, res.error = solvers.status_of(one)
                 crash = rec.close(res, t_start, self.flag)
                 if crash is not None:
@@ -365,6 +367,14 @@ def _announce_moved(r: Runner, moved: list[Cell]) -> None:
               f"kept, these run into cells/<name>-<hash> (e.g. cells/{moved[0].dir})")
 
 
+def _progress(out: Path, sw: Sweep, cells: list[Cell]) -> None:
+    """summary.csv and report.html after a group; a failure is a warning (the end retries)."""
+    try:
+        report.progress(out, sw, cells)
+    except Exception as e:  # noqa: BLE001 - the page must not stop the sweep
+        _warn(f"report.html not updated: {first_line(e)}")
+
+
 def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path, *,
               devices: list | None = None, batch: int | None = None, lanes: int | None = None,
               quiet: bool = False, process: int = 0, count: int = 1) -> Outcome:
@@ -401,6 +411,8 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
                 if mine_g and not r.flag.stopped:
                     with losses.isolated(g.plugins):  # the group's plugins only
                         r.run_group(g, mine_g, sum(1 for c in mine if c.key == g.key))
+                    if count == 1:
+                        _progress(out, sw, cells)
     r.outcome.signal = r.flag.signum
     r.outcome.interrupted = r.outcome.interrupted or r.flag.stopped
     if count > 1:

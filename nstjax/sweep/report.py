@@ -6,6 +6,8 @@ of truth):
   reference evaluation in each cell's run.json: comparable across cells whatever their loss);
 - summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
   column, per combination of the other axes: the noise floor of the comparison;
+- report.html: one self-contained page with all of it (`nstjax.report`), also rewritten after
+  each group while the sweep runs;
 - contact_sheet.png: the final images, labelled (with `sweep.label_metric`, also that metric);
 - plots/<group>.png: loss curves per structure group; plots/axis-<key>.png: per axis, the
   metrics (y, one shared axis per metric) against the axis values (x), across all groups.
@@ -25,9 +27,10 @@ from nstjax.sweep.plan import Group
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
 SUMMARY_TAIL = ("status", "error", "total", "content", "style", "tv", "iterations",
-                "evaluations", "compile_seconds", "solve_seconds")
+                "evaluations", "compile_seconds", "solve_seconds", "batch_solve_seconds")
 TERMS = ("total", "content", "style", "tv")
-COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds")
+COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
+          "batch_solve_seconds")
 PLOT_METRICS = ("style", "content")
 
 
@@ -156,12 +159,30 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
     for j, d in enumerate(sw.dims):
         if len(d) < 2:
             continue
-        png = axis_plot(sw, cells, rows, j)
+        png = axis_plot(out, sw, j)
         if png:
             p = out / "plots" / f"axis-{safe_name('_'.join(d.keys), 64)}.png"
             runtime.write_atomic(p, png)
             paths.append(p)
+    paths.append(write_page(out, sw))
     return paths
+
+
+def write_page(out: Path, sw: Sweep) -> Path:
+    """report.html (`nstjax.report`), rewritten atomically; with summary.csv, after each
+    group of a running sweep (`progress`) and at its end."""
+    from nstjax import report as html_report
+
+    return html_report.write(out, sw.label_metric)
+
+
+def progress(out: str | Path, sw: Sweep, cells: list[Cell]) -> None:
+    """The cheap part of `summarize` (summary.csv, report.html), so that a long sweep can be
+    watched by reloading its page."""
+    out = Path(out)
+    rows = summary_rows(out, sw, cells)
+    runtime.write_atomic(out / "summary.csv", _csv(_columns(sw, rows), rows))
+    write_page(out, sw)
 
 
 def _font(size: int = 12):
@@ -312,44 +333,49 @@ def _png(fig, title: str) -> bytes:
     return buf.getvalue()
 
 
-def axis_plot(sw: Sweep, cells: list[Cell], rows: list[dict], j: int) -> bytes | None:
-    """PNG: for dim `j`, each metric of PLOT_METRICS (one panel each, y shared by all cells)
-    against the dim's values (x), one line per combination of the other varying dims, across
-    all structure groups; finished cells with that metric only."""
+def axis_plot(out: Path, sw: Sweep, j: int) -> bytes | None:
+    """PNG: for dim `j`, each metric of PLOT_METRICS (one panel each) against the dim's values:
+    per combination of the other varying dims (seed excluded), the mean over seeds with the
+    std as error bars (`nstjax.report.axis_series`, as report.html draws it); categorical
+    dims as grouped points, numeric dims as lines; finished cells only."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    d = sw.dims[j]
-    others = [k for k, dk in enumerate(sw.dims) if k != j and len(dk) > 1]
-    text = {c.combo[j]: c.texts[j].partition("=")[2] for c in cells}
-    ticks = [text.get(i, "") for i in range(len(d))]
-    series: dict[str, list[tuple[int, dict]]] = {}
-    for c, r in zip(cells, rows):
-        if r["status"] in store.FINISHED:
-            name = ", ".join(c.texts[k] for k in others) or "cells"
-            series.setdefault(name, []).append((c.combo[j], r))
-    panels = [m for m in PLOT_METRICS
-              if any(_float(r.get(f"metric.{m}")) is not None for s in series.values()
-                     for _, r in s)]
+    from nstjax import report as html_report
+    from nstjax import results, svg
+
+    rsw = results.load_sweep(out)
+    dims = html_report._dims(rsw)
+    if j >= len(dims):
+        return None
+    d = dims[j]
+    panels = [(m, html_report.axis_series(rsw, dims, j, m)) for m in PLOT_METRICS]
+    panels = [(m, ss) for m, ss in panels if any(s.ys for s in ss)]
     if not panels:
         return None
     fig = Figure(figsize=(5 * len(panels) + 1, 4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, m in zip(axes, panels):
-        ys_all = []
-        for name, pts in series.items():
-            pts = sorted((i, _float(r.get(f"metric.{m}"))) for i, r in pts)
-            pts = [(i, y) for i, y in pts if y is not None]
-            ys_all += [y for _, y in pts]
-            ax.plot([i for i, _ in pts], [y for _, y in pts], "o-", label=name, lw=1.2)
-        if ys_all and min(ys_all) > 0:
+    for ax, (m, series) in zip(axes, panels):
+        ys = [y for s in series for y in s.ys]
+        for s in series:
+            errs = [e if math.isfinite(e) else 0.0 for e in s.errs or []]
+            ax.errorbar(s.xs, s.ys, yerr=errs if any(errs) else None, label=s.name,
+                        fmt="o-" if d["numeric"] else "o", lw=1.2, capsize=3)
+        if svg.want_log(ys):
             ax.set_yscale("log")
-        ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 4 else 0,
-                      fontsize=8)
+        if d["numeric"]:
+            vals = [float(v[0]) for v in d["values"]]
+            if svg.want_log(vals):
+                ax.set_xscale("log")
+            ax.set_xticks(vals, [svg.fmt(v) for v in vals], fontsize=8)
+        else:
+            ax.set_xticks(range(len(d["texts"])), d["texts"],
+                          rotation=30 if len(d["texts"]) > 4 else 0, fontsize=8)
         ax.set_title(f"metric.{m}")
-        ax.set_xlabel(", ".join(d.keys))
+        ax.set_xlabel(", ".join(d["keys"]))
         ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(panels[0][1]) > 1:
         axes[0].legend(fontsize=7, loc="best")
-    return _png(fig, f"{sw.name}: {', '.join(d.keys)} (reference evaluation, all groups)")
+    seeds = " (mean and std over seeds)" if "seed" in sw.keys else ""
+    return _png(fig, f"{sw.name}: {', '.join(d['keys'])}{seeds}")
