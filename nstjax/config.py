@@ -60,6 +60,8 @@ class ImageCfg(_Strict):
         default=256, description="[W, H] (one may be null to keep aspect) or the longer side")
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bicubic"
     max_pixels: int = Field(default=40_000_000, gt=0, le=MAX_PIXELS)
+    seamless: bool = Field(default=False, description="circular padding in the network and "
+                           "TV: a tileable output (sides multiples of 16 for block5 layers)")
 
     @field_validator("size")
     @classmethod
@@ -90,6 +92,12 @@ class LossCfg(_Strict):
     tv_weight: float = Field(default=0.0, ge=0)
     kind: str = Field(default="gram", max_length=100, description="a registered loss kind "
                       "(nstjax.losses.kinds(): gram, or one a plugin registers)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, max_length=64, description="the loss kind's own settings, "
+        "checked by the kind; config.yaml records them all, defaults filled in")
+    style_norm: Literal["none", "content"] = Field(
+        default="none", description="content: each style layer's term divided by its value at "
+        "the content image (the initial image without one), so ratios compare across kinds")
     plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
         "config) or module names imported before the run: they register loss kinds")
@@ -245,7 +253,7 @@ class EvalCfg(_Strict):
 
 
 class Config(_Strict):
-    content: str
+    content: str | None  # null: texture synthesis (style only)
     style: str | Annotated[list[str], Field(max_length=MAX_STYLES)]
     style_blend: list[NonNeg] | None = Field(
         default=None, max_length=MAX_STYLES,
@@ -274,6 +282,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _controls(self):
+        if self.content is None:
+            for bad, why in ((self.init == "content", "init: content"),
+                             (self.masks.content is not None, "masks.content"),
+                             (self.color.preserve != "none", "color.preserve")):
+                if bad:
+                    raise ValueError(f"{why} needs a content image, but content is null "
+                                     "(texture synthesis): drop it or give a content image")
         n = len(self.styles)
         b = self.style_blend
         if b is not None:
@@ -586,6 +601,15 @@ def validate(raw: dict, source: str = "config") -> Config:
         plug = "" if cfg.loss.plugins else "; a custom kind's file goes in loss.plugins"
         raise UserError(f"{source}: loss.kind: unknown loss kind {preview(cfg.loss.kind)}; "
                         f"registered kinds: {', '.join(losses.kinds())}{plug}")
+    k = losses.kind(cfg.loss.kind)
+    if cfg.masks.style is not None and not k.masks:
+        raise UserError(f"{source}: masks.style: loss kind {cfg.loss.kind} has no guided "
+                        "(masked) form; use loss.kind: gram or drop masks.style")
+    try:
+        opts = losses.resolve_options(cfg.loss.kind, cfg.loss.options)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    cfg.loss.options = opts  # recorded complete (defaults filled in) in config.yaml
     return cfg
 
 
