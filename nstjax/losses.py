@@ -426,7 +426,7 @@ def resolve_options(name: str, given: Any, where: str = "loss.options") -> dict[
         if key not in k.options:
             have = (f"its options: {', '.join(k.options)}" if k.options
                     else "it takes no options")
-            raise UserError(f"{where}.{preview(key)}: unknown option of loss kind {name!r}; "
+            raise UserError(f"{where}.{cut(str(key))}: unknown option of loss kind {name!r}; "
                             f"{have}")
     return {n: o.check(given[n], f"{where}.{n}") if n in given else o.default
             for n, o in k.options.items()}
