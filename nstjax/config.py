@@ -60,6 +60,8 @@ class ImageCfg(_Strict):
         default=256, description="[W, H] (one may be null to keep aspect) or the longer side")
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bicubic"
     max_pixels: int = Field(default=40_000_000, gt=0, le=MAX_PIXELS)
+    seamless: bool = Field(default=False, description="circular padding in the network and "
+                           "TV: a tileable output (sides multiples of 16 for block5 layers)")
 
     @field_validator("size")
     @classmethod
@@ -84,14 +86,18 @@ class LossCfg(_Strict):
     content_weights: list[NonNeg] | None = Field(default=None, max_length=len(LAYERS))
     style_layers: list[str] = Field(
         default_factory=lambda: list(POST_STYLE_LAYERS), min_length=1, max_length=len(LAYERS))
-    style_weights: list[NonNeg] | Literal["auto"] = Field(
-        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS),
-        description="one per style layer, or auto: 1 / (L x each layer's term at the content "
-        "image), so every layer has an equal say there")
+    style_weights: list[NonNeg] = Field(
+        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
     style_to_content_ratio: float = Field(default=15.0, gt=0)
     tv_weight: float = Field(default=0.0, ge=0)
     kind: str = Field(default="gram", max_length=100, description="a registered loss kind "
                       "(nstjax.losses.kinds(): gram, or one a plugin registers)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, max_length=64, description="the loss kind's own settings, "
+        "checked by the kind; config.yaml records them all, defaults filled in")
+    style_norm: Literal["none", "content"] = Field(
+        default="none", description="content: each style layer's term divided by its value at "
+        "the content image (the initial image without one), so ratios compare across kinds")
     plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
         "config) or module names imported before the run: they register loss kinds")
@@ -117,7 +123,7 @@ class LossCfg(_Strict):
 
     @model_validator(mode="after")
     def _lengths(self):
-        if self.style_weights != "auto" and len(self.style_weights) != len(self.style_layers):
+        if len(self.style_weights) != len(self.style_layers):
             raise ValueError(
                 f"loss.style_weights has {len(self.style_weights)} values but loss.style_layers "
                 f"has {len(self.style_layers)} layers: give one weight per layer")
@@ -265,7 +271,7 @@ class EvalCfg(_Strict):
 
 
 class Config(_Strict):
-    content: str
+    content: str | None  # null: texture synthesis (style only)
     style: str | Annotated[list[str], Field(max_length=MAX_STYLES)]
     style_blend: list[NonNeg] | None = Field(
         default=None, max_length=MAX_STYLES,
@@ -294,6 +300,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _controls(self):
+        if self.content is None:
+            for bad, why in ((self.init == "content", "init: content"),
+                             (self.masks.content is not None, "masks.content"),
+                             (self.color.preserve != "none", "color.preserve")):
+                if bad:
+                    raise ValueError(f"{why} needs a content image, but content is null "
+                                     "(texture synthesis): drop it or give a content image")
         n = len(self.styles)
         b = self.style_blend
         if b is not None:
@@ -606,6 +619,15 @@ def validate(raw: dict, source: str = "config") -> Config:
         plug = "" if cfg.loss.plugins else "; a custom kind's file goes in loss.plugins"
         raise UserError(f"{source}: loss.kind: unknown loss kind {preview(cfg.loss.kind)}; "
                         f"registered kinds: {', '.join(losses.kinds())}{plug}")
+    k = losses.kind(cfg.loss.kind)
+    if cfg.masks.style is not None and not k.masks:
+        raise UserError(f"{source}: masks.style: loss kind {cfg.loss.kind} has no guided "
+                        "(masked) form; use loss.kind: gram or drop masks.style")
+    try:
+        opts = losses.resolve_options(cfg.loss.kind, cfg.loss.options)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    cfg.loss.options = opts  # recorded complete (defaults filled in) in config.yaml
     for ref in cfg.eval.plugins:
         try:
             metrics.load_plugins([ref])

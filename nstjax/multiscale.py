@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax import image, record, solvers, weights
+from nstjax import record, solvers, weights
 from nstjax.config import Config, MultiscaleCfg
 from nstjax.errors import UserError
-from nstjax.problem import Problem, build, check_depth
+from nstjax.problem import Problem, build, check_depth, load_content
 from nstjax.runtime import DirLock, StopFlag
 from nstjax.solvers import Status
 
@@ -91,8 +91,7 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path | None], *, quiet: bool
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    final = image.load(cfg.content, cfg.image.size, cfg.image.resample,
-                       max_pixels=cfg.image.max_pixels)
+    final = load_content(cfg)
     sizes = scale_sizes(cfg, (final.shape[2], final.shape[1]))
     iters = scale_iters(cfg, len(sizes))
     params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)

@@ -68,7 +68,7 @@ def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None,
             _PARAMS[key] = jax.tree.map(jnp.asarray, p)
         params = _PARAMS[key]
     mp = cfg.image.max_pixels
-    content = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
+    content = load_content(cfg)
     h, w = content.shape[1:3]
     if tuple(np.shape(x)) != content.shape:
         raise ValueError(f"the final image is {np.shape(x)}, the content {content.shape}")
@@ -83,12 +83,24 @@ def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None,
         ref = {"content": refs[0]["content"],
                "style": {n: sum(float(bi) * r["style"][n] for bi, r in zip(b, refs))
                          for n in refs[0]["style"]}}
-    return metrics.evaluate(params, x, content, styles[0], spec, on_error, ref)
+    c = content if cfg.content is not None else None  # a texture: no content to keep
+    return metrics.evaluate(params, x, c, styles[0], spec, on_error, ref)
+
+
+def load_content(cfg: Config) -> np.ndarray:
+    """The content image at `image.size`, preprocessed (1,H,W,3); with `content: null` (texture
+    synthesis) the mean image (zeros) of the size `image.size` gives the first style image."""
+    im = cfg.image
+    if cfg.content is not None:
+        return image.load(cfg.content, im.size, im.resample, max_pixels=im.max_pixels)
+    style = image.load(cfg.styles[0], im.size, im.resample, max_pixels=im.max_pixels)
+    return np.zeros_like(style, dtype=np.float32)
 
 
 def spec_of(cfg: Config) -> losses.Spec:
+    """The static settings of the compiled program (no content layers without a content)."""
     return losses.Spec(
-        content_layers=tuple(cfg.loss.content_layers),
+        content_layers=tuple(cfg.loss.content_layers) if cfg.content is not None else (),
         style_layers=tuple(cfg.loss.style_layers),
         pooling=cfg.model.pooling,
         normalization=cfg.loss.normalization,
@@ -98,34 +110,46 @@ def spec_of(cfg: Config) -> losses.Spec:
         content_mask=cfg.masks.content is not None,
         kind=cfg.loss.kind,
         conv=cfg.model.conv,
+        options=losses.static_options(cfg.loss.kind, _options(cfg)),
+        seamless=cfg.image.seamless,
     )
 
 
-def loss_weights(cfg: Config, spec: losses.Spec, params: dict | None = None,
-                 tgt: dict | None = None, x_ref: jax.Array | None = None) -> dict:
-    """The loss weights; `loss.style_weights: auto` needs params, targets and the reference
-    image (the content) to measure each layer's unit-weight term there (`auto_style_weights`)."""
-    sw = cfg.loss.style_weights
-    if sw == "auto":
-        sw = auto_style_weights(spec, params, tgt, x_ref)
-    return losses.default_weights(spec, sw, cfg.loss.style_to_content_ratio,
-                                  cfg.loss.tv_weight, cfg.loss.content_weights)
+def _options(cfg: Config) -> dict:
+    return losses.resolve_options(cfg.loss.kind, cfg.loss.options)
 
 
-def auto_style_weights(spec: losses.Spec, params: dict, tgt: dict, x_ref: jax.Array
-                       ) -> list[float]:
-    """w_l = 1 / (L * E_l(x_ref)), E_l the layer's style term with unit weights: each of the L
-    layers then contributes 1/L at the reference image (style = 1 there), whatever the pooling,
-    size or weight file."""
-    unit = losses.default_weights(spec, [1.0] * len(spec.style_layers), 1.0)
-    _, terms = jax.jit(losses.objective(spec))(x_ref, params, tgt, unit)
-    out = []
+def loss_weights(cfg: Config, spec: losses.Spec) -> dict:
+    cw = cfg.loss.content_weights if spec.content_layers else None
+    return losses.default_weights(spec, cfg.loss.style_weights, cfg.loss.style_to_content_ratio,
+                                  cfg.loss.tv_weight, cw,
+                                  losses.dynamic_options(cfg.loss.kind, _options(cfg)))
+
+
+_NORM_FUNS: dict = {}  # (spec, kind) -> the jitted objective style_norm evaluates
+
+
+def style_norm(spec: losses.Spec, params: dict, x_ref, tgt: dict, w: dict) -> dict[str, float]:
+    """Each style layer's unweighted term at `x_ref` (`loss.style_norm: content`): the kind's
+    `style/<layer>` terms with unit layer weights, one forward evaluation."""
+    key = (spec, losses.kind(spec.kind))
+    if key not in _NORM_FUNS:
+        _NORM_FUNS.clear()
+        _NORM_FUNS[key] = jax.jit(losses.objective(spec))
+    unit = dict(w, style={n: jnp.float32(1.0) for n in w["style"]})
+    _, terms = _NORM_FUNS[key](jnp.asarray(x_ref), params, tgt, unit)
+    out = {}
     for n in spec.style_layers:
-        e = float(terms.get(f"style/{n}", float("nan")))
-        if not np.isfinite(e) or e <= 0:
-            raise UserError(f"loss.style_weights: auto needs a positive per-layer term "
-                            f"style/{n} at the content image (got {e:g}); give the weights")
-        out.append(1.0 / (len(spec.style_layers) * e))
+        v = terms.get(f"style/{n}")
+        if v is None:
+            raise UserError(f"loss.style_norm: content needs the per-layer terms 'style/<layer>', "
+                            f"which loss kind {spec.kind!r} does not return; use style_norm: none")
+        v = float(v)
+        if not (np.isfinite(v) and v > 0):
+            raise UserError(f"loss.style_norm: the style term of layer {n} is {v:g} at the "
+                            "reference image (content, or the initial image without one), so it "
+                            "cannot be divided by; use style_norm: none or another layer")
+        out[n] = v
     return out
 
 
@@ -186,18 +210,25 @@ def styles_at(cfg: Config, wh: tuple[int, int], content_rgb: np.ndarray) -> np.n
 
 
 def style_targets(params: dict, content_x, styles_x, spec: losses.Spec,
-                  blend: np.ndarray | None) -> dict:
-    """`losses.targets` for S style images: per-style targets (leading axis S) with masks
-    (`blend` None), else blended into one. Gatys Grams are rescaled to the content's positions."""
-    tgt = dict(losses.targets(params, jnp.asarray(content_x), jnp.asarray(styles_x), spec))
+                  blend: np.ndarray | None, key: jax.Array | None = None) -> dict:
+    """`losses.targets` for S style images (contract checked): per-style targets (leading axis
+    S) with masks (`blend` None), else blended into one by the kind's blend (linear unless the
+    kind has its own). Gatys Grams are rescaled to the content's positions. `key`: a random
+    kind's PRNG key."""
+    tgt = losses.checked_targets(params, jnp.asarray(content_x), jnp.asarray(styles_x), spec, key)
     (_, h, w, _), (_, hs, ws, _) = content_x.shape, styles_x.shape
     if spec.kind == "gram" and spec.normalization == "gatys" and (h, w) != (hs, ws):
         tgt["style"] = {n: g * (((h >> k) * (w >> k)) / ((hs >> k) * (ws >> k)))
                         for n, g in tgt["style"].items() for k in [vgg16.block(n) - 1]}
     if blend is not None:
-        b = jnp.asarray(blend, jnp.float32)
-        tgt["style"] = jax.tree.map(lambda t: jnp.tensordot(b, t, axes=1)[None], tgt["style"])
+        tgt["style"] = losses.blend(spec, tgt["style"], blend)
     return tgt
+
+
+def targets_key(cfg: Config) -> jax.Array:
+    """The PRNG key a random loss kind's targets draw from: the run's seed, folded with 1 (the
+    noise init uses the seed's own key)."""
+    return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
 
 def initial_image(cfg: Config, content: np.ndarray, style: np.ndarray) -> jax.Array:
@@ -219,11 +250,19 @@ def initial_image(cfg: Config, content: np.ndarray, style: np.ndarray) -> jax.Ar
 def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) -> Problem:
     """Load images and weights, compute targets, weights and x0: the arrays a solve needs."""
     mp = cfg.image.max_pixels
-    content = image.load(cfg.content, cfg.image.size, cfg.image.resample, max_pixels=mp)
+    content = load_content(cfg)
     h, w = content.shape[1:3]
     check_depth((w, h), cfg.loss.content_layers + cfg.loss.style_layers,
-                "the content image is", "raise image.size or use an image with a less extreme "
-                "aspect ratio")
+                "the content image is" if cfg.content else "the texture is",
+                "raise image.size or use an image with a less extreme aspect ratio")
+    if cfg.image.seamless:
+        need = 2 ** (max(vgg16.block(n) for n in cfg.loss.content_layers + cfg.loss.style_layers)
+                     - 1)
+        if w % need or h % need:
+            raise UserError(f"image.seamless: the image is {w}x{h} pixels; a seamless image "
+                            f"needs sides that are multiples of {need} (the deepest layer's "
+                            "pooling), e.g. image.size: [" f"{w // need * need or need}, "
+                            f"{h // need * need or need}]")
     content_rgb = image.deprocess_float(content)
     swh = style_size(cfg, (w, h))
     styles = styles_at(cfg, swh, content_rgb)
@@ -236,7 +275,7 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     spec = spec_of(cfg)
     params = vgg16.prepare(params, spec.conv, spec.precision, (h, w))
     tgt = style_targets(params, content, styles, spec,
-                        None if spec.style_masks else blend_weights(cfg))
+                        None if spec.style_masks else blend_weights(cfg), targets_key(cfg))
     if spec.style_masks:
         masks = np.stack([image.load_mask(p, (w, h), mp) for p in cfg.masks.style])
         tgt["style_masks"] = {n: jnp.asarray(v) for n, v in
@@ -255,10 +294,13 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
             x = cmask * x + (1.0 - cmask) * content
         return image.recolor(x, content_ycc) if lum else x
 
-    lw = loss_weights(cfg, spec, params, tgt, jnp.asarray(content))
+    lw = loss_weights(cfg, spec)
+    losses.check_objective(spec, jnp.asarray(x0), params, tgt, lw)
     info = {"weights": winfo, "content_size": [w, h]}
-    if cfg.loss.style_weights == "auto":
-        info["style_weights"] = [float(f"{float(v):.7g}") for v in lw["style"].values()]
+    if cfg.loss.style_norm == "content":
+        ref = content if cfg.content is not None else x0
+        info["style_norm"] = style_norm(spec, params, ref, tgt, lw)
+        lw["style"] = {n: v / jnp.float32(info["style_norm"][n]) for n, v in lw["style"].items()}
     if controls_used(cfg):
         info.update(style_size=list(swh), styles=len(cfg.styles),
                     style_blend=blend_weights(cfg).round(6).tolist())

@@ -198,7 +198,8 @@ def make_run_dir(out: str | Path | None, cfg: Config, parent: str | Path = "runs
             raise busy
         return out
     parent = Path(parent)
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_slug(Path(cfg.content).stem)}-" \
+    first = Path(cfg.content).stem if cfg.content else "texture"
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{_slug(first)}-" \
            f"{_slug(Path(cfg.styles[0]).stem)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +345,9 @@ class Recorder:
         `metrics`: the reference evaluation (config `eval:`) of the saved final image."""
         self.save_image("final", res.x)
         self.write_history()
-        self.record["loss"] = {"kind": self.cfg.loss.kind, "plugins": list(self.cfg.loss.plugins)}
+        self.record["loss"] = {"kind": self.cfg.loss.kind, "plugins": list(self.cfg.loss.plugins),
+                               "options": dict(self.cfg.loss.options),
+                               "style_norm": self.cfg.loss.style_norm}
         self.record["metrics"] = self.final_metrics(res.x)
         self.record.update(
             status=Status(res.status).value, error=res.error,

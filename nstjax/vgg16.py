@@ -249,6 +249,17 @@ def conv(x: jax.Array, kernel: jax.Array, precision: str = "highest", algo: str 
     return _conv_vjp(x, kernel, fwd_k, bwd_k, wino, precision)
 
 
+def seamless_conv(x: jax.Array, kernel: jax.Array, precision: str = "highest") -> jax.Array:
+    """`conv` with circular padding (the image wraps around: a seamless texture's network);
+    direct, gradients by jax.grad."""
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+    if precision == "bfloat16":
+        xp, kernel = xp.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    prec = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+    return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=_DIMS,
+                                        precision=prec.get(precision))
+
+
 def prepare(params: dict, algo: str = "auto", precision: str = "default",
             hw: tuple[int, int] | None = None) -> dict:
     """`params` (on the device) with each layer's `PREPARED` kernels for `algo` and `precision`,
@@ -309,6 +320,7 @@ class Conv3x3(nn.Module):
     features: int
     precision: str = "highest"
     conv: str = "direct"
+    seamless: bool = False  # circular ('wrap') padding instead of zeros: seamless images
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -316,7 +328,10 @@ class Conv3x3(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         prepared = {k: self.get_variable("params", k) for k in PREPARED
                     if self.has_variable("params", k)}
-        y = conv(x, kernel, self.precision, self.conv, prepared)
+        if self.seamless:
+            y = seamless_conv(x, kernel, self.precision)
+        else:
+            y = conv(x, kernel, self.precision, self.conv, prepared)
         return jax.nn.relu(y + bias.astype(y.dtype).reshape(1, 1, 1, -1))
 
 
@@ -327,7 +342,7 @@ def _run_block(
     # {"block1_conv1": {"kernel", "bias"}, ...}, with or without nn.remat around a block.
     acts = {}
     for n in names:
-        h = Conv3x3(CHANNELS[n], module.precision, module.conv, name=n)(h)
+        h = Conv3x3(CHANNELS[n], module.precision, module.conv, module.seamless, name=n)(h)
         acts[n] = h
     return h, acts
 
@@ -348,6 +363,7 @@ class VGG16(nn.Module):
     precision: str = "highest"
     remat: bool = False
     conv: str = "direct"
+    seamless: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -376,11 +392,15 @@ def features(
     precision: str = "highest",
     remat: bool = False,
     conv: str = "direct",
+    *,
+    seamless: bool = False,
 ) -> dict[str, jax.Array]:
     """Activations {name: (N,h,w,c)} of `layers` for a preprocessed NHWC batch `x`.
 
     `params` is `{layer_name: {"kernel": (3,3,cin,cout), "bias": (cout,)}}` (flax's "params"
     collection of `VGG16`, optionally with `prepare`'s kernels); the rest as in `VGG16`.
+    `seamless`: circular padding in every convolution (the image is one period of a seamless
+    pattern; its sides should be multiples of the deepest layer's pooling factor).
     """
-    module = VGG16(tuple(layers), pooling, precision, remat, conv)
+    module = VGG16(tuple(layers), pooling, precision, remat, conv, seamless)
     return module.apply({"params": params}, x)

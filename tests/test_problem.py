@@ -113,22 +113,22 @@ def test_final_metrics_blend_the_styles_at_their_own_size(vgg_params):
 
 
 @pytest.mark.parametrize("norm", ["gatys", "seed"])
-def test_auto_style_weights_give_each_layer_an_equal_say_at_the_content(vgg_params, norm):
-    """auto: w_l = 1 / (L E_l(content)), E_l the post's/paper's layer term written in numpy."""
+def test_style_norm_content_gives_each_layer_its_weight_at_the_content(vgg_params, norm):
+    """style_norm: content divides layer l's weight by E_l(content), the post's/paper's layer
+    term written in numpy, so at the content each layer contributes exactly its weight."""
     layers = ["block1_conv1", "block2_conv1", "block3_conv1"]
-    cfg = make_cfg(loss={"style_weights": "auto", "style_layers": layers, "normalization": norm})
+    cfg = make_cfg(loss={"style_weights": [1.0, 2.0, 3.0], "style_layers": layers,
+                         "normalization": norm, "style_norm": "content"})
     params = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in vgg_params.items()}
     p = problem.build(cfg, params, {"source": "test"})
     fc = np_vgg16(params, np.asarray(p.content), "block3_conv1")
     fs = np_vgg16(params, np.asarray(p.style), "block3_conv1")
     first = fc[layers[0]].size
-    for n in layers:
+    for i, n in enumerate(layers):
         a, b = (f[n].reshape(-1, f[n].shape[-1]).astype(np.float64) for f in (fc, fs))
         if norm == "gatys":
             e = np.sum((a.T @ a - b.T @ b) ** 2) / (4 * a.shape[1] ** 2 * a.shape[0] ** 2)
         else:  # the post: Grams / (h w c), summed last-axis MSE, / the first layer's size
             e = np.sum(np.mean((a.T @ a / a.size - b.T @ b / b.size) ** 2, -1)) / first
-        w = float(p.weights["style"][n])
-        assert w == pytest.approx(1.0 / (3 * e), rel=2e-3), n
-    assert p.info["style_weights"] == pytest.approx(
-        [float(v) for v in p.weights["style"].values()], rel=1e-5)
+        assert float(p.weights["style"][n]) == pytest.approx((i + 1) / e, rel=2e-3), n
+        assert p.info["style_norm"][n] == pytest.approx(e, rel=2e-3)

@@ -77,13 +77,13 @@ def params_key(cfg: Config) -> tuple:
 
 
 def _content_hw(cfg: Config, cache: dict) -> tuple[int, int]:
-    from nstjax import image
+    from nstjax import image, problem
 
     im = cfg.image
     key = (cfg.content, tuple(cfg.styles), canon(im.size), im.resample, im.max_pixels)
     if key not in cache:
         try:
-            content = image.load(cfg.content, im.size, im.resample, max_pixels=im.max_pixels)
+            content = problem.load_content(cfg)
             h, w = int(content.shape[1]), int(content.shape[2])
             image.load(cfg.styles[0], [w, h], im.resample, max_pixels=im.max_pixels)  # readable?
             cache[key] = (h, w)

@@ -84,6 +84,8 @@ def check_key(key: Any, where: str) -> str:
     model: Any = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
+        if parts[:i] == ["loss", "options"] and i == 2 and len(parts) == 3:
+            return key  # a loss kind's option: checked by the kind when each cell validates
         fields = getattr(model, "model_fields", None)
         if fields is None:
             raise UserError(f"{where}: {'.'.join(parts[:i])} is not a config section ({key})")
