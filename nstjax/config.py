@@ -71,6 +71,11 @@ class ImageCfg(_Strict):
         return v
 
 
+def _path_list(v):
+    """A plugins value: one path or a list; `key=` (an empty path value means null): none."""
+    return [] if v is None or v == "" else [v] if isinstance(v, str) else v
+
+
 class ModelCfg(_Strict):
     weights: str = "hed"
     pooling: Literal["avg", "max"] = "avg"
@@ -79,13 +84,15 @@ class ModelCfg(_Strict):
     conv: Literal["auto", "direct", "winograd"] = "auto"
 
 
+def _layers_field(default: tuple[str, ...]):
+    return Field(default_factory=lambda: list(default), min_length=1, max_length=len(LAYERS))
+
+
 class LossCfg(_Strict):
     normalization: Literal["seed", "gatys"] = "seed"
-    content_layers: list[str] = Field(
-        default_factory=lambda: ["block4_conv2"], min_length=1, max_length=len(LAYERS))
+    content_layers: list[str] = _layers_field(("block4_conv2",))
     content_weights: list[NonNeg] | None = Field(default=None, max_length=len(LAYERS))
-    style_layers: list[str] = Field(
-        default_factory=lambda: list(POST_STYLE_LAYERS), min_length=1, max_length=len(LAYERS))
+    style_layers: list[str] = _layers_field(POST_STYLE_LAYERS)
     style_weights: list[NonNeg] = Field(
         default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
     style_to_content_ratio: float = Field(default=15.0, gt=0)
@@ -105,9 +112,7 @@ class LossCfg(_Strict):
     @field_validator("plugins", mode="before")
     @classmethod
     def _plugins(cls, v):
-        if v is None or v == "":  # `loss.plugins=` (an empty path value means null): none
-            return []
-        return [v] if isinstance(v, str) else v
+        return _path_list(v)
 
     @field_validator("kind")
     @classmethod
@@ -236,30 +241,22 @@ class MultiscaleCfg(_Strict):
 class EvalCfg(_Strict):
     """The metrics (`nstjax.metrics`) every run scores its final image with."""
 
+    style_layers: list[str] = _layers_field(metrics.DEFAULT_STYLE_LAYERS)
+    content_layers: list[str] = _layers_field(("block4_conv2",))
+    swd_layers: list[str] = _layers_field(metrics.DEFAULT_SWD_LAYERS)
     metrics: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=lambda: list(metrics.DEFAULT_METRICS), max_length=100,
         description="registered metric names (nstjax.metrics.names())")
     plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
         "config) or module names imported before the run: they register metrics")
-    style_layers: list[str] = Field(
-        default_factory=lambda: list(metrics.DEFAULT_STYLE_LAYERS), min_length=1,
-        max_length=len(LAYERS))
-    content_layers: list[str] = Field(
-        default_factory=lambda: ["block4_conv2"], min_length=1, max_length=len(LAYERS))
-    swd_layers: list[str] = Field(
-        default_factory=lambda: list(metrics.DEFAULT_SWD_LAYERS), min_length=1,
-        max_length=len(LAYERS))
     projections: int = Field(default=64, ge=1, le=4096)
     seed: int = Field(default=0, ge=0, lt=2**32)
     normalization: Literal["seed", "gatys"] = "gatys"
     pooling: Literal["avg", "max"] = "avg"
     precision: Literal["highest", "default", "bfloat16"] = "highest"
 
-    @field_validator("plugins", mode="before")
-    @classmethod
-    def _plugins(cls, v):
-        return [v] if isinstance(v, str) else v
+    _plugins = field_validator("plugins", mode="before")(lambda v: _path_list(v))
 
     @field_validator("content_layers", "style_layers", "swd_layers")
     @classmethod
@@ -628,11 +625,10 @@ def validate(raw: dict, source: str = "config") -> Config:
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     cfg.loss.options = opts  # recorded complete (defaults filled in) in config.yaml
-    for ref in cfg.eval.plugins:
-        try:
-            metrics.load_plugins([ref])
-        except UserError as e:
-            raise UserError(f"{source}: eval.plugins: {e}") from None
+    try:
+        metrics.load_plugins(cfg.eval.plugins)
+    except UserError as e:
+        raise UserError(f"{source}: eval.plugins: {e}") from None
     for name in cfg.eval.metrics:
         if name not in metrics.names():
             raise UserError(f"{source}: eval.metrics: unknown metric {preview(name)}; "
