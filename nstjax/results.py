@@ -196,9 +196,27 @@ def _check_record(path: Path, rec: dict) -> dict:
     for k in ("metrics", "final_loss", "initial_loss"):
         v = rec.get(k)
         _field(path, k, v, (dict,), "an object of numbers")
-        for name, x in (v or {}).items():
-            _field(path, f"{k}.{name}", x, _NUMBER, "a number")
+        if v:
+            rec[k] = _unsafe(path, k, v)
     return rec
+
+
+_NONFINITE = {"nan", "inf", "-inf"}
+
+
+def _unsafe(path: Path, k: str, v: dict) -> dict:
+    """Undo record.json_safe: `name: null` + `name_text: "inf"` reads back as inf."""
+    out = {}
+    for name, x in v.items():
+        base = name.removesuffix("_text")
+        if name != base and base in v and v[base] is None and x in _NONFINITE:
+            continue
+        text = v.get(f"{name}_text")
+        if x is None and text in _NONFINITE:
+            x = float(text)
+        _field(path, f"{k}.{name}", x, _NUMBER, "a number")
+        out[name] = x
+    return out
 
 
 def read_history(path: str | Path) -> dict[str, np.ndarray]:

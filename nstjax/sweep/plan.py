@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nstjax.sweep.store as store
+from nstjax import losses
 from nstjax.errors import UserError
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
@@ -103,10 +104,11 @@ def make_groups(sw: Sweep, cells: list[Cell]) -> list[Group]:
             continue
         try:
             hw = _content_hw(c.cfg, shapes)
+            with losses.isolated(c.cfg.loss.plugins):  # the kinds this cell's config imports
+                c.key = structure(c.cfg, hw)
         except UserError as e:
             c.error = str(e)
             continue
-        c.key = structure(c.cfg, hw)
         by_key.setdefault(c.key, []).append(c)
     groups = [Group("", k, cs, k[4]) for k, cs in by_key.items()]
     _name_groups(sw, groups)
