@@ -3,7 +3,6 @@
 import dataclasses
 import difflib
 import math
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -11,28 +10,39 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nstjax import losses, metrics, solvers
-from nstjax.errors import PREVIEW, UserError, cut, preview
+from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.read_yaml, ...)
+    INITS,
+    LIST_PATH_KEYS,
+    MAX_CONFIG_BYTES,
+    MAX_DEPTH,
+    MAX_KEY_PARTS,
+    MAX_NODES,
+    MAX_PLUGINS,
+    MAX_STYLES,
+    PATH_KEYS,
+    WEIGHT_NAMES,
+    _get,
+    _resolve,
+    _set,
+    merge,
+    parse_overrides,
+    read_yaml,
+    resolve_paths,
+)
+from nstjax.errors import PREVIEW, UserError, preview
 from nstjax.weights import VGG16_CONVS
 
 LAYERS = tuple(name for name, _, _ in VGG16_CONVS)
-WEIGHT_NAMES = ("imagenet", "hed", "random")
-INITS = ("noise", "content", "style")
 POST_STYLE_LAYERS = [f"block{i}_conv2" for i in range(1, 6)]
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
 
 # Sane maxima: a config or override past them is a mistake (or an attack), refused before use.
-MAX_NODES = 10_000  # values in one YAML document or override value, aliases expanded
-MAX_DEPTH = 50  # nesting of one YAML document or override value
-MAX_KEY_PARTS = 8  # parts of a dotted override key
-MAX_CONFIG_BYTES = 1 << 20
 MAX_ITER = 10_000_000  # iterations, rounds, evaluations per round, chunk lengths
 MAX_SIDE = 65_536  # pixels on one side (image.size, multiscale.sizes)
 MAX_PIXELS = 1 << 32
 MAX_SCALES = 32
-MAX_STYLES = 64
 MAX_STYLE_SCALE = 100.0
 MAX_FACTOR = 1024.0
-MAX_PLUGINS = 16
 
 NonNeg = Annotated[float, Field(ge=0)]
 Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
@@ -341,205 +351,6 @@ class Config(_Strict):
                                 "solver.maxiter")
             _set(raw, key, _resolve(key, value, Path.cwd()))
         return validate(raw, "replace")
-
-
-# --------------------------------------------------------------------------- bounded YAML
-
-
-class _TooBig(Exception):
-    """A YAML document that nests or (through aliases) expands past the limits."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """The safe loader, refusing a document nested deeper than MAX_DEPTH while composing it and
-    one whose aliases expand past MAX_NODES values (or refer to themselves) before building it."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = self._nodes = 0
-
-    def compose_node(self, parent, index):
-        self._depth += 1
-        self._nodes += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise _TooBig(f"nests more than {MAX_DEPTH} levels deep")
-            if self._nodes > MAX_NODES:
-                raise _TooBig(f"has more than {MAX_NODES} values")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def get_single_node(self):
-        node = super().get_single_node()
-        if node is not None:
-            _expanded(node, {}, set(), 1)
-        return node
-
-
-def _expanded(node: yaml.Node, memo: dict[int, int], active: set[int], depth: int) -> int:
-    """Values in `node` with every alias expanded: each distinct node is visited once."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    if key in active:
-        raise _TooBig("has an alias inside the value it names (a loop)")
-    if depth > MAX_DEPTH:
-        raise _TooBig(f"nests more than {MAX_DEPTH} levels deep (aliases expanded)")
-    total = 1
-    if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
-        active.add(key)
-        children = node.value if isinstance(node, yaml.SequenceNode) else [
-            n for pair in node.value for n in pair]
-        for child in children:
-            total += _expanded(child, memo, active, depth + 1)
-            if total > MAX_NODES:
-                raise _TooBig(f"expands to more than {MAX_NODES} values (anchors & and "
-                              "aliases * repeat them): write it out plainly")
-        active.discard(key)
-    memo[key] = total
-    return total
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def _is_path_value(key: str, value: Any) -> bool:
-    if not isinstance(value, str) or not value:
-        return False
-    if key == "init":
-        return value not in INITS
-    if key == "model.weights":
-        return value not in WEIGHT_NAMES
-    if key in ("loss.plugins", "eval.plugins"):  # a module name stays as it is
-        return value.endswith(".py") or "/" in value or "\\" in value
-    return key in ("content", "style", "masks.style", "masks.content")
-
-
-def _resolve(key: str, value: Any, base: Path) -> Any:
-    if isinstance(value, list) and key in LIST_PATH_KEYS:
-        most = MAX_PLUGINS if key.endswith(".plugins") else MAX_STYLES
-        if len(value) > most:
-            raise UserError(f"{key}: lists {len(value)} entries; at most {most}")
-        return [_resolve(key, v, base) if isinstance(v, str) else v for v in value]
-    if _is_path_value(key, value):
-        p = Path(value).expanduser()
-        try:
-            return str(p if p.is_absolute() else (base / p).resolve())
-        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-            raise UserError(f"{key}: {preview(value)}: cannot resolve the path ({e}); "
-                            "fix the link or give another path") from None
-    return value
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = d.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise UserError(f"override {preview(dotted)}: {preview(part)} is not a section")
-        d = nxt
-    d[parts[-1]] = value
-
-
-PATH_KEYS = ("content", "style", "init", "model.weights", "masks.style", "masks.content",
-             "loss.plugins", "eval.plugins")
-LIST_PATH_KEYS = ("content", "style", "masks.style", "loss.plugins", "eval.plugins")
-
-
-def resolve_paths(raw: dict, base: Path) -> dict:
-    """Make the path values of a raw config absolute, relative to `base`."""
-    for key in PATH_KEYS:
-        v = _get(raw, key)
-        if v is not None:
-            _set(raw, key, _resolve(key, v, base))
-    return raw
-
-
-def _override_value(key: str, text: str) -> Any:
-    """A path key's value is the raw text (`content=a #1.png`), except that an empty value is
-    null and `style=[a.png, b.png]` is a YAML list; any other key's value is YAML."""
-    if key in PATH_KEYS and not (key in LIST_PATH_KEYS and text.lstrip().startswith("[")):
-        return text or None
-    if not text.strip():
-        return None
-    try:
-        return _load_yaml(text)
-    except _TooBig as e:
-        raise UserError(f"override {key}: the value {e}") from None
-    except yaml.YAMLError:
-        raise UserError(f"override {key}: value {preview(text)} is not valid YAML") from None
-
-
-def parse_overrides(items: list[str], base: Path | None = None) -> dict:
-    """`a.b=value` strings into a nested dict, values parsed as YAML except a path key's (the
-    raw text: see _override_value); paths relative to `base`."""
-    out: dict = {}
-    base = base or Path.cwd()
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        parts = key.split(".")
-        if len(parts) > MAX_KEY_PARTS:
-            raise UserError(f"bad override {preview(item)}: the key has {len(parts)} dotted "
-                            f"parts; config keys have at most 2 (e.g. solver.maxiter)")
-        if not sep or not key or any(not p.isidentifier() for p in parts):
-            raise UserError(f"bad override {preview(item)}: write key=value, "
-                            "e.g. solver.maxiter=50")
-        _set(out, key, _resolve(key, _override_value(key, text), base))
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """Deep-merge `extra` into a copy of `base`."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file (safe loader, bounded size), with the line of any syntax error."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config ({e.strerror or e}); check the path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: not a regular file; give a YAML config file")
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{path}: {st.st_size} bytes is too large for a config "
-                        f"(at most {MAX_CONFIG_BYTES}); is it the right file?")
-    try:
-        raw = _load_yaml(path.read_text(encoding="utf-8"))
-    except _TooBig as e:
-        raise UserError(f"{path}: the YAML {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: YAML error{where}: {cut(problem)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read config: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a config must be a YAML mapping of keys to values")
-    return raw
 
 
 # --------------------------------------------------------------------------- errors
