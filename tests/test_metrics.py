@@ -157,11 +157,34 @@ def test_weave_sees_a_lattice_the_style_lacks():
     paint = np.clip(128 + 40 * paint / paint.std(), 0, 255)
     style = np.repeat(paint[..., None], 3, -1)
     lattice = 25 * np.sin(2 * np.pi * xx / 4) * np.sin(2 * np.pi * yy / 4)
-    woven = np.clip(style + lattice[..., None], 0, 255)
+    woven = np.clip(gaussian_filter(style, (1.5, 1.5, 0)) + lattice[..., None], 0, 255)
+    share, power = metrics.tile_peaks(metrics.luminance(style))
+    assert len(share) == 7 * 7 and np.all((share > 0) & (share <= 1)) and np.all(power > 0)
+    # the 4 strongest of the 16x16 tile's band bins hold at most their share of a flat spectrum
+    # times the peak-to-mean ratio; a lattice concentrates it
+    assert metrics.tile_peaks(metrics.luminance(woven))[0].mean() > share.mean() + 0.05
     assert metrics.weave(style, style) == 0.0
-    assert metrics.peak_share(metrics.luminance(style)) < 0.05
-    assert metrics.weave(woven, style) > 0.15
+    assert metrics.weave(woven, style) > 0.05
     assert metrics.weave(woven, woven) == 0.0  # a lattice the style has itself does not count
+    faint = 128 + 0.02 * (woven - 128)  # too faint to see: its tiles count ~nothing
+    assert metrics.weave(faint, style) < 0.01
+
+
+def test_tile_peaks_of_one_frequency_against_numpy():
+    """A pure sinusoid at a bin frequency: (after the Hann window) the 4 strongest bins of each
+    tile hold the window's main-lobe share, computed here from the window itself."""
+    n, tile = 48, 16
+    xx = np.arange(n)[None, :].repeat(n, 0)
+    lum = 100 * np.cos(2 * np.pi * xx * 4 / tile)  # period 4 px, on bin 4 of a 16-px tile
+    share, _ = metrics.tile_peaks(lum.astype(np.float64))
+    w = np.hanning(tile)
+    spec = np.abs(np.fft.fft(w * np.cos(2 * np.pi * np.arange(tile) * 4 / tile))) ** 2
+    row = np.abs(np.fft.fft(w)) ** 2  # the window's spectrum along y (constant rows)
+    p2 = np.outer(row, spec)
+    fy, fx = np.meshgrid(np.fft.fftfreq(tile), np.fft.fftfreq(tile), indexing="ij")
+    band = p2[np.hypot(fy, fx) >= 1 / 8]
+    want = np.sort(band)[::-1][:4].sum() / band.sum()
+    assert share == pytest.approx(np.full(len(share), want), rel=0.05)
 
 
 def test_color_is_a_lab_distance():
