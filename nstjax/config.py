@@ -112,9 +112,11 @@ class LossCfg(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, max_length=64, description="the loss kind's own settings, "
         "checked by the kind; config.yaml records them all, defaults filled in")
-    style_norm: Literal["none", "content"] = Field(
+    style_norm: Literal["none", "content", "layers"] = Field(
         default="none", description="content: each style layer's term divided by its value at "
-        "the content image (the initial image without one), so ratios compare across kinds")
+        "the content image (the initial image without one), so ratios compare across kinds; "
+        "layers: brought to the layers' geometric mean there instead (layer weights without hand "
+        "constants for any pooling, size or weights; ratio and tv_weight keep their scale)")
     plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
         "config) or module names imported before the run: they register loss kinds")

@@ -130,7 +130,7 @@ _NORM_FUNS: dict = {}  # (spec, kind) -> the jitted objective style_norm evaluat
 
 
 def style_norm(spec: losses.Spec, params: dict, x_ref, tgt: dict, w: dict) -> dict[str, float]:
-    """Each style layer's unweighted term at `x_ref` (`loss.style_norm: content`): the kind's
+    """Each style layer's unweighted term at `x_ref` (`loss.style_norm: content|layers`): the kind's
     `style/<layer>` terms with unit layer weights, one forward evaluation."""
     key = (spec, losses.kind(spec.kind))
     if key not in _NORM_FUNS:
@@ -142,7 +142,7 @@ def style_norm(spec: losses.Spec, params: dict, x_ref, tgt: dict, w: dict) -> di
     for n in spec.style_layers:
         v = terms.get(f"style/{n}")
         if v is None:
-            raise UserError(f"loss.style_norm: content needs the per-layer terms 'style/<layer>', "
+            raise UserError(f"loss.style_norm needs the per-layer terms 'style/<layer>', "
                             f"which loss kind {spec.kind!r} does not return; use style_norm: none")
         v = float(v)
         if not (np.isfinite(v) and v > 0):
@@ -297,10 +297,13 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     lw = loss_weights(cfg, spec)
     losses.check_objective(spec, jnp.asarray(x0), params, tgt, lw)
     info = {"weights": winfo, "content_size": [w, h]}
-    if cfg.loss.style_norm == "content":
+    if cfg.loss.style_norm != "none":
         ref = content if cfg.content is not None else x0
-        info["style_norm"] = style_norm(spec, params, ref, tgt, lw)
-        lw["style"] = {n: v / jnp.float32(info["style_norm"][n]) for n, v in lw["style"].items()}
+        e = info["style_norm"] = style_norm(spec, params, ref, tgt, lw)
+        # layers: to the layers' geometric mean, so the sum keeps the kind's own scale
+        g = float(np.exp(np.mean(np.log(list(e.values()))))) if cfg.loss.style_norm == "layers" \
+            else 1.0
+        lw["style"] = {n: v * jnp.float32(g / e[n]) for n, v in lw["style"].items()}
     if controls_used(cfg):
         info.update(style_size=list(swh), styles=len(cfg.styles),
                     style_blend=blend_weights(cfg).round(6).tolist())

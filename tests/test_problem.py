@@ -112,23 +112,29 @@ def test_final_metrics_blend_the_styles_at_their_own_size(vgg_params):
         problem.final_metrics(cfg, x[:, :12], SimpleNamespace(params=vgg_params))
 
 
+@pytest.mark.parametrize("mode", ["content", "layers"])
 @pytest.mark.parametrize("norm", ["gatys", "seed"])
-def test_style_norm_content_gives_each_layer_its_weight_at_the_content(vgg_params, norm):
+def test_style_norm_gives_each_layer_its_weight_at_the_content(vgg_params, norm, mode):
     """style_norm: content divides layer l's weight by E_l(content), the post's/paper's layer
-    term written in numpy, so at the content each layer contributes exactly its weight."""
+    term written in numpy, so at the content each layer contributes exactly its weight;
+    `layers` multiplies that by the geometric mean of the E_l (the sum keeps its scale)."""
     layers = ["block1_conv1", "block2_conv1", "block3_conv1"]
     cfg = make_cfg(loss={"style_weights": [1.0, 2.0, 3.0], "style_layers": layers,
-                         "normalization": norm, "style_norm": "content"})
+                         "normalization": norm, "style_norm": mode})
     params = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in vgg_params.items()}
     p = problem.build(cfg, params, {"source": "test"})
     fc = np_vgg16(params, np.asarray(p.content), "block3_conv1")
     fs = np_vgg16(params, np.asarray(p.style), "block3_conv1")
     first = fc[layers[0]].size
-    for i, n in enumerate(layers):
+    es = []
+    for n in layers:
         a, b = (f[n].reshape(-1, f[n].shape[-1]).astype(np.float64) for f in (fc, fs))
         if norm == "gatys":
             e = np.sum((a.T @ a - b.T @ b) ** 2) / (4 * a.shape[1] ** 2 * a.shape[0] ** 2)
         else:  # the post: Grams / (h w c), summed last-axis MSE, / the first layer's size
             e = np.sum(np.mean((a.T @ a / a.size - b.T @ b / b.size) ** 2, -1)) / first
-        assert float(p.weights["style"][n]) == pytest.approx((i + 1) / e, rel=2e-3), n
+        es.append(e)
+    g = (es[0] * es[1] * es[2]) ** (1 / 3) if mode == "layers" else 1.0
+    for i, (n, e) in enumerate(zip(layers, es)):
+        assert float(p.weights["style"][n]) == pytest.approx((i + 1) * g / e, rel=2e-3), n
         assert p.info["style_norm"][n] == pytest.approx(e, rel=2e-3)
