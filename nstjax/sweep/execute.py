@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import nstjax.sweep.batched as batched
 import nstjax.sweep.report as report
 import nstjax.sweep.store as store
-from nstjax import losses, runtime
+from nstjax import losses, runtime, tblog
 from nstjax.errors import UserError
 from nstjax.sweep.plan import Group, batch_size, batches, lanes_for, multiscale, owned, params_key
 from nstjax.sweep.spec import Cell, Sweep
@@ -382,6 +382,7 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
     import jax
 
     t_start = time.perf_counter()
+    tblog.check(c.cfg for c in cells if c.cfg is not None)  # before anything is written
     out = Path(out)
     store.claim(out, sw)
     moved = store.locate(out, cells)
