@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import nstjax.sweep.batched as batched
 import nstjax.sweep.report as report
@@ -37,6 +37,15 @@ def first_line(e: BaseException) -> str:
 
 class OutOfMemory(Exception):
     pass
+
+
+class BatchCost(NamedTuple):
+    """What the last batch (or host cell) measured, for the cost cache (`nstjax.costs`)."""
+
+    compile_s: float = 0.0  # 0.0: the program was reused
+    warm: bool = False  # XLA binaries from the persistent compilation cache
+    solve_s: float = 0.0
+    evals: int = 0  # the most any cell of the batch made
 
 
 @dataclass
@@ -78,7 +87,7 @@ class Runner:
         self.flag = runtime.StopFlag()
         self.outcome = Outcome(out)
         self.kind = getattr(devices[0], "device_kind", self.backend)
-        self.last: tuple = (0.0, False, 0.0, 0)  # the last batch's compile s, warm, solve s, evals
+        self.last = BatchCost()
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -122,7 +131,7 @@ class Runner:
 
     def program(self, g: Group, b: int, lanes: int, xb, argsb) -> tuple[tuple, float]:
         prog, dt, cached = batched.program(g, self.mesh, xb, argsb, lanes)
-        self.last = (dt, cached, 0.0, 0)
+        self.last = BatchCost(dt, cached)
         if dt:
             self.outcome.compilations += 1
             self.outcome.compile_seconds += dt
@@ -270,7 +279,7 @@ class Runner:
         self.flag.finishing = True
         fin = jax.device_get(st._replace(opt=None, terms=None))  # per-cell scalars and x
         self.outcome.solve_seconds += solve_s
-        self.last = (*self.last[:2], solve_s, int(np.max(fin.evals)))
+        self.last = self.last._replace(solve_s=solve_s, evals=int(np.max(fin.evals)))
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
                 one = jax.tree.map(lambda v, i=i: v[i], fin)
@@ -299,14 +308,14 @@ class Runner:
         from nstjax import record
 
         self.outcome.batch_seconds += wall
-        compile_s, warm, solve_s, evals = self.last
+        m = self.last
         if self.flag.stopped or multiscale(g.cells[0].cfg):
             return
-        iters = record.steps(g.settings)
         costs.record_batch(costs.program_key(g.key, self.backend, self.kind, len(self.devices)),
                            f"{g.name} {g.hw[1]}x{g.hw[0]} {g.settings.name}", b, lanes,
-                           compile_s=compile_s, warm=warm, solve_s=solve_s, evals=evals,
-                           iterations=iters, cell_s=(wall - compile_s - solve_s) / n)
+                           compile_s=m.compile_s, warm=m.warm, solve_s=m.solve_s, evals=m.evals,
+                           iterations=record.steps(g.settings),
+                           cell_s=(wall - m.compile_s - m.solve_s) / n)
 
     def run_host(self, g: Group, c: Cell) -> None:
         """One cell on its own, exactly as `nstjax run` runs it (host solver, multi-scale)."""
@@ -335,7 +344,7 @@ class Runner:
         self.outcome.compilations += 1
         self.outcome.compile_seconds += result.compile_seconds
         self.outcome.solve_seconds += result.solve_seconds
-        self.last = (result.compile_seconds, False, result.solve_seconds, result.evals)
+        self.last = BatchCost(result.compile_seconds, False, result.solve_seconds, result.evals)
         store.publish(self.out, d, c)
         self.measured(g, 1, 1, 1, time.perf_counter() - t0)
         self.outcome.ran.append(c.name)

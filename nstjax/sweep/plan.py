@@ -365,8 +365,9 @@ def _estimate_lines(sw: Sweep, groups: list[Group], todo: list[Cell], devices: l
     lines = [f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
              f"{n_done} finished"]
     lines += [f"  {name}: estimated from {h}" for name, h in how.items()]
-    source = ("measured costs" if how and "model" not in how.values() else
-              "a rough model, nothing measured here yet" if "measured" not in str(how) else
+    n_model = sum(1 for h in how.values() if h == "model")
+    source = ("measured costs" if not n_model else
+              "a rough model, nothing measured here yet" if n_model == len(how) else
               "measured costs where cached, a rough model for the rest")
     lines.append(f"estimate ({source}; {costs.path()}): ~{est['compile_s']:.0f} s compiling "
                  f"+ ~{est['solve_s']:.0f} s solving"
