@@ -366,7 +366,7 @@ def _estimate_lines(sw: Sweep, groups: list[Group], todo: list[Cell], devices: l
              f"{n_done} finished"]
     lines += [f"  {name}: estimated from {h}" for name, h in how.items()]
     n_model = sum(1 for h in how.values() if h == "model")
-    source = ("measured costs" if not n_model else
+    source = ("nothing to run" if not how else "measured costs" if not n_model else
               "a rough model, nothing measured here yet" if n_model == len(how) else
               "measured costs where cached, a rough model for the rest")
     lines.append(f"estimate ({source}; {costs.path()}): ~{est['compile_s']:.0f} s compiling "
