@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 SUBMODULES = ("batch", "bench", "bench_torch", "cli", "config", "errors", "image", "keras_h5",
               "lbfgs", "losses", "metrics", "multiscale", "problem", "race", "record", "results",
-              "run", "runtime", "solvers", "sweep", "vgg16", "weights")
+              "run", "runtime", "solvers", "sweep", "tblog", "vgg16", "watch", "weights")
 __all__ = ["__version__", "stylize", *SUBMODULES]
 
 def __getattr__(name: str):  # PEP 562: submodules on first use

@@ -26,7 +26,7 @@ import platform
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--table", metavar="JSON",
                    help="print the table of an earlier report and exit (measures nothing)")
+    p.add_argument("--memory", action="store_true",
+                   help="memory per size instead of timings: XLA's memory analysis of the "
+                   "compiled solver chunk (and the device's peak after running it, on GPUs)")
 
 
 
@@ -418,6 +421,72 @@ def table(report: dict, markdown: bool = False) -> str:
     return "\n".join(out)
 
 
+def memory_row(pb: Inputs, precision: str, remat: bool, chunk: int) -> dict:
+    """XLA's memory analysis of the default solver's compiled chunk (the program a run
+    spends its time in) at one size, with direct convolutions (what `model.conv: auto` is on
+    accelerators); where the device keeps statistics (GPUs), `chunk` iterations are run and
+    its peak bytes in use recorded (the process's peak so far: run sizes in ascending order)."""
+    spec = pb.spec(precision, remat, conv="direct")
+    args = jax_args(pb, spec)
+    s = replace(config.SolverCfg().settings(), maxiter=chunk)
+    fun, x = losses.objective(spec), jnp.asarray(pb.x0)
+    t = _now()
+    init_c, chunk_c = solvers.compile_program(s, fun, x, args, chunk)
+    compile_s = _now() - t
+    m = chunk_c.memory_analysis()
+    row = {"size": f"{pb.width}x{pb.height}", "width": pb.width, "height": pb.height,
+           "pixels": pb.width * pb.height, "precision": precision, "remat": remat,
+           "solver": s.name, "conv": spec.conv, "compile_seconds": round(compile_s, 3),
+           "argument_bytes": int(m.argument_size_in_bytes),
+           "output_bytes": int(m.output_size_in_bytes),
+           "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes)}
+    row["program_bytes"] = (row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
+                            - row["alias_bytes"])
+    row["peak_memory_bytes"] = None
+    if peak_memory_bytes() is not None:  # the backend keeps statistics (not CPU): run it
+        solvers.minimize(s, fun, x, args, chunk=chunk, compiled=(init_c, chunk_c))
+        row["peak_memory_bytes"] = peak_memory_bytes()
+    return row
+
+
+def memory_table(report: dict, markdown: bool = False) -> str:
+    """The memory report as a table (MiB)."""
+    head = ("size", "precision", "remat", "program MiB", "temporaries MiB", "arguments MiB",
+            "device peak MiB")
+    mib = 2.0**20
+    lines = [(r["size"], r["precision"], "yes" if r["remat"] else "no",
+              _fmt(r["program_bytes"] / mib, ".0f"), _fmt(r["temp_bytes"] / mib, ".0f"),
+              _fmt(r["argument_bytes"] / mib, ".0f"),
+              _fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / mib, ".0f"))
+             for r in report["memory"]]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        out += ["| " + " | ".join(row) + " |" for row in lines]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+        out = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (head, *lines)]
+    out.append(f"{report['device_kind']} ({report['platform']}), jax "
+               f"{report['versions'].get('jax')}, {report['created']}; program: XLA's memory "
+               f"analysis of the {report['memory'][0]['solver'] if report['memory'] else ''} "
+               "chunk (arguments + outputs + temporaries)")
+    return "\n".join(out)
+
+
+def run_memory(a: argparse.Namespace) -> dict:
+    """`--memory`: one row per size and precision; the JSON is rewritten after each."""
+    sizes, precisions = parse_sizes(a.sizes), parse_precisions(a.precisions)
+    params, winfo = weights.load(a.weights, seed=a.seed, quiet=True)
+    report = {"schema": SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
+              **environment(), "weights": winfo["source"], "memory": []}
+    for w, h in sizes:
+        for prec in precisions:
+            _say(a.quiet, f"{w}x{h} {prec}: compiling the solver chunk")
+            report["memory"].append(memory_row(make_inputs(params, w, h, a.seed), prec,
+                                               a.remat, max(1, min(a.chunk, 5))))
+            write_json(a.out, report)
+    return report
+
+
 def run_bench(a: argparse.Namespace) -> dict:
     """Measure every size and precision; the JSON at `a.out` is rewritten after each size."""
     sizes, precisions = parse_sizes(a.sizes), parse_precisions(a.precisions)
@@ -484,13 +553,18 @@ def main(a: argparse.Namespace) -> int:
     if a.table:
         try:
             report = json.loads(Path(a.table).read_text())
-            print(table(report, a.markdown))
+            print(memory_table(report, a.markdown) if "memory" in report
+                  else table(report, a.markdown))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"--table {a.table}: not a readable bench report ({e})") from None
         return 0
     if Path(a.out).parent and not Path(a.out).parent.is_dir():
         raise UserError(f"--out {a.out}: directory {Path(a.out).parent} does not exist")
     refuse_overwrite(a.out, getattr(a, "force", False))
+    if getattr(a, "memory", False):
+        print(memory_table(run_memory(a), a.markdown))
+        print(f"wrote {a.out}")
+        return 0
     report = run_bench(a)
     print(table(report, a.markdown))
     print(f"wrote {a.out}")

@@ -178,6 +178,9 @@ class OutputCfg(_Strict):
         default=0, description="progress line every N iterations (0: once per chunk)")
     bits: Literal[8, 16] = 8
     format: Literal["png", "jpg"] = "png"
+    tensorboard: bool = Field(
+        default=False, description="TensorBoard events in <run>/tensorboard (needs "
+        "tensorboardX: pip install 'nstjax[tensorboard]')")
 
     @model_validator(mode="after")
     def _bits(self):

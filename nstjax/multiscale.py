@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax import record, solvers, weights
+from nstjax import record, solvers, watch, weights
 from nstjax.config import Config, MultiscaleCfg
 from nstjax.errors import UserError
 from nstjax.problem import Problem, build, check_depth, load_content
@@ -84,10 +84,12 @@ def upsample(x: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
 def run_multiscale(cfg: Config, d_out: Callable[[], Path | None], *, quiet: bool = False,
                    compile_fn: Callable = record.program,
                    recorder: type[record.Recorder] = record.Recorder,
+                   on_progress: Callable | None = None,
                    ) -> tuple[Path | None, solvers.Result, record.Recorder]:
     """Solve `cfg` coarse to fine into the directory `d_out()` makes (called once the first
     scale is built; None with an in-memory `recorder`, which then takes no lock); returns
-    (directory, result over all scales, the recorder: its record is run.json's)."""
+    (directory, result over all scales, the recorder: its record is run.json's).
+    `on_progress`: as `run.stylize`'s."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -100,6 +102,8 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path | None], *, quiet: bool
     rec0 = {**record.start_record(cfg, problem), "content_size": list(sizes[-1]), "scales": []}
     bar = tqdm(total=sum(iters), disable=quiet, unit="it", dynamic_ncols=True, file=sys.stderr)
     rec = recorder(d, cfg, rec0, columns=COLUMNS, bar=bar, problem=problem)
+    if on_progress is not None:
+        rec.watchers.append(watch.Callback(on_progress))
     flag, errors = StopFlag(), []
     whole = solvers.Result(x=np.asarray(problem.x0))
     with flag.installed(), (DirLock(d) if d is not None else contextlib.nullcontext()):

@@ -15,7 +15,7 @@ Recorder API (all files are written atomically; `d` exists):
     rec.start()                     # config.yaml, run.json (status running)
     rec.stage(total=n)              # before each solve: snapshot prefix, iteration offsets
     rec.first(row)                  # the start row, unless history goes on from earlier rows
-    rec.add(x, rows)                # after each chunk: shift rows, snapshot, last.npy, history
+    rec.add(x, rows)                # after each chunk: rows, snapshot, last.npy, history, watchers
     rec.close(res, t_start, flag, crash)  # last.npy, final image, history, run.json; -> crash
     rec.write_record()              # run.json as it is now (e.g. after adding fields)
 
@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import image, losses, runtime, solvers, vgg16
+from nstjax import image, losses, runtime, solvers, vgg16, watch
 from nstjax.config import Config, dump
 from nstjax.errors import UserError
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
@@ -248,26 +248,32 @@ class Stage(NamedTuple):
     extra: dict = {}  # more columns, e.g. {"scale": 2}
     keep_start: bool = False  # record the start row even after earlier rows (a new scale)
 
+    def snapshot(self, every: int, rows: list[dict]) -> str | None:
+        """The stem of the snapshot due after `rows` (every `every` iterations), or None."""
+        k = rows[-1]["iter"] - self.base if rows else 0
+        return f"{self.prefix}iter_{k:06d}" if every and k and k % every == 0 \
+            and k < self.total else None
+
 
 class Recorder:
     """Writes one run directory (see the module docstring for the API)."""
 
     def __init__(self, d: Path, cfg: Config, record: dict, *, post: Callable | None = None,
                  columns: tuple[str, ...] = HISTORY_COLUMNS, history: list[dict] = (),
-                 bar: Any = None, problem: Any = None):
+                 bar: Any = None, problem: Any = None, watchers: list | None = None):
         self.d, self.cfg, self.record, self.columns = Path(d), cfg, record, columns
         # `problem` (a problem.Problem) gives post and the params the final metrics use;
         # without it they are loaded again from the config at the end.
         self.problem = problem
         self.post = post if post is not None or problem is None else problem.post
-        self.history = [dict(r) for r in history]
-        self.bar = bar
+        self.history, self.bar = [dict(r) for r in history], bar
         self.x: np.ndarray | None = None  # the newest image written to last.npy
         self.now = Stage()
         # Counts of earlier sessions (resume) when run.json is to keep running totals after each
         # chunk (see `checkpoint`); None: run.json is written at the start and the end only.
         self.carry: dict | None = None
         self.t_start = time.perf_counter()
+        self.watchers = watch.for_run(self.d, cfg) if watchers is None else list(watchers)
 
     def image_path(self, stem: str) -> Path:
         return self.d / f"{stem}.{self.cfg.output.format}"
@@ -303,6 +309,7 @@ class Recorder:
         if not self.history or self.now.keep_start:
             self.history.append(self.shift([row])[0])
             self.write_history()
+            watch.rows(self.watchers, self.history[-1:])
 
     def progress(self, rows: list[dict]) -> list[dict]:
         """The rows in the run's numbering, counted on the progress bar."""
@@ -315,15 +322,15 @@ class Recorder:
 
     def add(self, x, rows: list[dict]) -> list[dict]:
         rows = self.progress(rows)
-        every, s = self.cfg.output.save_every, self.now
-        k = rows[-1]["iter"] - s.base if rows else 0
-        if every and k and k % every == 0 and k < s.total:
-            self.save_image(f"{s.prefix}iter_{k:06d}", x)
+        stem = self.now.snapshot(self.cfg.output.save_every, rows)
+        if stem:
+            self.save_image(stem, x)
         # last.npy before history.csv: killed in between, a resume repeats no work it counted.
         self.x = np.asarray(x)
         write_atomic(self.d / "last.npy", npy_bytes(x))
         self.history.extend(rows)
         self.write_history()
+        watch.rows(self.watchers, rows, self.visible(x) if stem else None)
         return rows
 
     def checkpoint(self, evals: int, solve_seconds: float, compile_seconds: float) -> None:
@@ -360,6 +367,7 @@ class Recorder:
             initial_loss=_losses(self.history[0]) if self.history else None,
             finished=datetime.now().isoformat(timespec="seconds"),
         )
+        watch.close(self.watchers, json_safe(self.record), self.visible(res.x))
         self.write_record()
         return self.record
 

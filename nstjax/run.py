@@ -10,6 +10,7 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from nstjax import image, multiscale, record, solvers
+from nstjax import image, multiscale, record, solvers, tblog, watch
 from nstjax.config import Config, merge, parse_overrides, read_yaml, validate
 from nstjax.errors import UserError
 from nstjax.problem import Problem, build
@@ -62,22 +63,27 @@ class RunResult:
 
 
 def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
-        parent: str | Path = "runs", problem: Problem | None = None) -> RunResult:
+        parent: str | Path = "runs", problem: Problem | None = None,
+        on_progress: Callable | None = None) -> RunResult:
     """Run one style transfer and write its run directory; returns where and what.
 
     Bad input raises UserError before the run directory exists. Once it exists, the run ends
     with run.json, the final image, last.npy and history.csv whatever happens.
+    `on_progress`: as `stylize`'s.
     """
     t_start = time.perf_counter()
     check_out(out, parent)
+    tblog.check([cfg])
     if problem is None and cfg.multiscale.count:
         d, res, rec = multiscale.run_multiscale(
-            cfg, lambda: make_run_dir(out, cfg, parent), quiet=quiet, compile_fn=program)
+            cfg, lambda: make_run_dir(out, cfg, parent), quiet=quiet, compile_fn=program,
+            on_progress=on_progress)
         return RunResult(d, res, rec.record)
     problem = problem or _build_or_oom(cfg)
     d = make_run_dir(out, cfg, parent)
     with DirLock(d):
-        return _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet)
+        return _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet,
+                      on_progress=on_progress)
 
 
 def _build_or_oom(cfg: Config) -> Problem:
@@ -89,7 +95,7 @@ def _build_or_oom(cfg: Config) -> Problem:
 
 def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: float, *,
            quiet: bool = False, prior: list[dict] | None = None, state0=None,
-           carry: dict | None = None) -> RunResult:
+           carry: dict | None = None, on_progress: Callable | None = None) -> RunResult:
     """Solve into run directory `d` (None: into memory, no file), continuing after `prior`
     history rows (for resume).
 
@@ -105,7 +111,9 @@ def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: f
     bar = tqdm(total=record.steps(s), initial=done, disable=quiet, unit="it",
                dynamic_ncols=True, file=sys.stderr)
     make = record.Recorder if d is not None else _Memory
-    rec = make(d, cfg, rec0, problem=problem, history=prior or (), bar=bar)
+    watchers = (watch.for_run(d, cfg) if d is not None else []) \
+        + ([watch.Callback(on_progress)] if on_progress is not None else [])
+    rec = make(d, cfg, rec0, problem=problem, history=prior or (), bar=bar, watchers=watchers)
     rec.stage(total=record.steps(s), seconds=prior[-1]["seconds"] if prior else 0.0)
     rec.carry, rec.t_start = dict(carry or {}), t_start  # running totals in run.json
     flag, errors, res = StopFlag(), [], None
@@ -191,6 +199,7 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, quiet: bool = Fals
     _check_dir(d)
     with DirLock(d):
         rec, cfg = _resumable(d, list(overrides))
+        tblog.check([cfg])
         history = read_history(d / "history.csv")
         done = history[-1]["iter"] if history else 0
         x = record.read_last(d / "last.npy", cfg.image.max_pixels)
@@ -227,6 +236,7 @@ class _Memory(record.Recorder):
     method that writes is overridden; it has no directory)."""
 
     def __init__(self, d: None, *args, **kw):
+        kw.setdefault("watchers", [])  # only a callback: no directory for TensorBoard
         super().__init__(Path("<memory>"), *args, **kw)
 
     def start(self) -> None:
@@ -259,6 +269,8 @@ class _Memory(record.Recorder):
         rows = self.progress(rows)
         self.x = np.asarray(x)
         self.history.extend(rows)
+        snap = self.now.snapshot(self.cfg.output.save_every, rows)
+        watch.rows(self.watchers, rows, self.visible(x) if snap else None)
         return rows
 
     def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
@@ -317,7 +329,8 @@ def _config(cfg_or_path: Config | str | Path, overrides) -> Config:
 
 def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
             out: str | Path | None = None, *, quiet: bool = False,
-            compile_cache: bool | None = None) -> Result:
+            compile_cache: bool | None = None,
+            on_progress: Callable[[watch.Progress], object] | None = None) -> Result:
     """Run one style transfer in memory: no file is written unless `out` is given (then `out`
     becomes a normal run directory, as `nstjax run --out` makes).
 
@@ -329,37 +342,49 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
     (a widget in notebooks), off with `quiet`. Ctrl-C stops after the current chunk (status
     interrupted). Bad input raises UserError.
 
+    `on_progress(p)` is called once per history row with a `watch.Progress` (iteration, scale,
+    losses, seconds, and on snapshot steps, every `output.save_every` iterations, the image as
+    uint8 RGB); an exception from it fails the run and is re-raised. `output.tensorboard`
+    needs `out` (in memory nothing is written).
+
     Multi-scale configs run in memory too (with `out`, `.image` is read back from final.*).
     """
     t_start = time.perf_counter()
     cfg = _config(cfg_or_path, overrides)
+    if on_progress is not None:
+        watch.Callback(on_progress)  # not callable: UserError before any work
     use_compile_cache(compile_cache)
     if cfg.multiscale.count:
-        return _multiscale(cfg, out, quiet)
+        return _multiscale(cfg, out, quiet, on_progress)
     if out is not None:
         check_out(out)  # before loading anything
+        tblog.check([cfg])
+    elif cfg.output.tensorboard:
+        print("warning: output.tensorboard: stylize without out= writes no files, no events "
+              "either", file=sys.stderr)
     problem = _build_or_oom(cfg)
     if out is not None:
-        r = run(cfg, out, quiet=quiet, problem=problem)
+        r = run(cfg, out, quiet=quiet, problem=problem, on_progress=on_progress)
     else:
         rec0 = start_record(cfg, problem)
-        r = _solve(None, cfg, problem, rec0, t_start, quiet=quiet)
+        r = _solve(None, cfg, problem, rec0, t_start, quiet=quiet, on_progress=on_progress)
     x = np.asarray(r.result.x, np.float32)
     shown = problem.post(x) if problem.post is not None else x
     return Result(Image.fromarray(image.deprocess(shown), "RGB"), x,
                   _columns(r.result.history), r.record, r.result, r.dir)
 
 
-def _multiscale(cfg: Config, out: str | Path | None, quiet: bool) -> Result:
+def _multiscale(cfg: Config, out: str | Path | None, quiet: bool,
+                on_progress: Callable | None = None) -> Result:
     """A multi-scale run: into `out` through `run`, else in memory (an in-memory recorder)."""
     if out is not None:
-        r = run(cfg, out, quiet=quiet)
+        r = run(cfg, out, quiet=quiet, on_progress=on_progress)
         with Image.open(r.dir / f"final.{cfg.output.format}") as im:
             img = im.convert("RGB")
         return Result(img, np.asarray(r.result.x, np.float32), _columns(r.result.history),
                       r.record, r.result, r.dir)
     _, res, rec = multiscale.run_multiscale(cfg, lambda: None, quiet=quiet, compile_fn=program,
-                                            recorder=_Memory)
+                                            recorder=_Memory, on_progress=on_progress)
     x = np.asarray(res.x, np.float32)
     return Result(Image.fromarray(image.deprocess(rec.visible(x)), "RGB"), x,
                   _columns(res.history), rec.record, res, None)

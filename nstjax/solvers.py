@@ -21,8 +21,9 @@ The host loop over compiled chunks is `drive` (single solves and batched cells a
 
 import enum
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import jax
@@ -489,7 +490,9 @@ def minimize(
 
     `on_chunk(x, rows)` is called on the host after each chunk of iterations (progress,
     snapshots); if it returns True the solve stops there with status `interrupted`.
-    `compiled` may pass ready (init, chunk) executables to skip compiling.
+    `compiled` may pass ready (init, chunk) executables to skip compiling; without it the
+    program is reused from an earlier call with the same `fun` object, settings (but
+    `maxiter`), `chunk` and argument shapes (`cached_program`), else compiled and kept.
     `on_start(x0, row0)` is called once with the first history row, before any iteration; if it
     returns True the solve stops before the first chunk (status `interrupted`).
     `state0` (compiled solvers) continues from a saved state (from `keep_state=True`, which puts
@@ -504,9 +507,12 @@ def minimize(
     if s.name == "scipy_lbfgsb":
         return _minimize_scipy(s, fun, x0, args, on_chunk, on_start, on_counts)
     t = time.perf_counter()
-    with users(fun):
-        init_c, chunk_c = compiled or compile_program(s, fun, x0, args, chunk)
-    compile_s = 0.0 if compiled else time.perf_counter() - t
+    hit = compiled is not None
+    if compiled is None:
+        with users(fun):
+            compiled, hit = cached_program(s, fun, x0, args, chunk)
+    init_c, chunk_c = compiled
+    compile_s = 0.0 if hit else time.perf_counter() - t
     t0 = time.perf_counter()
     st = evaluate_start(chunk_c, init_c(x0, args) if state0 is None else state0, args)
     res = Result(x=np.asarray(st.x), compile_seconds=compile_s)
@@ -532,6 +538,28 @@ def minimize(
     res.solve_seconds = time.perf_counter() - t0
     res.state = st if keep_state else None
     return res
+
+
+_PROGRAMS: OrderedDict = OrderedDict()
+PROGRAM_CACHE_SIZE = 8  # programs kept per process (least recently used dropped)
+
+
+def cached_program(s: Settings, fun: Callable, x0, args, chunk: int) -> tuple[tuple, bool]:
+    """(`compile_program`'s (init, chunk), reused?): kept per process, keyed by the objective
+    function object itself (a new lambda or closure is a new program; data it closes over is
+    baked in, so pass data as `args`), the settings but `maxiter`, `chunk`, and the tree,
+    shapes, dtypes and shardings of `(x0, args)`."""
+    leaves = jax.tree.leaves((x0, args))
+    key = (fun, replace(s, maxiter=0), chunk, jax.tree.structure((x0, args)),
+           tuple((jnp.shape(a), jnp.result_type(a), getattr(a, "weak_type", None),
+                  getattr(a, "sharding", None)) for a in leaves))
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key], True
+    _PROGRAMS[key] = compile_program(s, fun, x0, args, chunk)
+    while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+        _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key], False
 
 
 def compile_program(s: Settings, fun: Callable, x0, args, chunk: int):

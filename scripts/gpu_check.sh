@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Issue 4's GPU measurements in one run (about 6-8 minutes on one H200), JSON and logs to $OUT.
+# The GPU measurements in one run (about 6-8 minutes on one H100/H200), JSON and logs to $OUT;
+# $OUT/tables.md then holds the README's tables (memory per image size in "GPU and TPU", the
+# timings in "Performance").
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh        # from the repository root
 #
 # Needs: jax with CUDA and nstjax's other dependencies importable. Installs nothing from the
-# network: wheels in .whl/ (jaxopt, flax and what `import flax.linen` needs: msgpack, rich and its
-# markdown-it-py, mdurl, pygments) are unpacked into /tmp/site if jaxopt or flax is missing:
-#   pip download --no-deps -d .whl jaxopt flax msgpack rich markdown-it-py mdurl pygments
+# network: wheels in .whl/ (gitignored) are unpacked into /tmp/site if jaxopt, flax or pydantic
+# is missing (the lent GPU image has JAX, flax and optax but neither jaxopt nor pydantic). Made
+# here, once, for the image's Python 3.12:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl jaxopt==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#     typing-inspection==0.4.5 POT==0.9.7.post1
+# and run there with .whl carried, e.g. the device tool's
+#   run(command="OUT=$OUT bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # PyTorch is used for --compare-torch only when it is importable. Each step has its own time
 # limit inside a total budget (BUDGET seconds, default 480) and the most important steps go first.
+#   0. memory per image size (256x192, 512x384, 1024x768): XLA's memory analysis of the solver
+#      chunk and the device's peak after running it; default, bfloat16, default with remat
+#      (one process each: the peak is per process)
 #   1. 512x384: highest/default/bfloat16, 500-iteration solves, PyTorch side by side
 #   2. nstjax run, 500 iterations at 512x384, start to final.png: cold, then warm compile cache
 #   3. sizes 256x192 .. 3840x2160, default and bfloat16 (cost against pixels)
@@ -18,7 +29,8 @@
 #      runs in highest/default/bfloat16 on the demo images; final losses, PSNR against highest
 # Then: python -m nstjax.cli bench --table $OUT/<step>.json --markdown  (for the README).
 # A dry run of the script's logic on a CPU, in a few minutes:
-#   OUT=/tmp/gc S512=32x32 SIZES=32x32,64x48 S4K=64x48 ITERS=2 REPEATS=2 bash scripts/gpu_check.sh
+#   OUT=/tmp/gc S512=32x32 SIZES=32x32,64x48 S4K=64x48 MEMSIZES=32x24 ITERS=2 REPEATS=2 \
+#     bash scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -26,6 +38,7 @@ BUDGET=${BUDGET:-480}
 S512=${S512:-512x384}
 SIZES=${SIZES:-256x192,512x384,1024x768,1920x1080,3840x2160}
 S4K=${S4K:-3840x2160}
+MEMSIZES=${MEMSIZES:-256x192,512x384,1024x768}
 ITERS=${ITERS:-500}
 REPEATS=${REPEATS:-50}
 mkdir -p "$OUT"
@@ -58,7 +71,7 @@ step() {
   return $rc
 }
 
-if ! $PY -c "import jaxopt, flax.linen" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! $PY -c "import jaxopt, flax.linen, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   log "installing .whl/*.whl into /tmp/site (no index, no deps)"
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -79,14 +92,22 @@ for m in ("jax", "jaxlib", "jaxopt", "flax", "optax", "numpy", "scipy", "PIL", "
         print(m, "MISSING", type(e).__name__, e)
 EOF
 cat "$OUT/env.txt"
-if ! $PY -c "import nstjax.bench, jaxopt, flax.linen" 2>>"$OUT/gpu_check.log"; then
-  log "FATAL: nstjax.bench, jaxopt or flax does not import; see env.txt (put wheels in .whl/)"
+if ! $PY -c "import nstjax.bench, jaxopt, flax.linen, pydantic" 2>>"$OUT/gpu_check.log"; then
+  log "FATAL: nstjax.bench, jaxopt, flax or pydantic does not import; see env.txt (put wheels in .whl/)"
   exit 3
 fi
 TORCH=()
 if $PY -c "import torch" 2>/dev/null; then TORCH=(--compare-torch); fi
 log "torch: ${TORCH[*]:-not installed, no comparison}"
 BENCH=($PY -m nstjax.cli bench --quiet)
+
+# 0. memory per image size (the README's "GPU and TPU" table); one process per variant
+step memory_default 60 "${BENCH[@]}" --memory --sizes "$MEMSIZES" --precisions default \
+  --out "$OUT/bench_memory_default.json"
+step memory_bfloat16 60 "${BENCH[@]}" --memory --sizes "$MEMSIZES" --precisions bfloat16 \
+  --out "$OUT/bench_memory_bfloat16.json"
+step memory_remat 60 "${BENCH[@]}" --memory --remat --sizes "$MEMSIZES" --precisions default \
+  --out "$OUT/bench_memory_remat.json"
 
 # 1. the headline size, every precision, 500-iteration solves
 step bench_512 200 "${BENCH[@]}" --sizes "$S512" --precisions highest,default,bfloat16 \

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -18,6 +20,8 @@ import yaml
 jax.config.update("jax_numpy_rank_promotion", "warn")
 # Extra internal consistency checks while tracing; cheap at the tiny sizes used here.
 jax.config.update("jax_enable_checks", True)
+# Sweeps record measured costs (nstjax.costs); the tests' go to a file of their own.
+os.environ["NSTJAX_COSTS"] = str(Path(tempfile.mkdtemp(prefix="nstjax-costs-")) / "costs.json")
 
 
 # --------------------------------------------------------------------------- numpy VGG16

@@ -140,3 +140,33 @@ def test_bench_times_a_plugin_loss_kind(tmp_path: Path, capsys: pytest.CaptureFi
     assert "nope" in capsys.readouterr().err
     assert cli.main([*argv, "--compare-torch", "--force"]) == 2
     assert "Gram loss only" in capsys.readouterr().err
+
+
+def test_bench_memory_reports_the_solver_chunk(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--memory: XLA's memory analysis of the solver chunk; its arguments hold at least the
+    VGG16 kernels the loss reaches (float32, direct convolutions: as is and transposed) and the
+    image, and at most those plus the L-BFGS history and the targets; --table prints a saved
+    report again."""
+    from nstjax import vgg16, weights
+
+    out = tmp_path / "mem.json"
+    assert cli.main(["bench", "--memory", "--sizes", "32x24", "--precisions", "default",
+                     "--out", str(out), "--quiet"]) == 0
+    assert "program MiB" in capsys.readouterr().out
+    (r,) = json.loads(out.read_text())["memory"]
+    assert (r["size"], r["precision"], r["conv"], r["solver"]) == ("32x24", "default", "direct",
+                                                                  "lbfgs")
+    assert r["program_bytes"] == (r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"]
+                                  - r["alias_bytes"])
+    params = weights.random_params(0)
+    last = vgg16.NAMES.index("block5_conv2")  # the post's deepest layer
+    # Each kernel twice (as is and transposed for the backward pass, `vgg16.prepare`).
+    kernels = sum(4 * (2 * params[n]["kernel"].size + params[n]["bias"].size)
+                  for n in vgg16.NAMES[: last + 1] if n in params)
+    img = 4 * 32 * 24 * 3
+    grams = 4 * sum(c * c for c in (64, 128, 256, 512, 512))
+    assert kernels + img <= r["argument_bytes"] <= kernels + 30 * img + 2 * grams + 2**16
+    assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+    assert cli.main(["bench", "--table", str(out), "--markdown"]) == 0
+    assert "| 32x24 | default | no |" in capsys.readouterr().out

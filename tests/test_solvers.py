@@ -448,3 +448,32 @@ def test_a_broken_user_objective_in_the_batch_api():
         batch.minimize_batched(solvers.Settings(name="adam", maxiter=2), _raises,
                                jnp.ones((2, *SHAPE)),
                                (jax.tree.map(lambda v: jnp.stack([v, v]), problem()),), chunk=2)
+
+
+def test_minimize_reuses_its_program_for_the_same_objective_and_shapes():
+    """Without `compiled=`, a second minimize with the same function object, settings but
+    maxiter, chunk and shapes traces nothing (a Python counter in the objective counts its
+    traces) and gives the same iterates; another shape or another function object compiles."""
+    traces = [0]
+
+    def counted(x, p):
+        traces[0] += 1
+        return fun(x, p)
+
+    s = solvers.Settings(name="lbfgs", maxiter=4)
+    x0 = jnp.zeros(SHAPE, F32)
+    a = solvers.minimize(s, counted, x0, (problem(),), chunk=2)
+    n = traces[0]
+    assert n > 0 and a.compile_seconds > 0
+    b = solvers.minimize(dataclasses.replace(s, maxiter=6), counted, x0, (problem(scale=2.0),),
+                         chunk=2)
+    assert traces[0] == n and b.compile_seconds == 0.0 and b.iterations == 6
+    c = solvers.minimize(s, counted, x0, (problem(),), chunk=2)
+    np.testing.assert_array_equal(c.x, a.x)
+    assert traces[0] == n
+    solvers.minimize(s, counted, jnp.zeros((1, 2, 10, 3), F32), (problem(),), chunk=2)
+    assert traces[0] > n  # another shape: a new program
+    m = traces[0]
+    solvers.minimize(s, lambda x, p: counted(x, p), x0, (problem(),), chunk=2)
+    assert traces[0] > m  # another function object: a new program
+    assert len(solvers._PROGRAMS) <= solvers.PROGRAM_CACHE_SIZE

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -296,3 +297,42 @@ def test_cells_see_only_their_own_loss_plugins(tmp_path, order):
     err = json.loads((sweep.cell_dir(tmp_path / "out", bad) / "run.json").read_text())["error"]
     assert "loss.kind" in err and "centered_gram" in err
     assert o.failed == [bad.name]
+
+
+def test_report_page_is_rewritten_after_each_group(tmp_path, monkeypatch):
+    """report.html and summary.csv are current after every group, not only at the end: after
+    the first of two groups its cells show their status and the second group's are pending.
+    The groups' solving is replaced by failing their cells (no compilation needed)."""
+    import nstjax.sweep.execute as execute
+    import nstjax.sweep.report as sweep_report
+
+    p = write_sweep(tmp_path / "two.yaml", axes={"image.size": [[32, 32], [32, 24]],
+                                                 "seed": [0, 1]})
+    sw, cells, groups = prepared(p)
+    assert len(groups) == 2
+    out = tmp_path / "out"
+
+    def fake_group(self, g, todo, share=None):
+        for c in todo:
+            self.write_failed(c, f"not run in {g.name}", g)
+
+    pages: list[tuple[str, dict]] = []
+
+    def spy(out_dir, sw_, cells_):
+        real(out_dir, sw_, cells_)
+        pages.append(((out_dir / "report.html").read_text(), summary(out_dir)))
+
+    real = sweep_report.progress
+    monkeypatch.setattr(execute.Runner, "run_group", fake_group)
+    monkeypatch.setattr(sweep_report, "progress", spy)
+    sweep.run_sweep(sw, cells, groups, out, quiet=True)
+    assert len(pages) == 2
+    first, second = pages
+    g0 = {c.name for c in groups[0].cells}
+    for c in cells:
+        row = re.search(rf'<tr id="cell-{c.name}">.*?</tr>', first[0]).group(0)
+        want = "failed" if c.name in g0 else "pending"
+        assert f'class="t s-{want}"' in row, (c.name, row)
+        assert first[1][c.name]["status"] == want
+        assert second[1][c.name]["status"] == "failed"
+    assert not [f for f in out.iterdir() if f.name.startswith(".report.html")]

@@ -43,13 +43,14 @@ def test_ownership_covers_every_cell_once(tmp_path):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_dry_run_prints_plan(tmp_path, capsys):
+def test_dry_run_prints_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NSTJAX_COSTS", str(tmp_path / "costs.json"))  # nothing measured
     p = write_sweep(tmp_path / "s.yaml", axes={"loss.style_to_content_ratio": [1, 5, 15],
                                                "model.pooling": ["avg", "max"]})
     assert cli.main(["sweep", str(p), "--dry-run", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "6 cell(s), 2 group(s)" in out and "compilations: 2" in out
-    assert "ratio-5__pool-max" in out and "estimate (rough model" in out
+    assert "ratio-5__pool-max" in out and "estimate (a rough model" in out
     assert not (tmp_path / "o").exists()
 
 

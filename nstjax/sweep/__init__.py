@@ -119,7 +119,7 @@ def main(a: argparse.Namespace) -> int:
     """`nstjax sweep`: exit 0 when every cell finished, 1 if any failed, 130 if interrupted."""
     import jax
 
-    from nstjax import runtime
+    from nstjax import costs, runtime
     from nstjax.sweep import store
 
     sw = load(a.sweep, list(a.overrides))
@@ -147,6 +147,9 @@ def main(a: argparse.Namespace) -> int:
     devices = jax.local_devices()[: a.devices]
     o = run_sweep(sw, cells, groups, out, devices=devices, batch=batch, lanes=lanes, quiet=a.quiet,
                   process=process, count=count)
+    age = costs.process_age()
+    if count == 1 and age is not None and o.batch_seconds and not o.interrupted:
+        costs.record_overhead(devices[0].platform, age - o.batch_seconds)  # for --dry-run
     n_done = len(o.ran) - len(set(o.failed) & set(o.ran))
     msg = (f"sweep {sw.name}: {n_done} ran, {len(o.failed)} failed, {len(o.skipped)} finished "
            f"already; {o.compilations} compilation(s) ({o.compile_seconds:.1f} s), solve "

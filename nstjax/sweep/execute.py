@@ -16,12 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import nstjax.sweep.batched as batched
 import nstjax.sweep.report as report
 import nstjax.sweep.store as store
-from nstjax import losses, runtime
+from nstjax import costs, losses, runtime, tblog
 from nstjax.errors import UserError
 from nstjax.sweep.plan import Group, batch_size, batches, lanes_for, multiscale, owned, params_key
 from nstjax.sweep.spec import Cell, Sweep
@@ -39,6 +39,15 @@ class OutOfMemory(Exception):
     pass
 
 
+class BatchCost(NamedTuple):
+    """What the last batch (or host cell) measured, for the cost cache (`nstjax.costs`)."""
+
+    compile_s: float = 0.0  # 0.0: the program was reused
+    warm: bool = False  # XLA binaries from the persistent compilation cache
+    solve_s: float = 0.0
+    evals: int = 0  # the most any cell of the batch made
+
+
 @dataclass
 class Outcome:
     """What one `run_sweep` did in this process."""
@@ -53,6 +62,7 @@ class Outcome:
     compile_seconds: float = 0.0
     solve_seconds: float = 0.0
     wall_seconds: float = 0.0
+    batch_seconds: float = 0.0  # wall seconds inside batches (and host cells)
 
     @property
     def exit_code(self) -> int:
@@ -76,6 +86,8 @@ class Runner:
         self.params: dict[tuple, tuple] = {}
         self.flag = runtime.StopFlag()
         self.outcome = Outcome(out)
+        self.kind = getattr(devices[0], "device_kind", self.backend)
+        self.last = BatchCost()
 
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -119,6 +131,7 @@ class Runner:
 
     def program(self, g: Group, b: int, lanes: int, xb, argsb) -> tuple[tuple, float]:
         prog, dt, cached = batched.program(g, self.mesh, xb, argsb, lanes)
+        self.last = BatchCost(dt, cached)
         if dt:
             self.outcome.compilations += 1
             self.outcome.compile_seconds += dt
@@ -181,6 +194,7 @@ class Runner:
 
     def run_batch(self, g: Group, batch: list[Cell], b: int, lanes: int, tag: str) -> None:
         """Build, stack, solve and write one batch; a crash fails only this batch's cells."""
+        t0 = time.perf_counter()
         probs, live = self._problems(g, batch)
         if not live:
             return
@@ -191,6 +205,7 @@ class Runner:
             dirs = [store.scratch_dir(self.out, c) for c in live]
             info = {"batch": tag, "batch_size": b, "lanes": lanes, "devices": len(self.devices)}
             self.solve(g, live, probs, dirs, prog, compile_s, (xb, argsb, mask), info)
+            self.measured(g, b, lanes, len(live), time.perf_counter() - t0)
         except (KeyboardInterrupt, OutOfMemory):
             raise
         except Exception as e:  # noqa: BLE001 - one batch's crash must not stop the sweep
@@ -264,6 +279,7 @@ class Runner:
         self.flag.finishing = True
         fin = jax.device_get(st._replace(opt=None, terms=None))  # per-cell scalars and x
         self.outcome.solve_seconds += solve_s
+        self.last = self.last._replace(solve_s=solve_s, evals=int(np.max(fin.evals)))
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
                 one = jax.tree.map(lambda v, i=i: v[i], fin)
@@ -287,10 +303,25 @@ class Runner:
         if self.flag.stopped:
             self.outcome.interrupted = True
 
+    def measured(self, g: Group, b: int, lanes: int, n: int, wall: float) -> None:
+        """Put the last batch's costs into the cost cache (`nstjax.costs`) for dry runs."""
+        from nstjax import record
+
+        self.outcome.batch_seconds += wall
+        m = self.last
+        if self.flag.stopped or multiscale(g.cells[0].cfg):
+            return
+        costs.record_batch(costs.program_key(g.key, self.backend, self.kind, len(self.devices)),
+                           f"{g.name} {g.hw[1]}x{g.hw[0]} {g.settings.name}", b, lanes,
+                           compile_s=m.compile_s, warm=m.warm, solve_s=m.solve_s, evals=m.evals,
+                           iterations=record.steps(g.settings),
+                           cell_s=(wall - m.compile_s - m.solve_s) / n)
+
     def run_host(self, g: Group, c: Cell) -> None:
         """One cell on its own, exactly as `nstjax run` runs it (host solver, multi-scale)."""
         from nstjax import problem, record, run
 
+        t0 = time.perf_counter()
         built = None
         if not multiscale(c.cfg):  # run.run builds multi-scale runs itself
             try:
@@ -313,7 +344,9 @@ class Runner:
         self.outcome.compilations += 1
         self.outcome.compile_seconds += result.compile_seconds
         self.outcome.solve_seconds += result.solve_seconds
+        self.last = BatchCost(result.compile_seconds, False, result.solve_seconds, result.evals)
         store.publish(self.out, d, c)
+        self.measured(g, 1, 1, 1, time.perf_counter() - t0)
         self.outcome.ran.append(c.name)
         if rec["status"] == "failed":
             self.outcome.failed.append(c.name)
@@ -382,6 +415,7 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
     import jax
 
     t_start = time.perf_counter()
+    tblog.check(c.cfg for c in cells if c.cfg is not None)  # before anything is written
     out = Path(out)
     store.claim(out, sw)
     moved = store.locate(out, cells)

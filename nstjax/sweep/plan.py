@@ -254,33 +254,63 @@ def layout(g: Group, n: int, devices: list, batch: int | None, lanes: int | None
     return b, lanes_for(g, b // len(devices), lanes, backend, devices), -(-n // b)
 
 
+def measured(g: Group, cells: list[Cell], doc: dict, devices: list, batch: int | None,
+             lanes: int | None, backend: str, warm: bool) -> tuple[float, float, str] | None:
+    """(compile s, solve and per-cell s, how) for `cells` of g from the cost cache
+    (`nstjax.costs`), or None where this structure was never measured here."""
+    from nstjax import costs, record
+
+    kind = getattr(devices[0], "device_kind", backend)
+    key = costs.program_key(g.key, backend, kind, len(devices))
+    n = len(cells)
+    b, k, _ = (1, 1, 0) if g.host else layout(g, n, devices, batch, lanes, backend,
+                                               share=len(g.cells))
+    m = costs.lookup(doc, key, b, k) if not multiscale(g.cells[0].cfg) else None
+    if m is None:
+        return None
+    evals = record.steps(g.settings) * m.evals_per_iter + 1
+    runs = n if g.host else len(batches(cells, b))
+    how = f"measured {m.updated[:16]}" + (f", scaled from batch {m.layout[0]}"
+                                          if m.scale != 1.0 else "")
+    return m.compile(warm), runs * evals * m.eval_s + n * m.cell_s, how
+
+
 def estimate(groups: list[Group], todo: list[Cell], devices: list, batch: int | None,
-             lanes: int | None, backend: str) -> dict:
-    """Rough seconds: a constant per compilation plus conv FLOPs over a measured matmul rate."""
+             lanes: int | None, backend: str, doc: dict | None = None,
+             warm: bool = True) -> dict:
+    """Seconds to expect: from the cost cache (`doc`, see `nstjax.costs`) where it has the
+    group's structure, else a model (a constant per compilation plus conv FLOPs over a
+    measured matmul rate). `how` says, per group, which was used."""
     # Conv efficiency relative to a matmul, measured on a 2-core CPU; a guess on accelerators.
-    rate = (0.15 if backend == "cpu" else 0.35) * _throughput(devices)
+    rate = None
     per_compile = 25.0 if backend == "cpu" else 30.0
-    compiles, solve = 0, 0.0
+    compiles, solve, compile_s, how = 0, 0.0, 0.0, {}
     for g in groups:
         cells = [c for c in todo if c.key == g.key]
         if not cells:
             continue
+        m = measured(g, cells, doc or {}, devices, batch, lanes, backend, warm)
+        compiles += 1 if m or not g.host else len(cells)
+        if m is not None:
+            compile_s, solve, how[g.name] = compile_s + m[0], solve + m[1], m[2]
+            continue
+        how[g.name] = "model"
+        compile_s += per_compile * (len(cells) if g.host else 1)
+        rate = rate or (0.15 if backend == "cpu" else 0.35) * _throughput(devices)
         s, f = g.settings, eval_flops(g)
         if g.host:
-            compiles += len(cells)
             evals = (s.rounds * s.maxfun + s.rounds if s.name == "scipy_lbfgsb"
                      else s.maxiter * _EVALS_PER_ITER.get(s.name, 3.0))
             solve += len(cells) * (evals + 1) * f / rate
             continue
         b, k, _ = layout(g, len(cells), devices, batch, lanes, backend, share=len(g.cells))
         nb = len(batches(cells, b))
-        compiles += 1
         evals = s.maxiter * _EVALS_PER_ITER.get(s.name, 3.0) + 1
         redundancy = 3.0 if k > 1 and s.name not in ("adam", "lbfgs") else 1.0  # vmapped branches
         per_dev = b // len(devices)
         steps = -(-per_dev // k) * k * (len(devices) if backend == "cpu" else 1)
         solve += nb * steps * evals * redundancy * f / rate
-    return {"compilations": compiles, "compile_s": compiles * per_compile, "solve_s": solve}
+    return {"compilations": compiles, "compile_s": compile_s, "solve_s": solve, "how": how}
 
 
 def dry_run(sw: Sweep, cells: list[Cell], groups: list[Group], out: Path, devices: list,
@@ -316,15 +346,34 @@ def dry_run(sw: Sweep, cells: list[Cell], groups: list[Group], out: Path, device
     for c in cells:
         if c.key is None:
             lines.append(f"  invalid {c.name}: {c.error}")
-    est = estimate(groups, todo, devices, batch, lanes, backend)
-    total = est["compile_s"] + est["solve_s"]
-    lines.append(f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
-                 f"{len(done)} finished")
-    lines.append(f"estimate (rough model, not a measurement): ~{est['compile_s']:.0f} s compiling "
-                 f"+ ~{est['solve_s']:.0f} s solving = ~{total:.0f} s"
-                 + (" (less when the persistent compilation cache has the program)"
-                    if est["compilations"] else ""))
+    lines += _estimate_lines(sw, groups, todo, devices, batch, lanes, len(done))
     return "\n".join(lines)
+
+
+def _estimate_lines(sw: Sweep, groups: list[Group], todo: list[Cell], devices: list,
+                    batch: int | None, lanes: int | None, n_done: int) -> list[str]:
+    from nstjax import costs
+
+    backend = devices[0].platform
+    warm = bool(sw.compile_cache) and os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip() \
+        .lower() not in ("0", "false", "no", "off")
+    doc = costs.load()
+    est = estimate(groups, todo, devices, batch, lanes, backend, doc, warm)
+    how = est["how"]
+    rest = costs.overhead(doc, backend) if todo else 0.0
+    total = est["compile_s"] + est["solve_s"] + (rest or 0.0)
+    lines = [f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
+             f"{n_done} finished"]
+    lines += [f"  {name}: estimated from {h}" for name, h in how.items()]
+    n_model = sum(1 for h in how.values() if h == "model")
+    source = ("nothing to run" if not how else "measured costs" if not n_model else
+              "a rough model, nothing measured here yet" if n_model == len(how) else
+              "measured costs where cached, a rough model for the rest")
+    lines.append(f"estimate ({source}; {costs.path()}): ~{est['compile_s']:.0f} s compiling "
+                 f"+ ~{est['solve_s']:.0f} s solving"
+                 + (f" + ~{rest:.0f} s start-up and summaries" if rest else "")
+                 + f" = ~{total:.0f} s")
+    return lines
 
 
 def multiscale(cfg: Config) -> bool:

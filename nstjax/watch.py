@@ -1,0 +1,99 @@
+"""Watching a run as it goes: what a `Recorder` tells its watchers after each history row, and
+the two watchers there are: a Python callback (`stylize(..., on_progress=fn)`) and TensorBoard
+(`output.tensorboard: true`, see `nstjax.tblog`).
+
+A watcher has `rows(rows, image)` (history rows as history.csv has them; `image` the uint8 RGB
+picture on snapshot steps, else None) and `close(record, image)` (run.json's content and the
+final picture, once, at the end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from nstjax.config import Config
+
+
+class Progress(NamedTuple):
+    """One history row, as `on_progress` gets it.
+
+    iteration: the run's iteration number (history.csv's `iter`; multi-scale runs count on over
+    scales); scale: the scale index of a multi-scale run, else None; losses: total, content,
+    style, tv and every further term of the objective (e.g. `style/<layer>`), as floats;
+    seconds: solve seconds since the start; image: the current image as uint8 RGB (H, W, 3)
+    on snapshot steps (every `output.save_every` iterations), else None.
+    """
+
+    iteration: int
+    scale: int | None
+    losses: dict[str, float]
+    seconds: float
+    image: np.ndarray | None = None
+
+
+class Watcher(Protocol):
+    def rows(self, rows: list[dict], image: np.ndarray | None) -> None: ...
+
+    def close(self, record: dict, image: np.ndarray | None) -> None: ...
+
+
+def progress_of(row: dict, image: np.ndarray | None = None) -> Progress:
+    scale = row.get("scale")
+    return Progress(int(row["iter"]), None if scale is None else int(scale),
+                    {k: float(v) for k, v in row.items() if k not in ("iter", "scale", "seconds")},
+                    float(row.get("seconds", 0.0)), image)
+
+
+class Callback:
+    """Calls `fn(Progress)` once per history row; the image comes with a chunk's last row when
+    a snapshot is due. An exception from `fn` ends the run as failed and is re-raised."""
+
+    def __init__(self, fn: Callable[[Progress], object]):
+        if not callable(fn):
+            from nstjax.errors import UserError
+
+            raise UserError(f"on_progress: takes a function of one Progress, not a "
+                            f"{type(fn).__name__}")
+        self.fn = fn
+
+    def rows(self, rows: list[dict], image: np.ndarray | None) -> None:
+        for i, r in enumerate(rows):
+            self.fn(progress_of(r, image if i == len(rows) - 1 else None))
+
+    def close(self, record: dict, image: np.ndarray | None) -> None:
+        pass
+
+
+def for_run(d: Path, cfg: Config) -> list[Watcher]:
+    """The watchers the config asks for in run directory `d`: TensorBoard or none."""
+    if not getattr(cfg.output, "tensorboard", False):
+        return []
+    from nstjax import tblog
+
+    return [tblog.TensorBoard(d / tblog.SUBDIR, cfg)]
+
+
+def picture(x) -> np.ndarray:
+    """A visible image (preprocessed space, colour controls applied) as uint8 RGB (H, W, 3)."""
+    from nstjax import image
+
+    return image.deprocess(np.asarray(x))
+
+
+def rows(watchers: list[Watcher], rows: list[dict], x=None) -> None:
+    """Tell every watcher about new history rows (`x`: the visible image on snapshot steps)."""
+    if watchers and rows:
+        img = None if x is None else picture(x)
+        for w in watchers:
+            w.rows(rows, img)
+
+
+def close(watchers: list[Watcher], record: dict, x=None) -> None:
+    img = None if x is None or not watchers else picture(x)
+    for w in watchers:
+        w.close(record, img)
