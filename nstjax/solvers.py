@@ -36,6 +36,18 @@ COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
 NAMES = (*COMPILED, "scipy_lbfgsb")
 DEFAULT = "lbfgs"
 
+# The settings each solver reads (from reading its code above and below); any other solver key
+# it would ignore, so config validation refuses it (`config.validate`, `solver.<key>`).
+_LBFGS_KEYS = frozenset({"maxiter", "maxevals", "history_size", "maxls", "tol"})
+USES: dict[str, frozenset[str]] = {
+    "lbfgs": _LBFGS_KEYS,
+    "jaxopt_lbfgs": _LBFGS_KEYS,
+    "optax_lbfgs": _LBFGS_KEYS,
+    "adam": frozenset({"maxiter", "maxevals", "tol", "learning_rate"}),
+    "scipy_lbfgsb": frozenset({"maxevals", "history_size", "maxls", "rounds", "maxfun", "pgtol",
+                               "factr"}),
+}
+
 
 @dataclass(frozen=True)
 class Settings:
