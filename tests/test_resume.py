@@ -161,11 +161,13 @@ def test_resume_refuses_what_is_not_a_run_directory(env, capsys):
 def test_resume_refuses_a_live_run(env, capsys, monkeypatch):
     d = interrupted_run(capsys, monkeypatch, "part", 1)
     rec = record(d)
-    rec.update(status="running", pid=os.getpid(), host=platform.node())
+    # Another live process (the parent); this process's own pid means its run ended (a failed
+    # write left run.json `running`): test_faults.py resumes such a run.
+    rec.update(status="running", pid=os.getppid(), host=platform.node())
     (d / "run.json").write_text(json.dumps(rec))
     code, err = nstjax(capsys, "resume", str(d))
     assert code == 2
-    one_error(err, "still going", f"pid {os.getpid()}")
+    one_error(err, "still going", f"pid {os.getppid()}")
 
 
 @pytest.mark.parametrize("override,needles", [
