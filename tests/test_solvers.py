@@ -506,3 +506,36 @@ def test_every_ignored_key_is_refused_in_one_line(name, key, tmp_path, capsys):
                      f"solver.{key}={CHANGED[key]}"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"solver.{key}" in err and "Traceback" not in err
+
+
+def _nan_total(x, p):
+    t = jnp.sum(x * x) * jnp.nan
+    return t, {"total": t}
+
+
+@pytest.mark.parametrize("name", [*SETTINGS, "scipy_lbfgsb"])
+def test_a_user_objective_non_finite_at_x0_is_one_plugin_error(name):
+    """Every solver x an objective returning NaN where the solve starts: a PluginError naming
+    it and the rule (no solver can start from NaN), not a `failed` result."""
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match=r"objective _nan_total: returned a non-finite total "
+                       r"\(nan\) at x0; the objective must be finite") as e:
+        solvers.minimize(solvers.Settings(name=name, maxiter=2, rounds=1), _nan_total,
+                         jnp.ones(SHAPE), (problem(),), chunk=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [_raises, _wrong_type, _no_terms, _nan_total])
+def test_every_broken_user_objective_in_the_batch_api(bad):
+    """The batch API x an objective that raises, returns the wrong type or NaN: PluginError
+    naming it (NaN: and the cell)."""
+    from nstjax import batch
+    from nstjax.errors import PluginError
+
+    rule = "cell 0" if bad is _nan_total else "tracing the objective failed"
+    with pytest.raises(PluginError, match=f"objective {bad.__name__}: .*{rule}") as e:
+        batch.minimize_batched(solvers.Settings(name="adam", maxiter=2), bad,
+                               jnp.ones((2, *SHAPE)),
+                               (jax.tree.map(lambda v: jnp.stack([v, v]), problem()),), chunk=2)
+    assert "\n" not in str(e.value)
