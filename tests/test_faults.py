@@ -343,3 +343,62 @@ def test_every_sweep_summary_file_on_a_full_disk(faulted_sweep, capsys, monkeypa
     target.unlink()
     assert cli.main(argv) == 0 and target.stat().st_size > 0
     _complete(target)
+
+
+# ------------------------------- the other commands' outputs x a full disk, through the CLI
+
+
+def _one_error_naming(capsys, code: int, path: str) -> None:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("nstjax: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert path in lines[0] and "No space left" in lines[0], lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_report_html_and_solver_state_on_a_full_disk(env, capsys, monkeypatch):
+    """An interrupted run whose solver_state.npz (optional) cannot be written: exit 130 as
+    interrupted, one warning naming it; the run resumes, its solver state restarted. Then
+    `nstjax report` (report.html): exit 2 naming it."""
+    from conftest import after_chunks
+
+    from nstjax import cli, solvers
+
+    full, real = _full_at(monkeypatch, ".solver_state.npz."), solvers.minimize
+    after_chunks(monkeypatch, 1, lambda: os.kill(os.getpid(), 2))
+    code = cli.main(["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"])
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert code == 130 and len(warned) == 1, warned
+    assert "r/solver_state.npz" in warned[0] and "No space left" in warned[0]
+    assert not (env / "r" / "solver_state.npz").exists() and _temps(env) == []
+    full[0] = 0
+    monkeypatch.setattr(solvers, "minimize", real)
+    assert cli.main(["resume", "r", "--quiet", "--no-compile-cache"]) == 0
+    rec = json.loads((env / "r" / "run.json").read_text())
+    assert rec["status"] == "done" and rec["resumed"][0]["solver_state"] == "restarted"
+    full = _full_at(monkeypatch, ".report.html.")
+    _one_error_naming(capsys, cli.main(["report", "r"]), "r/report.html")
+    assert not (env / "r" / "report.html").exists() and _temps(env) == []
+    full[0] = 0
+    assert cli.main(["report", "r"]) == 0 and (env / "r" / "report.html").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_weights_convert_and_bench_out_on_a_full_disk(env, capsys, monkeypatch):
+    from weights_helpers import TINY, make_params, write_hed
+
+    from nstjax import cli
+
+    src = write_hed(env / "in.weights.h5", make_params())
+    real = weights.read_h5
+    monkeypatch.setattr(weights, "read_h5", lambda p, convs=None: real(p, convs=TINY))
+    for argv, name in ((["weights", "convert", str(src), "w.npz"], "w.npz"),
+                       (["bench", "--sizes", "16x16", "--iters", "1", "--repeats", "1",
+                         "--warmup", "0", "--quiet", "--out", "b.json"], "b.json")):
+        full = _full_at(monkeypatch, f".{name}.")
+        _one_error_naming(capsys, cli.main(argv), name)
+        assert not (env / name).exists() and _temps(env) == []
+        full[0] = 0
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        _complete(env / name) if name.endswith(".json") else weights.read_npz(env / name,
+                                                                              convs=TINY)
