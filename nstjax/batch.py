@@ -175,6 +175,7 @@ def minimize_batched(s: solvers.Settings, fun: Callable, xb, argsb: tuple, *,
     t0 = time.perf_counter()
     st = solvers.evaluate_start(chunk_c, init_c(xb, argsb, live_d), argsb)
     terms0 = jax.device_get(st.terms)
+    solvers.check_start(fun, np.where(live, terms0["total"], 0.0))
     it0 = np.asarray(st.it)
     hist = [[{"iter": int(it0[i]), **{k: float(v[i]) for k, v in terms0.items()},
               "seconds": 0.0}] for i in range(cells)]

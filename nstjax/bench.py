@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax import config, image, losses, runtime, solvers, vgg16, weights
+from nstjax import config, errors, image, losses, runtime, solvers, vgg16, weights
 from nstjax.bench_torch import TorchCase, _import_torch, _now, _per, _rel
 from nstjax.errors import UserError
 
@@ -55,7 +55,7 @@ HOST_OPS = re.compile(r"\b(infeed|outfeed|send|recv|send-done|recv-done)\(|callb
 # ---------------------------------------------------------------- arguments
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
+def parse_sizes(text: str, flag: str = "--sizes") -> list[tuple[int, int]]:
     """'512x384,4k' -> [(512, 384), (3840, 2160)] as (width, height)."""
     out = []
     for item in filter(None, (s.strip().lower() for s in text.split(","))):
@@ -65,12 +65,12 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         m = re.fullmatch(r"(\d+)x(\d+)", item)
         if not m or min(int(m[1]), int(m[2])) < 16 or max(int(m[1]), int(m[2])) > config.MAX_SIDE \
                 or int(m[1]) * int(m[2]) > MAX_BENCH_PIXELS:
-            raise UserError(f"--sizes: {item[:40]!r} is not WIDTHxHEIGHT with sides in "
+            raise UserError(f"{flag}: {item[:40]!r} is not WIDTHxHEIGHT with sides in "
                             f"16..{config.MAX_SIDE} and at most {MAX_BENCH_PIXELS} pixels "
                             f"(or one of {', '.join(ALIASES)}), e.g. 512x384")
         out.append((int(m[1]), int(m[2])))
     if not out:
-        raise UserError("--sizes: give at least one size, e.g. 512x384")
+        raise UserError(f"{flag}: give at least one size, e.g. 512x384")
     return list(dict.fromkeys(out))
 
 
@@ -529,11 +529,10 @@ FLAG_BOUNDS = {"iters": (0, config.MAX_ITER), "warmup": (0, 1000), "repeats": (1
 
 
 def check_flags(a: argparse.Namespace) -> None:
-    """Every numeric flag within its bounds: one line naming the flag, else UserError."""
-    for name, (lo, hi) in FLAG_BOUNDS.items():
-        v = getattr(a, name)
-        if not lo <= v <= hi:
-            raise UserError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
+    """Every flag with a value checked: one line naming the flag, else UserError."""
+    errors.check_flags(a, FLAG_BOUNDS)
+    parse_sizes(a.sizes)
+    parse_precisions(a.precisions)
 
 
 def refuse_overwrite(path: str | Path, force: bool, flag: str = "--out") -> None:

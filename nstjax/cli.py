@@ -93,7 +93,15 @@ def parser():
     import argparse
     import importlib
 
-    p = argparse.ArgumentParser(prog="nstjax", description="Neural style transfer in JAX.")
+    class Parser(argparse.ArgumentParser):
+        """argparse's errors (a missing argument, `--iters abc`) as one line, exit 2: a flag's
+        value is checked like a config key's (the usage is at `--help`)."""
+
+        def error(self, message: str):
+            self.exit(2, f"nstjax: error: {self.prog}: {_one_line(message)} (see "
+                      f"{self.prog} --help)\n")
+
+    p = Parser(prog="nstjax", description="Neural style transfer in JAX.")
     sub = p.add_subparsers(dest="cmd", required=True)
     raw = argparse.RawDescriptionHelpFormatter
 

@@ -416,6 +416,20 @@ def _field_loc(loc: tuple) -> tuple:
     return tuple(out)
 
 
+def _solver_keys(s: SolverCfg, source: str) -> None:
+    """UserError for a solver key set (to a value other than its default) that solver
+    `s.name` does not use: it would be silently ignored. Defaults pass, so a dumped
+    config.yaml (every key written) and a base config carrying defaults stay valid."""
+    used = solvers.USES[s.name]
+    for key in SolverCfg.model_fields:
+        if key == "name" or key in used or key not in s.model_fields_set:
+            continue
+        if getattr(s, key) != SolverCfg.model_fields[key].default:
+            users = ", ".join(n for n in solvers.NAMES if key in solvers.USES[n])
+            raise UserError(f"{source}: solver.{key}: solver {s.name} ignores it (used by: "
+                            f"{users}); drop solver.{key} or set solver.name to one of those")
+
+
 def validate(raw: dict, source: str = "config") -> Config:
     """A Config from a raw dict, or a one-line UserError naming the key. `loss.plugins` are
     imported (once per process) before `loss.kind` is checked against the registry."""
@@ -423,6 +437,7 @@ def validate(raw: dict, source: str = "config") -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise UserError(_message(err, source)) from None
+    _solver_keys(cfg.solver, source)
     for ref in cfg.loss.plugins:
         try:
             losses.load_plugin(ref)

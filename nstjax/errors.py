@@ -25,6 +25,15 @@ def preview(value: object) -> str:
     return cut(_repr.repr(value))
 
 
+def check_flags(a: object, bounds: dict[str, tuple[int, int]]) -> None:
+    """Each integer flag `--name` (attribute `name` of the parsed arguments; None: not given)
+    within `lo..hi` of `bounds[name]`, else a one-line UserError naming the flag."""
+    for name, (lo, hi) in bounds.items():
+        v = getattr(a, name)
+        if v is not None and not lo <= v <= hi:
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be in {lo}..{hi}")
+
+
 class PluginError(UserError):
     """User code (a loss or metric plugin, an objective or callback passed to the API) raised
     or broke its contract; the message names the code and the rule."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import numpy as np
 
 from nstjax import image, losses, metrics, vgg16, weights
 from nstjax.config import Config
-from nstjax.errors import UserError
+from nstjax.errors import PluginError, UserError
 
 
 @dataclass
@@ -216,13 +217,35 @@ def style_targets(params: dict, content_x, styles_x, spec: losses.Spec,
     kind has its own). Gatys Grams are rescaled to the content's positions. `key`: a random
     kind's PRNG key."""
     tgt = losses.checked_targets(params, jnp.asarray(content_x), jnp.asarray(styles_x), spec, key)
+    plugin_values(spec, "targets()", tgt)
     (_, h, w, _), (_, hs, ws, _) = content_x.shape, styles_x.shape
     if spec.kind == "gram" and spec.normalization == "gatys" and (h, w) != (hs, ws):
         tgt["style"] = {n: g * (((h >> k) * (w >> k)) / ((hs >> k) * (ws >> k)))
                         for n, g in tgt["style"].items() for k in [vgg16.block(n) - 1]}
     if blend is not None:
         tgt["style"] = losses.blend(spec, tgt["style"], blend)
+        plugin_values(spec, "blend()", tgt["style"])
     return tgt
+
+
+def plugin_values(spec: losses.Spec, what: str, tree: Any) -> None:
+    """What a plugin kind's `what` returned (concrete): arrays, none NaN or infinite, else a
+    one-line PluginError naming the kind, the entry and the rule. Built-in kinds are trusted."""
+    k = losses.kind(spec.kind)
+    if k.builtin:
+        return
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        raise PluginError(f"{k.label}: {what} returned {type(tree).__name__}, no arrays; it "
+                          "must return the style statistics (a pytree of arrays)")
+    for path, leaf in leaves:
+        where = f"{what}{jax.tree_util.keystr(path)}"
+        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.number):
+            raise PluginError(f"{k.label}: {where} is a {type(leaf).__name__}; every entry must "
+                              "be a numeric array")
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise PluginError(f"{k.label}: {where} holds NaN or infinity; every entry must be "
+                              "finite")
 
 
 def targets_key(cfg: Config) -> jax.Array:

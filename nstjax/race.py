@@ -58,7 +58,8 @@ def nstjax_run(cfg_path: str, overrides: list[str], solver: str, iters: int, out
     """`nstjax run` in a fresh process; what its run directory says. Cold: without the
     persistent compilation cache; `warm`: with it, after one untimed run that fills it."""
     cmd = [sys.executable, "-m", "nstjax.cli", "run", cfg_path, f"solver.name={solver}",
-           f"solver.maxiter={iters}", "output.save_every=0", *overrides, "--quiet"]
+           f"solver.{'rounds' if solver == 'scipy_lbfgsb' else 'maxiter'}={iters}",
+           "output.save_every=0", *overrides, "--quiet"]
     if warm:
         subprocess.run([*cmd, "--out", str(out) + "-fill"], capture_output=True, text=True)
     else:
@@ -227,6 +228,23 @@ def parse_variant(text: str) -> tuple[str, list[str], bool]:
     return (label, rest.split(";"), False)
 
 
+FLAG_BOUNDS = {"race_iters": (1, 100_000)}
+
+
+def check_flags(a: Any) -> None:
+    """The race's flags (the timing table's: `bench.check_flags`): one line naming the flag."""
+    from nstjax import bench, errors, solvers
+
+    errors.check_flags(a, FLAG_BOUNDS)
+    if a.race_speed_size:
+        bench.parse_sizes(a.race_speed_size, "--race-speed-size")
+    names = [s for s in a.race_solvers.split(",") if s]
+    bad = [s for s in names if s not in solvers.NAMES]
+    if bad or not names:
+        raise UserError(f"--race-solvers {a.race_solvers[:60]!r}: give solver names from "
+                        f"{', '.join(solvers.NAMES)}, comma-separated")
+
+
 def add_arguments(p: Any) -> None:
     """`nstjax bench`'s options: the timing table's (nstjax.bench) and the race's."""
     from nstjax import bench
@@ -254,11 +272,9 @@ def add_arguments(p: Any) -> None:
 def main(a: Any) -> int:
     """`nstjax bench`: the race with `--race CONFIG`, else the timing table (nstjax.bench)."""
     from nstjax import bench
-    from nstjax.errors import UserError
 
     bench.check_flags(a)  # every flag checked first, whichever mode uses it
-    if not 1 <= a.race_iters <= 100_000:
-        raise UserError(f"--race-iters {a.race_iters}: must be in 1..100000")
+    check_flags(a)
     if a.out and not a.table and (a.race or not a.lanes_sweep):
         bench.refuse_overwrite(a.out, a.force)
     if a.lanes_sweep:

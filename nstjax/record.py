@@ -44,7 +44,7 @@ import numpy as np
 
 from nstjax import image, losses, runtime, solvers, vgg16, watch
 from nstjax.config import Config, dump
-from nstjax.errors import UserError
+from nstjax.errors import PluginError, UserError
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
 from nstjax.solvers import Status
 
@@ -488,6 +488,9 @@ def solve(rec: Recorder, problem, s: solvers.Settings, flag: StopFlag, *, chunk:
             rec.now = rec.now._replace(offset=done - row["iter"])
         rec.first(row)
         if not np.isfinite(row["total"]):  # e.g. overflowing loss weights: no step can help
+            if not (k := losses.kind(problem.spec.kind)).builtin:
+                raise PluginError(f"{k.label}: terms() returned a non-finite total "
+                                  f"({row['total']}) at the initial image; it must be finite")
             bad.append(row["total"])
             return True
         return flag.stopped

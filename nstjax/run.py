@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +38,11 @@ from nstjax.runtime import (
     use_compile_cache,
 )
 from nstjax.solvers import Status
+
+
+class NotStarted(UserError):
+    """A run's first files could not be written; its directory holds nothing of it."""
+
 
 program = record.program  # tests patch run.program; `_solve` looks it up here at call time
 
@@ -80,10 +86,17 @@ def run(cfg: Config, out: str | Path | None = None, *, quiet: bool = False,
             on_progress=on_progress)
         return RunResult(d, res, rec.record)
     problem = problem or _build_or_oom(cfg)
+    existed = out is not None and Path(out).exists()
     d = make_run_dir(out, cfg, parent)
-    with DirLock(d):
-        return _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet,
-                      on_progress=on_progress)
+    try:
+        with DirLock(d):
+            return _solve(d, cfg, problem, start_record(cfg, problem), t_start, quiet=quiet,
+                          on_progress=on_progress, claimed=True)
+    except NotStarted as e:  # nothing of the run is left: a rerun finds `d` free
+        if not existed:
+            with suppress(OSError):
+                d.rmdir()
+        raise UserError(str(e)) from None
 
 
 def _build_or_oom(cfg: Config) -> Problem:
@@ -95,14 +108,17 @@ def _build_or_oom(cfg: Config) -> Problem:
 
 def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: float, *,
            quiet: bool = False, prior: list[dict] | None = None, state0=None,
-           carry: dict | None = None, on_progress: Callable | None = None) -> RunResult:
+           carry: dict | None = None, on_progress: Callable | None = None,
+           claimed: bool = False) -> RunResult:
     """Solve into run directory `d` (None: into memory, no file), continuing after `prior`
     history rows (for resume).
 
     The directory always ends complete: a signal stops after the current chunk (a second one
     at the next return to Python, with the last chunk's image) with status `interrupted`; a
     non-finite loss ends `failed` with the last finite image; any exception marks the run
-    `failed` (image, history, last.npy written) and is then re-raised.
+    `failed` (image, history, last.npy written) and is then re-raised. If config.yaml and
+    run.json cannot be written at the start (a full disk), nothing runs: a directory just
+    `claimed` by `run` loses its files again (NotStarted), a resumed one keeps its own.
     """
     from tqdm.auto import tqdm
 
@@ -118,8 +134,17 @@ def _solve(d: Path | None, cfg: Config, problem: Problem, rec0: dict, t_start: f
     rec.carry, rec.t_start = dict(carry or {}), t_start  # running totals in run.json
     flag, errors, res = StopFlag(), [], None
     with flag.installed():
-        with record.guarded(flag, errors, cfg.image.size):
+        try:
             rec.start()
+        except UserError as e:
+            bar.close()
+            if claimed:  # a directory just claimed: remove what the run wrote, run.json too
+                for name in ("config.yaml", "run.json"):
+                    with suppress(OSError):
+                        (d / name).unlink()
+                raise NotStarted(str(e)) from None
+            raise
+        with record.guarded(flag, errors, cfg.image.size):
             res = record.solve(rec, problem, s, flag, chunk=chunk_size(cfg), done=done,
                                state0=state0, compile_fn=program)
         if res is None:  # stopped or crashed before the solver returned
@@ -142,6 +167,8 @@ def _alive(rec: dict) -> bool:
     pid = rec.get("pid")
     if not isinstance(pid, int) or pid <= 0 or rec.get("host") != platform.node():
         return False
+    if pid == os.getpid():  # this process, which holds the lock now: its run ended (a failed
+        return False  # write left run.json `running`)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -202,6 +229,10 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, quiet: bool = Fals
         tblog.check([cfg])
         history = read_history(d / "history.csv")
         done = history[-1]["iter"] if history else 0
+        if done == 0 and not (d / "last.npy").exists():
+            # Nothing saved past the start (e.g. the disk filled before the first image was
+            # written): the run starts over from its config's init, in its own directory.
+            return _solve(d, cfg, _build_or_oom(cfg), _restart(rec), t_start, quiet=quiet)
         x = record.read_last(d / "last.npy", cfg.image.max_pixels)
         problem = _build_or_oom(cfg.model_copy(update={"init": "noise"}))  # x0 is last.npy
         if x.shape != tuple(problem.content.shape):
@@ -226,6 +257,17 @@ def resume(run_dir: str | Path, overrides: list[str] = (), *, quiet: bool = Fals
             "overrides": list(overrides), "solver_state": "restored" if state0 else "restarted"})
         return _solve(d, cfg, problem, rec, t_start, quiet=quiet, prior=history, state0=state0,
                       carry=carry)
+
+
+def _restart(rec: dict) -> dict:
+    """run.json of a run that starts over in its directory (see `resume`)."""
+    for k in ("error", "signal", "finished"):
+        rec.pop(k, None)
+    rec.update(status=Status.RUNNING.value, pid=os.getpid(), host=platform.node())
+    rec.setdefault("resumed", []).append({
+        "at": datetime.now().isoformat(timespec="seconds"), "from_iteration": 0,
+        "overrides": [], "solver_state": "restarted"})
+    return rec
 
 
 # ---------------------------------------------------------------- in memory

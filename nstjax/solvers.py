@@ -31,11 +31,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from nstjax import lbfgs
-from nstjax.errors import user_code
+from nstjax.errors import PluginError, user_code
 
 COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
 NAMES = (*COMPILED, "scipy_lbfgsb")
 DEFAULT = "lbfgs"
+
+# The settings each solver reads (from reading its code above and below); any other solver key
+# it would ignore, so config validation refuses it (`config.validate`, `solver.<key>`).
+_LBFGS_KEYS = frozenset({"maxiter", "maxevals", "history_size", "maxls", "tol"})
+USES: dict[str, frozenset[str]] = {
+    "lbfgs": _LBFGS_KEYS,
+    "jaxopt_lbfgs": _LBFGS_KEYS,
+    "optax_lbfgs": _LBFGS_KEYS,
+    "adam": frozenset({"maxiter", "maxevals", "tol", "learning_rate"}),
+    "scipy_lbfgsb": frozenset({"maxevals", "history_size", "maxls", "rounds", "maxfun", "pgtol",
+                               "factr"}),
+}
 
 
 @dataclass(frozen=True)
@@ -399,15 +411,31 @@ class _OutOfEvaluations(Exception):
     """solver.maxevals reached inside a scipy_lbfgsb round."""
 
 
+def _user_name(fun: Callable) -> str | None:
+    """The name of an objective passed in by the user; None for nstjax's own (whose loss
+    plugins report their errors themselves)."""
+    if str(getattr(fun, "__module__", "")).startswith("nstjax"):
+        return None
+    return getattr(fun, "__qualname__", None) or type(fun).__name__
+
+
 def users(fun: Callable, doing: str = "tracing the objective"):
-    """`errors.user_code` around calls into an objective passed in by the user (any function
-    not defined in nstjax, whose own loss plugins report their errors themselves)."""
+    """`errors.user_code` around calls into an objective passed in by the user."""
     import contextlib
 
-    if str(getattr(fun, "__module__", "")).startswith("nstjax"):
-        return contextlib.nullcontext()
-    name = getattr(fun, "__qualname__", None) or type(fun).__name__
-    return user_code(f"objective {name}", doing)
+    name = _user_name(fun)
+    return contextlib.nullcontext() if name is None else user_code(f"objective {name}", doing)
+
+
+def check_start(fun: Callable, total: Any, where: str = "x0") -> None:
+    """PluginError if a user objective's total at the start is not finite (one value, or one
+    per cell): no solver can start from NaN or infinity, so the objective broke its rule."""
+    name, t = _user_name(fun), np.asarray(total, np.float64)
+    if name is not None and not np.isfinite(t).all():
+        i = int(np.flatnonzero(~np.isfinite(t.ravel()))[0])
+        cell = f" of cell {i}" if t.ndim else ""
+        raise PluginError(f"objective {name}: returned a non-finite total ({t.ravel()[i]}) at "
+                          f"{where}{cell}; the objective must be finite where the solve starts")
 
 
 def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
@@ -441,6 +469,7 @@ def _minimize_scipy(s: Settings, fun, x0, args, on_chunk, on_start=None,
     x = np.asarray(x0, np.float64).ravel()
     res = Result(x=np.asarray(x0), compile_seconds=compile_s)
     res.history.append({"iter": 0, **terms_at(x), "seconds": 0.0})
+    check_start(fun, res.history[0]["total"])
     rounds = s.rounds
     if on_start is not None and on_start(res.x, res.history[0]):
         res.status, rounds = Status.INTERRUPTED, 0
@@ -515,6 +544,7 @@ def minimize(
     compile_s = 0.0 if hit else time.perf_counter() - t
     t0 = time.perf_counter()
     st = evaluate_start(chunk_c, init_c(x0, args) if state0 is None else state0, args)
+    check_start(fun, st.terms["total"])
     res = Result(x=np.asarray(st.x), compile_seconds=compile_s)
     res.history.append({"iter": int(st.it), **{k: float(v) for k, v in st.terms.items()},
                         "seconds": 0.0})

@@ -64,3 +64,71 @@ def test_sweep_help_shows_a_file_that_loads(capsys, tmp_path):
     p.write_text(block.replace("../quickstart.yaml", str(ROOT / "configs" / "quickstart.yaml")))
     sw = sweep.load(p)
     assert sw.name == "ratio" and len(sweep.expand(sw)) == 12
+
+
+# ------------------------------------------- every subcommand x every numeric flag x bad values
+
+
+def _flags(p, path=()) -> list[tuple[tuple[str, ...], object]]:
+    """(subcommand path, action) of every option of every (sub)command of the parser."""
+    import argparse
+
+    out = []
+    for act in p._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for name, sub in act.choices.items():
+                out += _flags(sub, (*path, name))
+        elif act.option_strings:
+            out.append((path, act))
+    return out
+
+
+def _bounds() -> dict[tuple[str, ...], dict]:
+    from nstjax import bench, race, sweep
+
+    return {("bench",): {**bench.FLAG_BOUNDS, **race.FLAG_BOUNDS}, ("sweep",): sweep.FLAG_BOUNDS}
+
+
+# Flags whose value is text holding numbers: (command, dest) -> bad values.
+_SIZES = ["0x0", "-1x32", "999999x999999", "abc"]
+_AUTO = ["0", "-1", "1" + "0" * 30, "abc", "1.5"]
+TEXT_NUMBERS = {("bench", "sizes"): _SIZES, ("bench", "race_speed_size"): _SIZES,
+                ("sweep", "batch_size"): _AUTO, ("sweep", "lanes"): _AUTO}
+POSITIONAL = {("sweep",): ["missing-sweep.yaml"]}  # checked after the flags
+
+
+def _cases() -> list[tuple[tuple[str, ...], str, str]]:
+    bounds = _bounds()
+    cases = []
+    for path, act in _flags(cli.parser()):
+        flag = max(act.option_strings, key=len)
+        if (*path, act.dest) in TEXT_NUMBERS:
+            cases += [(path, flag, v) for v in TEXT_NUMBERS[(*path, act.dest)]]
+        elif act.type in (int, float):
+            lo, hi = bounds[path][act.dest]  # KeyError: a numeric flag without bounds
+            cases += [(path, flag, v) for v in (str(lo - 1), str(hi + 1), "1" + "0" * 30,
+                                                "abc", "1.5")]
+    return cases
+
+
+def test_every_numeric_flag_has_bounds_or_a_parser():
+    seen = {(*path, act.dest) for path, act in _flags(cli.parser())
+            if act.type in (int, float) or (*path, act.dest) in TEXT_NUMBERS}
+    bounded = {(*path, d) for path, b in _bounds().items() for d in b}
+    assert seen == bounded | set(TEXT_NUMBERS)
+    assert len(_cases()) >= 40
+
+
+@pytest.mark.parametrize(("path", "flag", "value"), _cases(),
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+def test_every_numeric_flag_refuses_bad_values_in_one_line(tmp_path, capsys, path, flag, value):
+    argv = [*path, *POSITIONAL.get(path, []), f"{flag}={value}", "--out", str(tmp_path / "o")]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("nstjax: error:") and flag in err, err
+    assert not (tmp_path / "o").exists()

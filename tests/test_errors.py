@@ -563,3 +563,87 @@ def test_downloads_only_over_https():
     h = weights._HttpsOnlyRedirect()
     with pytest.raises(urllib.error.URLError):
         h.redirect_request(None, None, 302, "Found", {}, "http://evil.example/w.h5")
+
+
+# ------------------------------ every user-code hook x (raises, returns NaN, returns a wrong type)
+
+HOOK_PLUGIN = '''
+import jax
+import jax.numpy as jnp
+from nstjax import losses
+
+g = losses.kind("gram")
+HOOK, FAULT = {hook!r}, {fault!r}
+
+
+def broken(value, wrong):
+    if FAULT == "raises":
+        raise RuntimeError("my bug")
+    if FAULT == "nan":
+        return jax.tree.map(lambda a: a * jnp.nan, value)
+    return wrong
+
+
+def targets(params, c, s, spec):
+    t = g.targets(params, c, s, spec)
+    return broken(t, [jnp.zeros(3)]) if HOOK == "targets" else t
+
+
+def terms(params, x, tgt, weights, spec):
+    t = g.terms(params, x, tgt, weights, spec)
+    return broken(t, jnp.zeros(3)) if HOOK == "terms" else t
+
+
+def blend(style, b):
+    return broken(losses.linear_blend(style, b), "not arrays")
+
+
+losses.register({name!r}, targets=targets, terms=terms,
+                blend=blend if HOOK == "blend" else None, replace=True)
+'''
+# What each fault's one line says (besides the kind and the hook): the broken rule.
+FAULT_RULE = {"raises": "RuntimeError: my bug", "nan": "finite", "wrong": "must"}
+
+
+@pytest.mark.parametrize("fault", list(FAULT_RULE))
+@pytest.mark.parametrize("hook", ["targets", "terms", "blend"])
+def test_every_loss_plugin_hook_fault_is_one_line(env, capsys, hook, fault):
+    """A loss kind's targets, terms or blend that raises, returns NaN or returns the wrong type:
+    exit 2, one line naming the kind, the hook and the rule (a PluginError in the API)."""
+    from nstjax.errors import PluginError
+
+    name = f"broken_{hook}_{fault}"
+    plug = env / f"{name}.py"
+    plug.write_text(HOOK_PLUGIN.format(hook=hook, fault=fault, name=name))
+    cfg = write_tiny(env / "p.yaml", loss__kind=name, loss__plugins=[str(plug)])
+    got, _, err = nstjax(capsys, *run_args(cfg, "--out", "r"))
+    lines = error_lines(err)
+    assert got == 2 and "Traceback" not in err and len(lines) == 1, err
+    for needle in (name, f"{hook}()", FAULT_RULE[fault]):
+        assert needle in lines[0], (needle, lines[0])
+    with pytest.raises(PluginError, match=re.escape(f"{hook}()")):
+        run.stylize(str(cfg))
+
+
+METRIC_FAULTS = {"raises": ("1 / 0", "ZeroDivisionError"), "nan": ("float('nan')", "finite"),
+                 "wrong": ("'high'", "returned str")}
+
+
+@pytest.mark.parametrize("fault", list(METRIC_FAULTS))
+def test_every_metric_plugin_fault_is_one_warning_line(env, capsys, fault):
+    """A metric plugin that raises, returns NaN or a non-number: the run completes (status
+    done, exit 0) with one warning line naming the metric and the rule; run.json's metrics
+    leave it out (the API raises PluginError: test_metrics.py)."""
+    code, rule = METRIC_FAULTS[fault]
+    plug = env / f"m_{fault}.py"
+    plug.write_text("from nstjax import metrics\n"
+                    f"metrics.register('m_{fault}', lambda inp: {code}, replace=True)\n")
+    cfg = write_tiny(env / "m.yaml", eval={"plugins": [str(plug)],
+                                           "metrics": [f"m_{fault}", "gram"]})
+    got, _, err = nstjax(capsys, *run_args(cfg, "--out", "r"))
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert got == 0 and "Traceback" not in err and len(warned) == 1, err
+    assert f"metric 'm_{fault}'" in warned[0] and rule in warned[0], warned[0]
+    rec = json.loads((env / "r" / "run.json").read_text())
+    assert rec["status"] == "done" and "style" in rec["metrics"]  # the gram metric's
+    assert not any(k.startswith(f"m_{fault}") for k in rec["metrics"])

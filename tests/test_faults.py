@@ -201,3 +201,204 @@ def test_cli_run_claim_on_a_full_disk_then_rerun(env, capsys, monkeypatch):
     full[0] = 0  # space freed: the same command works, nothing to clean up
     assert cli.main(["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"]) == 0
     assert json.loads((env / "r" / "run.json").read_text())["status"] == "done"
+
+
+# ------------------------------------------- every file of a run x a full disk, through the CLI
+
+
+def _full_at(monkeypatch, needle: str, nth: int = 1) -> list[int]:
+    """os.fsync raises ENOSPC for the `nth` and later temp files whose name holds `needle`,
+    while `full[0]` (the disk is full from then on)."""
+    real, full, seen = os.fsync, [1], [0]
+
+    def fsync(fd):
+        if full[0] and needle in os.readlink(f"/proc/self/fd/{fd}"):
+            seen[0] += 1
+            if seen[0] >= nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return full
+
+
+def _complete(p: Path) -> None:
+    """`p` parses as the whole file its name says (no half-written file under a final name)."""
+    import csv
+
+    import yaml
+    from PIL import Image
+
+    if p.suffix == ".json":
+        assert isinstance(json.loads(p.read_text()), dict)
+    elif p.suffix == ".yaml":
+        assert isinstance(yaml.safe_load(p.read_text()), dict)
+    elif p.suffix == ".csv":
+        rows = list(csv.reader(p.open()))
+        assert rows and all(len(r) == len(rows[0]) for r in rows), p
+    elif p.suffix == ".png":
+        with Image.open(p) as im:
+            im.load()
+    elif p.suffix == ".npy":
+        assert np.isfinite(np.load(p, allow_pickle=False)).all()
+
+
+# (temp-name needle, which such write fails): every file `nstjax run` writes.
+RUN_FILES = {"run.json claim": (".run.json.", 1), "run.json start": (".run.json.", 2),
+             "run.json checkpoint": (".run.json.", 3), "config.yaml": (".config.yaml.", 1),
+             "history.csv": (".history.csv.", 1), "history.csv later": (".history.csv.", 2),
+             "last.npy": (".last.npy.", 1), "snapshot": (".iter_", 1),
+             "final.png": (".final.png.", 1)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("case", list(RUN_FILES))
+def test_every_run_file_on_a_full_disk_then_rerun(env, capsys, monkeypatch, case):
+    """Exit 2 naming the file; every file under its final name complete; after space is freed
+    the same `nstjax run` (nothing of the run was left) or `nstjax resume` (the run failed)
+    finishes the run without any manual cleanup."""
+    from nstjax import cli
+
+    needle, nth = RUN_FILES[case]
+    argv = ["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"]
+    full = _full_at(monkeypatch, needle, nth)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("nstjax: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    name = needle.strip(".").rstrip("_")
+    assert f"r/{name}" in lines[0] and "No space left" in lines[0], lines[0]
+    d = env / "r"
+    assert _temps(env) == []
+    for p in d.iterdir() if d.exists() else []:
+        _complete(p)
+    full[0] = 0
+    if d.exists():
+        assert cli.main(["resume", "r", "--quiet", "--no-compile-cache"]) == 0
+    else:
+        assert cli.main(argv) == 0
+    rec = json.loads((d / "run.json").read_text())
+    assert rec["status"] == "done" and rec["iterations"] == 6
+    assert (d / "final.png").is_file() and (d / "iter_000004.png").is_file()
+
+
+
+# ------------------------------------- a sweep's files x a full disk, through the CLI
+
+
+@pytest.fixture(scope="module")
+def faulted_sweep(tmp_path_factory):
+    """A 2-cell sweep (a seed axis: summary_seeds.csv too) whose first run hit a full disk while
+    writing a cell's config.yaml, then ran again, unchanged, once space was freed."""
+    from sweep_helpers import write_sweep
+
+    from nstjax import cli
+
+    d = tmp_path_factory.mktemp("faulted")
+    p = write_sweep(d / "s.yaml", axes={"seed": [0, 1]})
+    argv = ["sweep", str(p), "--out", str(d / "o"), "--quiet", "--no-compile-cache"]
+    with pytest.MonkeyPatch.context() as m:
+        full = _full_at(m, ".config.yaml.")
+        first = cli.main(argv)
+        full[0] = 0
+        again = cli.main(argv)
+    return SimpleNamespace(argv=argv, out=d / "o", first=first, again=again)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_sweep_cell_file_on_a_full_disk_then_rerun(faulted_sweep, capsys):
+    s = faulted_sweep
+    assert s.first == 2 and s.again == 0
+    for c in ("seed-0", "seed-1"):
+        assert json.loads((s.out / "cells" / c / "run.json").read_text())["status"] == "done"
+    assert not list((s.out / ".partial").iterdir())  # the failed cell's scratch is gone
+    for p in s.out.rglob("*"):
+        if p.is_file():
+            _complete(p)
+
+
+# Every file a sweep's summary writes (`--summarize-only` rebuilds them from the cells).
+SWEEP_FILES = ["summary.csv", "summary_seeds.csv", "contact_sheet.png", "plots/g0.png",
+               "plots/axis-seed.png", "report.html"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_every_sweep_summary_file_on_a_full_disk(faulted_sweep, capsys, monkeypatch, name):
+    """Exit 2 naming the file, which keeps its earlier complete content; then the same
+    command works."""
+    from nstjax import cli
+
+    s = faulted_sweep
+    target = s.out / name
+    before = target.read_bytes()
+    argv = [*s.argv, "--summarize-only"]
+    full = _full_at(monkeypatch, f".{Path(name).name}.")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(target) in err and "No space left" in err, err
+    assert target.read_bytes() == before and _temps(s.out) == []
+    full[0] = 0
+    target.unlink()
+    assert cli.main(argv) == 0 and target.stat().st_size > 0
+    _complete(target)
+
+
+# ------------------------------- the other commands' outputs x a full disk, through the CLI
+
+
+def _one_error_naming(capsys, code: int, path: str) -> None:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("nstjax: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert path in lines[0] and "No space left" in lines[0], lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_report_html_and_solver_state_on_a_full_disk(env, capsys, monkeypatch):
+    """An interrupted run whose solver_state.npz (optional) cannot be written: exit 130 as
+    interrupted, one warning naming it; the run resumes, its solver state restarted. Then
+    `nstjax report` (report.html): exit 2 naming it."""
+    from conftest import after_chunks
+
+    from nstjax import cli, solvers
+
+    full, real = _full_at(monkeypatch, ".solver_state.npz."), solvers.minimize
+    after_chunks(monkeypatch, 1, lambda: os.kill(os.getpid(), 2))
+    code = cli.main(["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"])
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert code == 130 and len(warned) == 1, warned
+    assert "r/solver_state.npz" in warned[0] and "No space left" in warned[0]
+    assert not (env / "r" / "solver_state.npz").exists() and _temps(env) == []
+    full[0] = 0
+    monkeypatch.setattr(solvers, "minimize", real)
+    assert cli.main(["resume", "r", "--quiet", "--no-compile-cache"]) == 0
+    rec = json.loads((env / "r" / "run.json").read_text())
+    assert rec["status"] == "done" and rec["resumed"][0]["solver_state"] == "restarted"
+    full = _full_at(monkeypatch, ".report.html.")
+    _one_error_naming(capsys, cli.main(["report", "r"]), "r/report.html")
+    assert not (env / "r" / "report.html").exists() and _temps(env) == []
+    full[0] = 0
+    assert cli.main(["report", "r"]) == 0 and (env / "r" / "report.html").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_weights_convert_and_bench_out_on_a_full_disk(env, capsys, monkeypatch):
+    from weights_helpers import TINY, make_params, write_hed
+
+    from nstjax import cli
+
+    src = write_hed(env / "in.weights.h5", make_params())
+    real = weights.read_h5
+    monkeypatch.setattr(weights, "read_h5", lambda p, convs=None: real(p, convs=TINY))
+    for argv, name in ((["weights", "convert", str(src), "w.npz"], "w.npz"),
+                       (["bench", "--sizes", "16x16", "--iters", "1", "--repeats", "1",
+                         "--warmup", "0", "--quiet", "--out", "b.json"], "b.json")):
+        full = _full_at(monkeypatch, f".{name}.")
+        _one_error_naming(capsys, cli.main(argv), name)
+        assert not (env / name).exists() and _temps(env) == []
+        full[0] = 0
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        _complete(env / name) if name.endswith(".json") else weights.read_npz(env / name,
+                                                                              convs=TINY)

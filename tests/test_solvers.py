@@ -477,3 +477,94 @@ def test_minimize_reuses_its_program_for_the_same_objective_and_shapes():
     solvers.minimize(s, lambda x, p: counted(x, p), x0, (problem(),), chunk=2)
     assert traces[0] > m  # another function object: a new program
     assert len(solvers._PROGRAMS) <= solvers.PROGRAM_CACHE_SIZE
+
+
+# ------------------------------------------------- every solver x every solver key: used or refused
+
+# A value other than the default for each solver key of the config schema.
+CHANGED = {"maxiter": 2, "maxevals": 3, "history_size": 1, "maxls": 1, "tol": 1e3,
+           "learning_rate": 0.01, "rounds": 1, "maxfun": 3, "pgtol": 1e3, "factr": 1e15}
+SHORT = dict(maxiter=6, rounds=2, maxfun=8)  # the baseline: a few steps of every solver
+TABLE = [(n, k) for n in solvers.NAMES for k in CHANGED]
+
+
+def test_the_table_covers_every_solver_key():
+    from nstjax import config
+
+    assert set(CHANGED) == set(config.SolverCfg.model_fields) - {"name"}
+    assert set(solvers.USES) == set(solvers.NAMES)
+    assert all(u <= set(CHANGED) for u in solvers.USES.values())
+
+
+def _signature(r) -> tuple:
+    return r.evals, r.iterations, str(r.status), np.asarray(r.x).tobytes()
+
+
+@pytest.mark.parametrize(("name", "key"), [t for t in TABLE if t[1] in solvers.USES[t[0]]])
+def test_every_used_key_changes_the_run(name, key):
+    """Rosenbrock from the classic start: changing the key changes what the solver does
+    (its evaluations, iterations, status or iterate); a key it ignored would change nothing."""
+    p = problem(wq=0.0, wr=1.0)
+    base_s = solvers.Settings(name=name, **SHORT)
+    base = solve(base_s, p, X0_ROSEN, chunk=4)
+    changed = solvers.Settings(name=name, **{**SHORT, key: CHANGED[key]})
+    kw = {"compiled": _PROGRAMS[(base_s, 4)]} if key == "maxiter" and name != "scipy_lbfgsb" else {}
+    r = (solvers.minimize(changed, fun, jnp.asarray(X0_ROSEN), (p,), chunk=4, **kw) if kw
+         else solve(changed, p, X0_ROSEN, chunk=4))
+    assert _signature(r) != _signature(base), f"{name} ignores {key}"
+
+
+@pytest.mark.parametrize(("name", "key"), [t for t in TABLE if t[1] not in solvers.USES[t[0]]])
+def test_every_ignored_key_is_refused_in_one_line(name, key, tmp_path, capsys):
+    from nstjax import cli, config
+    from nstjax.errors import UserError
+
+    raw = {"content": "c.png", "style": "s.png", "solver": {"name": name, key: CHANGED[key]}}
+    with pytest.raises(UserError) as e:
+        config.validate(raw)
+    msg = str(e.value)
+    assert f"solver.{key}" in msg and name in msg and "\n" not in msg
+    users = [n for n in solvers.NAMES if key in solvers.USES[n]]
+    assert all(u in msg.split("used by")[1] for u in users)
+    # Its default, written out (as every dumped config.yaml does), is fine.
+    default = config.SolverCfg.model_fields[key].default
+    assert config.validate({**raw, "solver": {"name": name, key: default}}).solver.name == name
+    f = tmp_path / "c.yaml"
+    f.write_text("content: c.png\nstyle: s.png\n")
+    assert cli.main(["config", "show", str(f), f"solver.name={name}",
+                     f"solver.{key}={CHANGED[key]}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"solver.{key}" in err and "Traceback" not in err
+
+
+def _nan_total(x, p):
+    t = jnp.sum(x * x) * jnp.nan
+    return t, {"total": t}
+
+
+@pytest.mark.parametrize("name", [*SETTINGS, "scipy_lbfgsb"])
+def test_a_user_objective_non_finite_at_x0_is_one_plugin_error(name):
+    """Every solver x an objective returning NaN where the solve starts: a PluginError naming
+    it and the rule (no solver can start from NaN), not a `failed` result."""
+    from nstjax.errors import PluginError
+
+    with pytest.raises(PluginError, match=r"objective _nan_total: returned a non-finite total "
+                       r"\(nan\) at x0; the objective must be finite") as e:
+        solvers.minimize(solvers.Settings(name=name, maxiter=2, rounds=1), _nan_total,
+                         jnp.ones(SHAPE), (problem(),), chunk=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [_raises, _wrong_type, _no_terms, _nan_total])
+def test_every_broken_user_objective_in_the_batch_api(bad):
+    """The batch API x an objective that raises, returns the wrong type or NaN: PluginError
+    naming it (NaN: and the cell)."""
+    from nstjax import batch
+    from nstjax.errors import PluginError
+
+    rule = "cell 0" if bad is _nan_total else "tracing the objective failed"
+    with pytest.raises(PluginError, match=f"objective {bad.__name__}: .*{rule}") as e:
+        batch.minimize_batched(solvers.Settings(name="adam", maxiter=2), bad,
+                               jnp.ones((2, *SHAPE)),
+                               (jax.tree.map(lambda v: jnp.stack([v, v]), problem()),), chunk=2)
+    assert "\n" not in str(e.value)

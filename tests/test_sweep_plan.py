@@ -27,7 +27,7 @@ def test_grouping_by_structure(tmp_path):
     assert groups[1].hw == (32, 48)
     sw2, _, groups2 = prepared(write_sweep(tmp_path / "t.yaml", axes={
         "loss.content_layers": [["block2_conv1"], ["block1_conv2"]],
-        "solver.name": ["jaxopt_lbfgs", "scipy_lbfgsb"], "solver.maxiter": [6, 7]}))
+        "solver.name": ["jaxopt_lbfgs", "scipy_lbfgsb"], "solver.maxevals": [0, 7]}))
     assert len(groups2) == 8
     assert sum(g.host for g in groups2) == 4  # scipy runs cell by cell, as `nstjax run`
 

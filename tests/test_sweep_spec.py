@@ -129,3 +129,22 @@ def test_label_metric_and_kind_axis(tmp_path):
     assert gram.cfg.loss.kind == "gram" and nope.cfg is None
     assert "cell kind-nope: loss.kind: unknown loss kind 'nope'; registered kinds: " in nope.error
     assert sweep.load(write_sweep(tmp_path / "t.yaml", axes={"seed": [1]})).label_metric is None
+
+
+def test_a_solver_axis_drops_the_base_keys_its_solver_ignores(tmp_path):
+    """Base keys serve the solvers that use them (a scipy_lbfgsb cell drops the base's adam
+    learning_rate and maxiter); a key a cell sets itself is checked: that cell fails."""
+    base = base_config(solver={"name": "adam", "maxiter": 6, "learning_rate": 1.0})
+    sw = sweep.load(write_sweep(tmp_path / "a.yaml", base=base,
+                                axes={"solver.name": ["adam", "scipy_lbfgsb"]}))
+    adam, scipy = sweep.expand(sw)
+    assert adam.cfg.solver.learning_rate == 1.0 and adam.cfg.solver.maxiter == 6
+    assert not scipy.error and scipy.cfg.solver.learning_rate == 5.0  # the default
+    assert scipy.cfg.solver.maxiter == 200
+    sw = sweep.load(write_sweep(tmp_path / "b.yaml", base=base,
+                                axes={"solver.name": ["adam", "scipy_lbfgsb"],
+                                      "solver.learning_rate": [1.0, 2.0]}))
+    cells = sweep.expand(sw)
+    assert [c.cfg is not None for c in cells] == [True, True, False, False]
+    assert all("solver.learning_rate" in c.error and "scipy_lbfgsb" in c.error
+               for c in cells[2:])

@@ -35,7 +35,6 @@ import os
 import sys
 from pathlib import Path
 
-from nstjax.errors import UserError
 from nstjax.sweep.execute import Outcome, init_distributed, run_sweep
 from nstjax.sweep.plan import Group, dry_run, make_groups, owned
 from nstjax.sweep.report import summarize
@@ -95,6 +94,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="jax.distributed.initialize() with cluster auto-detection (SLURM, ...)")
 
 
+FLAG_BOUNDS = {"devices": (1, 1 << 16), "num_processes": (1, 1 << 16),
+               "process_id": (0, (1 << 16) - 1)}
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    """Every flag with a number checked before anything runs: one line naming the flag."""
+    from nstjax.errors import check_flags
+
+    check_flags(a, FLAG_BOUNDS)
+    for flag in ("batch_size", "lanes"):
+        if getattr(a, flag):
+            parse_auto(getattr(a, flag), f"--{flag.replace('_', '-')}")
+
+
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     try:
@@ -122,6 +135,7 @@ def main(a: argparse.Namespace) -> int:
     from nstjax import costs, runtime
     from nstjax.sweep import store
 
+    check_flags(a)
     sw = load(a.sweep, list(a.overrides))
     batch = parse_auto(a.batch_size, "--batch-size") if a.batch_size else sw.batch_size
     lanes = parse_auto(a.lanes, "--lanes") if a.lanes else sw.lanes
@@ -134,8 +148,6 @@ def main(a: argparse.Namespace) -> int:
         for p in summarize(out, sw, cells, groups):
             print(p)
         return 0
-    if a.devices is not None and a.devices < 1:
-        raise UserError("--devices: must be at least 1")
     if a.dry_run:
         devices = jax.local_devices()[: a.devices]
         print(dry_run(sw, cells, groups, out, devices, batch, lanes, a.num_processes or 1))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nstjax.errors import UserError
+from nstjax.errors import UserError, preview
 
 if TYPE_CHECKING:
     from nstjax.config import Config
@@ -218,16 +218,20 @@ def _label_metric(v: Any, src: str) -> str | None:
     return v
 
 
+MAX_AUTO = 1 << 20  # cells per batch or lanes: more is a mistake
+
+
 def parse_auto(v: Any, where: str) -> int | None:
-    """`auto` (or null) -> None; a positive int -> itself."""
+    """`auto` (or null) -> None; an int in 1..MAX_AUTO -> itself."""
     if v is None or v == "auto":
         return None
     try:
         n = int(v)
     except (TypeError, ValueError):
         n = 0
-    if n < 1 or (isinstance(v, float) and v != n) or isinstance(v, bool):
-        raise UserError(f"{where}: must be auto or a positive integer (got {v!r})")
+    if not 1 <= n <= MAX_AUTO or (isinstance(v, float) and v != n) or isinstance(v, bool):
+        raise UserError(f"{where}: must be auto or an integer in 1..{MAX_AUTO} (got "
+                        f"{preview(v)})")
     return n
 
 
@@ -385,6 +389,21 @@ def _unique_names(cells: list[Cell]) -> None:
                            else f"-{c.index}")
 
 
+def _base_solver_keys(raw: dict, base: dict, values: dict) -> dict:
+    """`raw` without the base's solver keys that a cell's own solver (set by an axis) does not
+    use: the base's settings serve the solvers that use them. Keys the cell's values set
+    themselves stay, so validation refuses those its solver ignores (`config.validate`)."""
+    from nstjax import solvers
+
+    solver = raw.get("solver")
+    if "solver.name" not in values or not isinstance(solver, dict):
+        return raw
+    used = solvers.USES.get(solver.get("name"), frozenset(solver))
+    base_keys = base.get("solver") if isinstance(base.get("solver"), dict) else {}
+    drop = {k for k in base_keys if k != "name" and k not in used and f"solver.{k}" not in values}
+    return {**raw, "solver": {k: v for k, v in solver.items() if k not in drop}} if drop else raw
+
+
 def expand(sw: Sweep) -> list[Cell]:
     """All cells (product of the dims, first dim slowest), each with a validated config.
 
@@ -404,7 +423,7 @@ def expand(sw: Sweep) -> list[Cell]:
                 labels[j] = d.labels[i]
         parts, texts = _cell_parts(sw.dims, short, combo)
         overlay = config.resolve_paths(_nest(values, sw.source), sw.here)
-        raw = config.merge(sw.base, overlay)
+        raw = _base_solver_keys(config.merge(sw.base, overlay), sw.base, values)
         cells.append(Cell(index, combo, values, labels, tuple(parts), tuple(texts), raw))
     _unique_names(cells)
     for c in cells:
