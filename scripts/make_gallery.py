@@ -31,18 +31,20 @@ from nstjax.errors import UserError  # noqa: E402
 
 CREDITS = """# Demo images
 
-Small copies (longer side {size} px, JPEG quality {quality}) of two classic inputs of neural
+Small copies (longer side {size} px, JPEG quality {quality}) of three classic inputs of neural
 style transfer, made by `python scripts/make_gallery.py demo-images`.
 
 - `tubingen.jpg`: "Neckarfront in Tübingen", photograph by Andreas Praefcke (the content image
   of Gatys et al. 2015), resized. Licence: CC BY 3.0
   (https://creativecommons.org/licenses/by/3.0/); attribution required.
 - `starry_night.jpg`: Vincent van Gogh, The Starry Night (1889), resized. Public domain.
+- `the_scream.jpg`: Edvard Munch, The Scream (1893), resized. Public domain.
 
 Keep this credit line wherever the photograph or a work derived from it (a stylized result) is
 shown: "Neckarfront in Tübingen" by Andreas Praefcke, CC BY 3.0, resized.
 """
-DEMO = {"tubingen.jpg": "tubingen.jpg", "starry_night.jpg": "starry_night.jpg"}
+DEMO = {"tubingen.jpg": "tubingen.jpg", "starry_night.jpg": "starry_night.jpg",
+        "the_scream.jpg": "the_scream.jpg"}
 LABEL_H = 18
 SHORT = {"style_to_content_ratio": "ratio", "style_weights": "style_w", "tv_weight": "tv",
          "content_layers": "content", "style_layers": "style", "maxiter": "iters",
