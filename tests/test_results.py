@@ -225,15 +225,17 @@ def test_make_gallery_demo_images(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(0)
-    for name, wh in (("tubingen.jpg", (1024, 768)), ("starry_night.jpg", (1024, 640))):
+    for name, wh in (("tubingen.jpg", (1024, 768)), ("starry_night.jpg", (1024, 640)),
+                     ("the_scream.jpg", (1200, 1528))):
         Image.fromarray(rng.integers(0, 255, (wh[1], wh[0], 3), np.uint8)).save(src / name)
     dest = tmp_path / "demo"
     assert g.main(["demo-images", "--src", str(src), "--dest", str(dest), "--size", "256"]) == 0
     assert Image.open(dest / "tubingen.jpg").size == (256, 192)
     assert Image.open(dest / "starry_night.jpg").size == (256, 160)
+    assert Image.open(dest / "the_scream.jpg").size == (201, 256)
     credits = (dest / "CREDITS.md").read_text(encoding="utf-8")
     assert "Andreas Praefcke" in credits and "CC BY 3.0" in credits and "public domain" in \
-        credits.lower()
+        credits.lower() and "The Scream" in credits
 
 
 def test_every_cell_row_has_metric_and_term_columns(made):
