@@ -256,10 +256,10 @@ def test_a_signal_stops_the_sweep_with_complete_cells(tmp_path, home, sig, code)
 def test_host_cells_run_as_nstjax_run_and_keep_user_files(tmp_path, capsys):
     """A host-side solver's cells run one by one through `run.run`; rerunning a failed one
     replaces its directory but keeps the files a user added to it."""
-    p = write_sweep(tmp_path / "h.yaml",
-                    base=base_config(image={"size": [32, 24]},
-                                     solver={"name": "scipy_lbfgsb", "rounds": 2, "maxfun": 3}),
-                    axes={"loss.style_to_content_ratio": [1, 5]})
+    base = base_config(image={"size": [32, 24]},
+                       solver={"name": "scipy_lbfgsb", "rounds": 2, "maxfun": 3})
+    del base["solver"]["maxiter"]  # scipy_lbfgsb counts rounds; a set maxiter is refused
+    p = write_sweep(tmp_path / "h.yaml", base=base, axes={"loss.style_to_content_ratio": [1, 5]})
     out = tmp_path / "out"
     args = ["sweep", str(p), "--out", str(out), "--quiet", "--no-compile-cache"]
     assert cli.main(args) == 0
