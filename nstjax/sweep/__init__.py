@@ -52,8 +52,8 @@ sweep file format (YAML):
     loss.style_to_content_ratio: [1, 5, 15]
     seed: [0, 1]
   zip:                              # keys that vary together (optional; a list of groups)
-    - label: [post, uniform]        # optional readable names for the zip's values
-      loss.style_weights: [[0.05, 0.2, 0.2, 0.25, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    - label: [deep, uniform]        # optional readable names for the zip's values
+      loss.style_weights: [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]
   sweep: {batch_size: auto, lanes: auto, compile_cache: true, label_metric: style}
 
 Any config key can be an axis (dotted, as in `nstjax run` overrides). Results: <out>/cells/*

@@ -5,8 +5,8 @@
     axes:                             # the cells are the product of the axes, in this order
       loss.style_to_content_ratio: [1, 5, 15]
     zip:                              # keys that vary together (optional; a list of groups)
-      - label: [post, uniform]        # optional readable names for the zip's values
-        loss.style_weights: [[0.05, 0.2, 0.2, 0.25, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]]
+      - label: [deep, uniform]        # optional readable names for the zip's values
+        loss.style_weights: [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]
     sweep: {batch_size: auto, lanes: auto, compile_cache: true}   # optional settings
     # sweep.label_metric: style   labels the contact sheet's tiles with metric.style
 """
