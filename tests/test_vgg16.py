@@ -519,3 +519,9 @@ def test_vgg19_layers_refused_by_vgg16(vgg_params, image):
     assert vgg16.arch_of(vgg_params) == "vgg16"
     with pytest.raises(ValueError, match=r"unknown vgg16 layers \['block3_conv4'\]"):
         vgg16.features(vgg_params, jnp.asarray(image), ["block3_conv4"])
+
+
+def test_vgg19_extra_convs_run_as_winograd_where_vgg16s_do():
+    wl = vgg16.winograd_layers("winograd", "highest", (64, 64), vgg16.names("vgg19"))
+    assert {"block3_conv3", "block3_conv4", "block4_conv4", "block5_conv4"} <= set(wl)
+    assert not {"block1_conv1", "block2_conv1"} & set(wl)
