@@ -73,9 +73,9 @@ def _weights(a) -> int:
         for s in weights.sources():
             print("  ".join(f"{k}={v}" for k, v in s.items()))
     elif a.wcmd == "fetch":
-        print(weights.fetch(a.name, quiet=a.quiet))
+        print(weights.fetch(a.name, quiet=a.quiet, arch=a.arch))
     elif a.wcmd == "convert":
-        meta = weights.convert(a.src, a.dst, force=a.force)
+        meta = weights.convert(a.src, a.dst, force=a.force, arch=a.arch)
         print(f"wrote {a.dst} ({len(meta.get('layers', []))} layers, sha256 of input "
               f"{meta.get('sha256', '')[:12]}...)")
     return 0
@@ -133,16 +133,20 @@ def parser():
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.maxiter=50")
     cs.set_defaults(fn=_config)
 
-    w = sub.add_parser("weights", help="list, fetch and convert VGG16 weights")
+    w = sub.add_parser("weights", help="list, fetch and convert VGG16/VGG19 weights")
     wsub = w.add_subparsers(dest="wcmd", required=True)
     wsub.add_parser("list", help="named sources and what is cached")
     f = wsub.add_parser("fetch", help="download a named source into the cache")
     f.add_argument("name", help="imagenet or hed")
     f.add_argument("--quiet", action="store_true")
+    f.add_argument("--arch", choices=("vgg16", "vgg19"), default="vgg16",
+                   help="the backbone (model.arch) whose file to fetch; hed is vgg16 only")
     c = wsub.add_parser("convert", help="Keras h5 -> nstjax npz")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--force", action="store_true", help="replace dst if it exists")
+    c.add_argument("--arch", choices=("vgg16", "vgg19"), default="vgg16",
+                   help="the backbone (model.arch) whose layers to read and check")
     w.set_defaults(fn=_weights)
 
     rp = sub.add_parser("report", help="(re)write report.html of a sweep or run directory")

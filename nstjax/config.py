@@ -30,9 +30,10 @@ from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.r
     resolve_paths,
 )
 from nstjax.errors import PREVIEW, UserError, preview
-from nstjax.weights import VGG16_CONVS
+from nstjax.weights import ARCHS, VGG16_CONVS, hed_arch_error
 
 LAYERS = tuple(name for name, _, _ in VGG16_CONVS)
+ALL_LAYERS = tuple(name for name, _, _ in ARCHS["vgg19"])  # every arch's layers (VGG19 has all)
 POST_STYLE_LAYERS = [f"block{i}_conv2" for i in range(1, 6)]
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
 
@@ -48,13 +49,20 @@ NonNeg = Annotated[float, Field(ge=0)]
 Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
 Iters = Annotated[int, Field(ge=0, le=MAX_ITER)]
 
+def _layer_error(n: str, arch: str) -> str | None:
+    """Why `n` is not a conv layer of `arch` (None if it is)."""
+    valid = [name for name, _, _ in ARCHS[arch]]
+    if n in valid:
+        return None
+    near = difflib.get_close_matches(n, valid, 1) if len(n) < 100 else []
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    other = " (a VGG19 layer: set model.arch=vgg19)" if n in ALL_LAYERS else ""
+    return (f"{preview(n)} is not a {arch.upper()} conv layer{other or hint}; "
+            f"valid: {', '.join(valid)}")
+
+
 def _check_layers(v: list[str]) -> list[str]:
-    for n in v:
-        if n not in LAYERS:
-            near = difflib.get_close_matches(n, LAYERS, 1) if len(n) < 100 else []
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ValueError(
-                f"{preview(n)} is not a VGG16 conv layer{hint}; valid: {', '.join(LAYERS)}")
+    # The names are checked against the config's model.arch in Config._arch.
     if len(set(v)) != len(v):
         raise ValueError("lists a layer twice")
     return v
@@ -87,6 +95,8 @@ def _path_list(v):
 
 
 class ModelCfg(_Strict):
+    arch: Literal["vgg16", "vgg19"] = Field(
+        default="vgg16", description="the backbone: Keras VGG16 or VGG19 (hed is VGG16 only)")
     weights: str = "hed"
     pooling: Literal["avg", "max"] = "avg"
     precision: Literal["highest", "default", "bfloat16"] = "default"
@@ -95,16 +105,17 @@ class ModelCfg(_Strict):
 
 
 def _layers_field(default: tuple[str, ...]):
-    return Field(default_factory=lambda: list(default), min_length=1, max_length=len(LAYERS))
+    return Field(default_factory=lambda: list(default), min_length=1,
+                 max_length=len(ALL_LAYERS))
 
 
 class LossCfg(_Strict):
     normalization: Literal["seed", "gatys"] = "seed"
     content_layers: list[str] = _layers_field(("block4_conv2",))
-    content_weights: list[NonNeg] | None = Field(default=None, max_length=len(LAYERS))
+    content_weights: list[NonNeg] | None = Field(default=None, max_length=len(ALL_LAYERS))
     style_layers: list[str] = _layers_field(POST_STYLE_LAYERS)
     style_weights: list[NonNeg] = Field(
-        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(LAYERS))
+        default_factory=lambda: list(POST_STYLE_WEIGHTS), max_length=len(ALL_LAYERS))
     style_to_content_ratio: float = Field(default=15.0, gt=0)
     tv_weight: float = Field(default=0.0, ge=0)
     kind: str = Field(default="gram", max_length=100, description="a registered loss kind "
@@ -309,6 +320,21 @@ class Config(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("give at least one style image")
         return v
+
+    @model_validator(mode="after")
+    def _arch(self):
+        arch = self.model.arch
+        if arch != "vgg16" and self.model.weights == "hed":
+            raise ValueError(hed_arch_error(arch))
+        for key, layers in (("loss.content_layers", self.loss.content_layers),
+                            ("loss.style_layers", self.loss.style_layers),
+                            ("eval.content_layers", self.eval.content_layers),
+                            ("eval.style_layers", self.eval.style_layers),
+                            ("eval.swd_layers", self.eval.swd_layers)):
+            for n in layers:
+                if why := _layer_error(n, arch):
+                    raise ValueError(f"{key}: {why}")
+        return self
 
     @model_validator(mode="after")
     def _controls(self):

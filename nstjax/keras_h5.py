@@ -60,9 +60,11 @@ def check_params(label: str, params: Params, convs: ConvTable) -> Params:
     out: Params = {}
     for name, need in need_shapes(convs).items():
         if name not in params:
+            hint = ("; a VGG16 file? use model.arch=vgg16" if name.endswith("_conv4")
+                    and "block5_conv3" in params else "")
             raise UserError(
                 f"weights file {label}: layer {name} not found "
-                f"(found: {', '.join(sorted(params))})"
+                f"(found: {', '.join(sorted(params))}){hint}"
             )
         for what, shape in need.items():
             arr = params[name][what]

@@ -54,6 +54,7 @@ class Spec:
     # The kind's static options ((name, value), ...): those that change shapes (`Option`).
     options: tuple[tuple[str, Any], ...] = ()
     seamless: bool = False  # circular padding everywhere: seamless (tileable) images
+    arch: str = "vgg16"  # the backbone (vgg16.ARCHS): vgg16 or vgg19
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -193,7 +194,7 @@ def features(params: dict, x: jax.Array, layers: Sequence[str], spec: Spec) -> d
     if not layers:
         return {}
     return vgg16.features(params, x, layers, spec.pooling, spec.precision, spec.remat, spec.conv,
-                          seamless=spec.seamless)
+                          seamless=spec.seamless, arch=spec.arch)
 
 
 def gram_targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec) -> dict:

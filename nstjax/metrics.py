@@ -66,8 +66,8 @@ class EvalSpec:
             object.__setattr__(self, f, tuple(v))
             bad = [n for n in v if n not in vgg16.CHANNELS]
             if bad:
-                raise UserError(f"eval.{f}: {bad[0]!r} is not a VGG16 conv layer; valid: "
-                                f"{', '.join(vgg16.NAMES)}")
+                raise UserError(f"eval.{f}: {bad[0]!r} is not a VGG16 or VGG19 conv layer; "
+                                f"valid: {', '.join(vgg16.CHANNELS)}")
         m = self.metrics
         if isinstance(m, str) or not isinstance(m, (list, tuple)):
             raise UserError(f"eval.metrics: {m!r} is not a list of metric names")

@@ -96,7 +96,7 @@ def run_multiscale(cfg: Config, d_out: Callable[[], Path | None], *, quiet: bool
     final = load_content(cfg)
     sizes = scale_sizes(cfg, (final.shape[2], final.shape[1]))
     iters = scale_iters(cfg, len(sizes))
-    params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
+    params, winfo = weights.load(cfg.model.weights, seed=cfg.seed, arch=cfg.model.arch)
     problem = build(scale_config(cfg, sizes[0], iters[0]), params, winfo)
     d = d_out()
     rec0 = {**record.start_record(cfg, problem), "content_size": list(sizes[-1]), "scales": []}

@@ -62,10 +62,10 @@ def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None,
     if problem is not None:
         params = problem.params
     else:
-        key = (cfg.model.weights, cfg.seed)
+        key = (cfg.model.weights, cfg.seed, cfg.model.arch)
         if key not in _PARAMS:
             _PARAMS.clear()
-            p, _ = weights.load(cfg.model.weights, seed=cfg.seed)
+            p, _ = weights.load(cfg.model.weights, seed=cfg.seed, arch=cfg.model.arch)
             _PARAMS[key] = jax.tree.map(jnp.asarray, p)
         params = _PARAMS[key]
     mp = cfg.image.max_pixels
@@ -113,6 +113,7 @@ def spec_of(cfg: Config) -> losses.Spec:
         conv=cfg.model.conv,
         options=losses.static_options(cfg.loss.kind, _options(cfg)),
         seamless=cfg.image.seamless,
+        arch=cfg.model.arch,
     )
 
 
@@ -294,7 +295,7 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     if lum:
         content = image.preprocess(image.gray(content_ycc[..., 0]))
     if params is None:
-        params, winfo = weights.load(cfg.model.weights, seed=cfg.seed)
+        params, winfo = weights.load(cfg.model.weights, seed=cfg.seed, arch=cfg.model.arch)
     spec = spec_of(cfg)
     params = vgg16.prepare(params, spec.conv, spec.precision, (h, w))
     tgt = style_targets(params, content, styles, spec,

@@ -116,7 +116,8 @@ def start_record(cfg: Config, problem) -> dict:
 
     return {"status": Status.RUNNING.value, "versions": versions(), "device": str(jax.devices()[0]),
             "platform": jax.default_backend(),
-            "conv": vgg16.resolve_conv(cfg.model.conv), "winograd_layers": _winograd(cfg, problem),
+            "arch": cfg.model.arch, "conv": vgg16.resolve_conv(cfg.model.conv),
+            "winograd_layers": _winograd(cfg, problem),
             **problem.info, "solver": cfg.solver.name,
             "started": datetime.now().isoformat(timespec="seconds"), "pid": os.getpid(),
             "host": platform.node()}
@@ -125,9 +126,9 @@ def start_record(cfg: Config, problem) -> dict:
 def _winograd(cfg: Config, problem) -> list[str]:
     """The layers that run as Winograd at the content size (the solve's)."""
     w, h = problem.info["content_size"]
-    last = max(vgg16.NAMES.index(n) for n in problem.spec.layers)
-    return vgg16.winograd_layers(cfg.model.conv, cfg.model.precision, (h, w),
-                                 vgg16.NAMES[: last + 1])
+    order = vgg16.names(cfg.model.arch)
+    last = max(order.index(n) for n in problem.spec.layers)
+    return vgg16.winograd_layers(cfg.model.conv, cfg.model.precision, (h, w), order[: last + 1])
 
 
 def _losses(row: dict) -> dict:

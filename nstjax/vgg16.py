@@ -1,4 +1,5 @@
-"""VGG16's conv stack as a flax module, and `features`, its functional face over a params dict.
+"""VGG16's and VGG19's conv stacks as one flax module, and `features`, its functional face over
+a params dict. The arch is its conv table (`ARCHS`); the module keeps the name `VGG16`.
 
 The convolution has a custom VJP: its input gradient is written as a forward convolution of the
 cotangent with the flipped, in/out-swapped kernel. The gradients equal `jax.grad`'s, but XLA:CPU
@@ -33,13 +34,35 @@ CONVS: tuple[tuple[str, int, int], ...] = (
     ("block5_conv2", 512, 512),
     ("block5_conv3", 512, 512),
 )
+# Keras VGG19: blocks 3-5 have a fourth conv (block3_conv4 ...), same channels as the block's.
+VGG19_CONVS: tuple[tuple[str, int, int], ...] = (
+    *CONVS[:7], ("block3_conv4", 256, 256), *CONVS[7:10], ("block4_conv4", 512, 512),
+    *CONVS[10:], ("block5_conv4", 512, 512))
+ARCHS: dict[str, tuple[tuple[str, int, int], ...]] = {"vgg16": CONVS, "vgg19": VGG19_CONVS}
 NAMES: tuple[str, ...] = tuple(name for name, _, _ in CONVS)
-CHANNELS: dict[str, int] = {name: cout for name, _, cout in CONVS}
+CHANNELS: dict[str, int] = {name: cout for name, _, cout in VGG19_CONVS}  # both archs' names
 POOLINGS = ("avg", "max")
 PRECISIONS = ("highest", "default", "bfloat16")
 CONV_ALGOS = ("auto", "direct", "winograd")
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def convs(arch: str) -> tuple[tuple[str, int, int], ...]:
+    """The conv table of `arch` (`vgg16` or `vgg19`)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    return ARCHS[arch]
+
+
+def names(arch: str) -> tuple[str, ...]:
+    """The conv layer names of `arch`, in order."""
+    return tuple(n for n, _, _ in convs(arch))
+
+
+def arch_of(params: dict) -> str:
+    """The arch a params dict holds: `vgg19` if it has VGG19's extra layers, else `vgg16`."""
+    return "vgg19" if "block3_conv4" in params else "vgg16"
 
 
 def block(name: str) -> int:
@@ -98,7 +121,7 @@ def uses_winograd(cin: int, cout: int, algo: str, precision: str, tiles: int) ->
 def winograd_layers(algo: str, precision: str, hw: tuple[int, int],
                     names: Sequence[str] = NAMES) -> list[str]:
     """The layers of `names` that run as Winograd for an (H, W) input image."""
-    return [n for n, cin, cout in CONVS
+    return [n for n, cin, cout in VGG19_CONVS
             if n in names and uses_winograd(cin, cout, algo, precision, tiles_at(n, hw))]
 
 
@@ -298,10 +321,11 @@ def _pool(x: jax.Array, pooling: str) -> jax.Array:
     return x.max(axis=(2, 4)) if pooling == "max" else x.mean(axis=(2, 4))
 
 
-def _check(layers: Sequence[str], pooling: str, precision: str, conv: str) -> None:
-    unknown = [n for n in layers if n not in CHANNELS]
+def _check(layers: Sequence[str], pooling: str, precision: str, conv: str, arch: str) -> None:
+    valid = names(arch)
+    unknown = [n for n in layers if n not in valid]
     if unknown or not layers:
-        raise ValueError(f"unknown VGG16 layers {unknown} in {list(layers)}; valid: {list(NAMES)}")
+        raise ValueError(f"unknown {arch} layers {unknown} in {list(layers)}; valid: {list(valid)}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if precision not in PRECISIONS:
@@ -348,7 +372,8 @@ def _run_block(
 
 
 class VGG16(nn.Module):
-    """VGG16's conv stack (Keras layer names) returning `{name: activation}` for `layers`.
+    """VGG16's or VGG19's conv stack (`arch`; Keras layer names) returning `{name: activation}`
+    for `layers`.
 
     Input: a preprocessed NHWC batch (BGR, ImageNet mean subtracted). Computes no layer past
     the deepest one asked for. `pooling`: `avg` or `max` (2x2 'valid'). `precision`: `highest`,
@@ -364,21 +389,23 @@ class VGG16(nn.Module):
     remat: bool = False
     conv: str = "direct"
     seamless: bool = False
+    arch: str = "vgg16"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        _check(self.layers, self.pooling, self.precision, self.conv)
-        last = max(NAMES.index(n) for n in self.layers)
+        _check(self.layers, self.pooling, self.precision, self.conv, self.arch)
+        order = names(self.arch)
+        last = max(order.index(n) for n in self.layers)
         run = nn.remat(_run_block, static_argnums=(2,)) if self.remat else _run_block
         out: dict[str, jax.Array] = {}
         h = x
         for b in range(1, 6):
-            names = tuple(n for n in NAMES[: last + 1] if block(n) == b)
-            if not names:
+            todo = tuple(n for n in order[: last + 1] if block(n) == b)
+            if not todo:
                 break
             if b > 1:
                 h = _pool(h, self.pooling)
-            h, acts = run(self, h, names)
+            h, acts = run(self, h, todo)
             out.update(acts)
         return {n: out[n].astype(jnp.promote_types(out[n].dtype, jnp.float32))
                 for n in self.layers}
@@ -394,13 +421,16 @@ def features(
     conv: str = "direct",
     *,
     seamless: bool = False,
+    arch: str | None = None,
 ) -> dict[str, jax.Array]:
     """Activations {name: (N,h,w,c)} of `layers` for a preprocessed NHWC batch `x`.
 
     `params` is `{layer_name: {"kernel": (3,3,cin,cout), "bias": (cout,)}}` (flax's "params"
     collection of `VGG16`, optionally with `prepare`'s kernels); the rest as in `VGG16`.
     `seamless`: circular padding in every convolution (the image is one period of a seamless
-    pattern; its sides should be multiples of the deepest layer's pooling factor).
+    pattern; its sides should be multiples of the deepest layer's pooling factor). `arch`:
+    `vgg16` or `vgg19`; None: the one `params` holds (`arch_of`).
     """
-    module = VGG16(tuple(layers), pooling, precision, remat, conv, seamless)
+    arch = arch_of(params) if arch is None else arch
+    module = VGG16(tuple(layers), pooling, precision, remat, conv, seamless, arch)
     return module.apply({"params": params}, x)

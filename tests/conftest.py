@@ -51,14 +51,16 @@ def np_pool2x2(x: np.ndarray, pooling: str) -> np.ndarray:
     return out
 
 
-def np_vgg16(params: dict, x: np.ndarray, last: str, pooling: str = "avg") -> dict:
-    """All activations {name: float64 (N,h,w,c)} of the VGG16 conv stack up to layer `last`."""
+def np_vgg16(params: dict, x: np.ndarray, last: str, pooling: str = "avg",
+             names: list[str] | None = None) -> dict:
+    """All activations {name: float64 (N,h,w,c)} of the VGG16 conv stack (or of the conv layers
+    `names`, in order) up to layer `last`."""
     from nstjax.vgg16 import CONVS
 
     h = np.asarray(x, np.float64)
     acts = {}
     prev_block = 1
-    for name, _, _ in CONVS:
+    for name in names or [n for n, _, _ in CONVS]:
         blk = int(name[len("block")])
         if blk != prev_block:
             h = np_pool2x2(h, pooling)

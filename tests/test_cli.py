@@ -132,3 +132,20 @@ def test_every_numeric_flag_refuses_bad_values_in_one_line(tmp_path, capsys, pat
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("nstjax: error:") and flag in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_weights_commands_take_the_arch(env, capsys, monkeypatch):
+    from weights_helpers import TINY19, make_params, write_legacy
+
+    from nstjax import weights
+
+    monkeypatch.setitem(weights.ARCHS, "vgg19", TINY19)
+    write_legacy(env / "v19.h5", make_params(TINY19))
+    assert cli.main(["weights", "convert", "v19.h5", "v19.npz", "--arch", "vgg19"]) == 0
+    assert "16 layers" in capsys.readouterr().out
+    assert weights.read_npz(env / "v19.npz", convs=TINY19)[1]["arch"] == "vgg19"
+    assert cli.main(["weights", "fetch", "hed", "--arch", "vgg19"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hed is a VGG16 backbone" in err
+    assert cli.main(["weights", "list"]) == 0
+    assert "arch=vgg19" in capsys.readouterr().out

@@ -393,3 +393,25 @@ def test_replace_applies_dotted_keys_together_and_validates_once(write):
         cfg.replace(**{"loss.nope": 1})
     with pytest.raises(UserError, match="finite"):
         cfg.replace(**{"loss.tv_weight": float("inf")})
+
+
+def test_model_arch_and_its_layer_checks(write):
+    assert C.load(write(MINIMAL)).model.arch == "vgg16"
+    ok = C.load(write(MINIMAL), ["model.arch=vgg19", "model.weights=random",
+                                 "loss.style_layers=[block3_conv4, block5_conv4]",
+                                 "loss.style_weights=[1, 1]", "eval.swd_layers=[block4_conv4]"])
+    assert ok.model.arch == "vgg19" and ok.loss.style_layers == ["block3_conv4", "block5_conv4"]
+    msg = error_of(write(MINIMAL), ["loss.style_layers=[block3_conv4]", "loss.style_weights=[1]"])
+    assert ("loss.style_layers: 'block3_conv4' is not a VGG16 conv layer (a VGG19 layer: set "
+            "model.arch=vgg19); valid: block1_conv1") in msg
+    msg = error_of(write(MINIMAL), ["eval.content_layers=[block4_conv4]"])
+    assert "eval.content_layers: 'block4_conv4' is not a VGG16 conv layer" in msg
+    msg = error_of(write(MINIMAL), ["model.arch=vgg19", "model.weights=random",
+                                    "loss.content_layers=[block4_conv5]"])
+    assert "'block4_conv5' is not a VGG19 conv layer (did you mean block4_conv" in msg
+    assert "block5_conv4" in msg  # the valid list is VGG19's
+    msg = error_of(write(MINIMAL), ["model.arch=vgg19", "model.weights=hed"])
+    assert "model.weights=hed is a VGG16 backbone, but model.arch=vgg19" in msg
+    assert "model.arch=vgg16" in msg and "model.weights=imagenet" in msg
+    msg = error_of(write(MINIMAL), ["model.arch=vgg11"])
+    assert "model.arch" in msg and "vgg19" in msg

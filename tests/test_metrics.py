@@ -240,3 +240,23 @@ def test_texture_has_no_content_metrics(vgg_params, imgs):
     got = metrics.evaluate(vgg_params, x, None, s)
     assert not any(k.startswith("content") for k in got)
     assert {"weave", "color", "swd", "style"} <= set(got) and "structure" not in got
+
+
+def test_gram_metric_on_vgg19(imgs):
+    # The metrics run on the network the params hold: VGG19's layers, VGG19's path to them.
+    from nstjax import vgg16
+    from nstjax.weights import random_params
+
+    params = {n: {k: jnp.asarray(v) for k, v in p.items()}
+              for n, p in random_params(2, convs=vgg16.VGG19_CONVS).items()}
+    names = [f"block{b}_conv{i}" for b, k in enumerate((2, 2, 4, 4, 4), 1)
+             for i in range(1, k + 1)]
+    spec = metrics.EvalSpec(style_layers=("block3_conv4", "block4_conv4"),
+                            content_layers=("block4_conv2",), metrics=("gram",))
+    x, c, s = imgs
+    got = metrics.evaluate(params, x, c, s, spec)
+    fx, fc, fs = (np_vgg16(params, im, "block4_conv4", names=names) for im in imgs)
+    for n in spec.style_layers:
+        assert got[f"style.{n}"] == pytest.approx(np_gatys_style(fx[n][0], fs[n][0]), rel=1e-4)
+    ref = 0.5 * np.sum((fx["block4_conv2"] - fc["block4_conv2"]) ** 2)
+    assert got["content"] == pytest.approx(ref, rel=1e-4) and ref > 0

@@ -185,3 +185,19 @@ def test_run_json_of_an_overflowing_run_is_standard_json(env, capsys):
     assert rec["status"] == "failed"
     assert rec["final_loss"]["total"] is None and rec["final_loss"]["total_text"] == "inf"
     assert rec["initial_loss"]["style"] is None and rec["initial_loss"]["style_text"] == "inf"
+
+
+def test_cli_run_vgg19(tiny_cfg, tmp_path):
+    out = tmp_path / "v19"
+    assert cli.main(["run", str(tiny_cfg), "model.arch=vgg19", "loss.content_layers=[block2_conv1]",
+                     "loss.style_layers=[block1_conv1, block3_conv4]",
+                     "loss.style_weights=[1, 1]", "solver.maxiter=3", "output.save_every=0",
+                     "--out", str(out), "--quiet"]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "done" and rec["arch"] == "vgg19"
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["arch"] == "vgg19"
+    # VGG19's layer ran: its term is in the history.
+    rows = _history(out)
+    assert [k for k in rows[0] if k.startswith("style/")] == [
+        "style/block1_conv1", "style/block3_conv4"]
+    assert float(rows[-1]["total"]) < float(rows[0]["total"])

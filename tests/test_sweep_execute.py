@@ -336,3 +336,20 @@ def test_report_page_is_rewritten_after_each_group(tmp_path, monkeypatch):
         assert first[1][c.name]["status"] == want
         assert second[1][c.name]["status"] == "failed"
     assert not [f for f in out.iterdir() if f.name.startswith(".report.html")]
+
+
+def test_a_sweep_over_the_backbone(tmp_path, capsys):
+    # A style layer past block3: VGG19's network differs there (block3_conv4 comes first).
+    base = base_config(solver={"maxiter": 2}, loss={
+        "style_layers": ["block1_conv1", "block4_conv1"], "style_weights": [0.5, 0.5]})
+    p = write_sweep(tmp_path / "arch.yaml", base=base, axes={"model.arch": ["vgg16", "vgg19"]})
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(p), "--out", str(out), "--quiet"]) == 0
+    assert "2 compilation(s)" in capsys.readouterr().out  # one program per arch
+    rows = summary(out)
+    assert sorted(rows) == ["arch-vgg16", "arch-vgg19"], sorted(rows)
+    for name, row in rows.items():
+        assert row["status"] == "done"
+        rec = json.loads((out / "cells" / name / "run.json").read_text())
+        assert rec["arch"] == name.removeprefix("arch-")
+    assert rows["arch-vgg16"]["total"] != rows["arch-vgg19"]["total"]

@@ -4,9 +4,10 @@ writes nothing) and the shipped sweep files."""
 from __future__ import annotations
 
 import pytest
-from sweep_helpers import ROOT, prepared, write_sweep
+from sweep_helpers import ROOT, base_config, prepared, write_sweep
 
 from nstjax import cli, sweep
+from nstjax.sweep import plan
 
 
 def test_grouping_by_structure(tmp_path):
@@ -71,3 +72,19 @@ def test_dry_run_refuses_a_directory_it_could_not_run_into(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a sweep directory" in err and str(foreign) in err
     assert [f.name for f in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_arch_is_a_structure_axis(tmp_path):
+    p = write_sweep(tmp_path / "a.yaml", axes={"model.arch": ["vgg16", "vgg19"], "seed": [0, 1]})
+    sw, cells, groups = prepared(p)
+    assert len(cells) == 4 and len(groups) == 2
+    for g in groups:
+        assert len({c.cfg.model.arch for c in g.cells}) == 1 and len(g.cells) == 2
+        assert g.spec.arch == g.cells[0].cfg.model.arch
+    # The cost model counts VGG19's extra conv (block3_conv4) on the way to block4.
+    deep = write_sweep(tmp_path / "d.yaml", base=base_config(loss={
+        "content_layers": ["block4_conv1"], "style_layers": ["block4_conv1"],
+        "style_weights": [1]}), axes={"model.arch": ["vgg16", "vgg19"]})
+    _, _, g2 = prepared(deep)
+    n = {g.spec.arch: len(plan._conv_layers(g.spec, g.hw)) for g in g2}
+    assert n == {"vgg16": 8, "vgg19": 9}

@@ -466,3 +466,62 @@ def test_winograd_under_vmap_equals_single(wide_data):
     for i, ki in enumerate((k, -k)):
         ref = np_conv3x3_same(np.asarray(xs[i]), np.asarray(ki), np.zeros(ki.shape[-1]))
         assert rel_err(ys[i], ref) < 1e-5
+
+
+# --------------------------------------------------------------------------- VGG19
+
+# Keras VGG19, written out: 2, 2, 4, 4, 4 convs per block, 64..512 channels.
+VGG19_NAMES = [f"block{b}_conv{i}" for b, k in enumerate((2, 2, 4, 4, 4), 1)
+               for i in range(1, k + 1)]
+
+
+@pytest.fixture(scope="module")
+def vgg19_params() -> dict:
+    from nstjax.weights import random_params
+
+    params = random_params(1, convs=vgg16.VGG19_CONVS)
+    rng = np.random.default_rng(7)
+    for p in params.values():
+        p["bias"] = (0.1 * rng.standard_normal(p["bias"].shape)).astype(np.float32)
+    return jax.tree.map(jnp.asarray, params)
+
+
+def test_vgg19_table_is_keras():
+    assert list(vgg16.names("vgg19")) == VGG19_NAMES
+    assert [c for _, _, c in vgg16.VGG19_CONVS] == [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8
+    assert [i for _, i, _ in vgg16.VGG19_CONVS][1:] == [c for _, _, c in vgg16.VGG19_CONVS][:-1]
+    assert list(vgg16.names("vgg16")) == list(vgg16.NAMES)
+    with pytest.raises(ValueError, match="vgg11"):
+        vgg16.names("vgg11")
+
+
+def test_vgg19_matches_numpy_reference(vgg19_params):
+    x = (50.0 * np.random.default_rng(2).standard_normal((1, 32, 32, 3))).astype(np.float32)
+    ref = np_vgg16(vgg19_params, x, "block5_conv4", "avg", VGG19_NAMES)
+    out = vgg16.features(vgg19_params, jnp.asarray(x), VGG19_NAMES, "avg", "highest",
+                         arch="vgg19")
+    assert list(out) == VGG19_NAMES
+    for n in VGG19_NAMES:
+        assert out[n].shape == ref[n].shape, n
+        assert rel_err(out[n], ref[n]) < 1e-4, n
+    assert out["block5_conv4"].shape == (1, 2, 2, 512)
+    # The arch is the one the params hold when not given.
+    inferred = vgg16.features(vgg19_params, jnp.asarray(x), ["block4_conv1"], "avg", "highest")
+    assert rel_err(inferred["block4_conv1"], ref["block4_conv1"]) < 1e-4
+    # VGG16's path over the same params skips block3_conv4: a different block4_conv1.
+    as16 = vgg16.features(vgg19_params, jnp.asarray(x), ["block3_conv3", "block4_conv1"], "avg",
+                          "highest", arch="vgg16")
+    assert rel_err(as16["block3_conv3"], ref["block3_conv3"]) < 1e-4
+    assert rel_err(as16["block4_conv1"], ref["block4_conv1"]) > 0.1
+
+
+def test_vgg19_layers_refused_by_vgg16(vgg_params, image):
+    assert vgg16.arch_of(vgg_params) == "vgg16"
+    with pytest.raises(ValueError, match=r"unknown vgg16 layers \['block3_conv4'\]"):
+        vgg16.features(vgg_params, jnp.asarray(image), ["block3_conv4"])
+
+
+def test_vgg19_extra_convs_run_as_winograd_where_vgg16s_do():
+    wl = vgg16.winograd_layers("winograd", "highest", (64, 64), vgg16.names("vgg19"))
+    assert {"block3_conv3", "block3_conv4", "block4_conv4", "block5_conv4"} <= set(wl)
+    assert not {"block1_conv1", "block2_conv1"} & set(wl)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from weights_helpers import (
     TINY,
+    TINY19,
     assert_same,
     make_params,
     no_data_reads,
@@ -364,7 +365,8 @@ def test_load_bad_sources(tmp_path: Path) -> None:
 
 def test_sources_lists_named() -> None:
     rows = W.sources()
-    assert [r["name"] for r in rows] == ["imagenet", "hed", "random"]
+    assert [(r["name"], r["arch"]) for r in rows] == [
+        ("imagenet", "vgg16"), ("imagenet", "vgg19"), ("hed", "vgg16"), ("random", "vgg16,vgg19")]
     assert not rows[0]["cached"] and rows[0]["path"] is None and rows[0]["size"] is None
 
 
@@ -440,3 +442,108 @@ def test_convert_names_the_destination_when_its_parent_is_a_file(tmp_path):
         W.save_npz(make_params(), tmp_path / "afile" / "y.npz", {})
     assert f"cannot write {tmp_path / 'afile' / 'y.npz'}:" in str(e.value)
     assert ".y.npz." not in str(e.value)  # the temporary file is .y.npz.<pid>.<random>.tmp
+
+
+# --------------------------------------------------------------------------- vgg19
+
+
+def test_vgg19_imagenet_file_is_keras_own() -> None:
+    kf = W.imagenet_file("vgg19")
+    assert kf.name == "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert kf.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+                      + kf.name)
+    assert kf.md5 == "253f8cb515780f3b799900260a226db6"  # keras/applications/vgg19.py
+    assert W.imagenet_file("vgg16").name == W.IMAGENET_FILE
+
+
+@pytest.fixture
+def vgg19_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+    """A tiny legacy VGG19 h5 posing as Keras' VGG19 no-top file."""
+    params = make_params(TINY19)
+    path = write_legacy(tmp_path / "served19.h5", params)
+    monkeypatch.setitem(W.ARCHS, "vgg19", TINY19)
+    kf = W.imagenet_file("vgg19")
+    monkeypatch.setattr(W, "IMAGENET_VGG19", kf._replace(
+        md5=hashlib.md5(path.read_bytes()).hexdigest()))
+    return path, params
+
+
+def test_vgg19_imagenet_from_keras_home_download_and_cache(vgg19_fixture, monkeypatch) -> None:
+    served, params = vgg19_fixture
+    calls = _serve(monkeypatch, served)
+    got, info = W.load("imagenet", quiet=True, arch="vgg19")
+    assert_same(got, params)
+    assert list(got) == [n for n, _, _ in TINY19]
+    cached = W.weights_dir() / W.IMAGENET_VGG19.name
+    assert calls == [W.IMAGENET_VGG19.url] and info["path"] == str(cached)
+    W.load("imagenet", quiet=True, arch="vgg19")
+    assert len(calls) == 1  # reused from the cache
+    # Keras' own copy wins over ours.
+    keras = W.keras_models_dir() / W.IMAGENET_VGG19.name
+    keras.parent.mkdir(parents=True)
+    keras.write_bytes(served.read_bytes())
+    assert W.fetch("imagenet", quiet=True, arch="vgg19") == keras
+    assert next(r for r in W.sources() if r["arch"] == "vgg19")["path"] == str(keras)
+
+
+def test_vgg19_md5_refuses_a_wrong_file(vgg19_fixture, monkeypatch, tmp_path, capsys) -> None:
+    served, _ = vgg19_fixture
+    # A VGG16 file of the same name in Keras' dir: wrong md5, ignored with a warning; the
+    # download is checked too, and a wrong one is not kept.
+    keras = W.keras_models_dir() / W.IMAGENET_VGG19.name
+    keras.parent.mkdir(parents=True)
+    write_legacy(keras, make_params(TINY))
+    wrong = write_legacy(tmp_path / "wrong.h5", make_params(TINY19, seed=1))
+    _serve(monkeypatch, wrong)
+    with pytest.raises(UserError, match=r"corrupt.*md5 " + W.IMAGENET_VGG19.md5):
+        W.load("imagenet", quiet=True, arch="vgg19")
+    assert "does not match md5" in capsys.readouterr().err
+    assert not list(W.weights_dir().iterdir())
+
+
+def test_vgg19_offline_names_the_file_and_the_way_out(vgg19_fixture, monkeypatch) -> None:
+    def offline(url: str, timeout: float):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(W, "_urlopen", offline)
+    with pytest.raises(UserError, match=r"no network.*VGG19.*vgg19_weights.*model\.arch: vgg16"):
+        W.load("imagenet", quiet=True, arch="vgg19")
+
+
+def test_vgg19_random_paths_and_hed(tmp_path: Path, monkeypatch, capsys) -> None:
+    a, _ = W.load("random", seed=3, arch="vgg19")
+    assert "VGG19 has RANDOM weights" in capsys.readouterr().err
+    assert list(a) == list(vgg16.names("vgg19"))
+    for name, cin, cout in vgg16.VGG19_CONVS:
+        assert a[name]["kernel"].shape == (3, 3, cin, cout)
+    # Shared layers draw the same values as VGG16's up to block3_conv3 (same seed, same order).
+    b, _ = W.load("random", seed=3, quiet=True)
+    np.testing.assert_array_equal(a["block3_conv3"]["kernel"], b["block3_conv3"]["kernel"])
+    with pytest.raises(UserError, match=r"model\.weights=hed is a VGG16 backbone.*model\.arch"):
+        W.load("hed", arch="vgg19")
+    with pytest.raises(UserError, match=r"model\.weights=hed is a VGG16 backbone"):
+        W.fetch("hed", arch="vgg19")
+    with pytest.raises(UserError, match=r"model\.arch: unknown arch 'vgg11'"):
+        W.load("random", arch="vgg11")
+    # A VGG16 file read as VGG19: the missing layer is named, with the way out.
+    monkeypatch.setitem(W.ARCHS, "vgg19", TINY19)
+    h5 = write_keras3(tmp_path / "v16.weights.h5", make_params(TINY))
+    with pytest.raises(UserError, match=r"block3_conv4 not found.*model\.arch=vgg16"):
+        W.load(str(h5), arch="vgg19")
+
+
+@pytest.mark.parametrize("layout", ["legacy", "keras3"])
+def test_vgg19_h5_round_trip_through_convert(tmp_path: Path, monkeypatch, layout) -> None:
+    monkeypatch.setitem(W.ARCHS, "vgg19", TINY19)
+    params = make_params(TINY19)
+    if layout == "legacy":
+        src = write_legacy(tmp_path / "in.h5", params, style="kernel", nest=True)
+    else:
+        src = write_keras3(tmp_path / "in.weights.h5", params)
+    got, _ = W.load(str(src), arch="vgg19")
+    assert_same(got, params)
+    meta = W.convert(src, tmp_path / "out.npz", arch="vgg19")
+    assert meta["arch"] == "vgg19" and meta["layers"] == [n for n, _, _ in TINY19]
+    got, info = W.load(str(tmp_path / "out.npz"), arch="vgg19")
+    assert_same(got, params)
+    assert info["kind"] == "npz"

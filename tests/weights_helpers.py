@@ -20,6 +20,11 @@ TINY = (
     ("block4_conv1", 2, 2), ("block4_conv2", 2, 2), ("block4_conv3", 2, 2),
     ("block5_conv1", 2, 2), ("block5_conv2", 2, 2), ("block5_conv3", 2, 2),
 )  # fmt: skip
+# VGG19's names (a fourth conv in blocks 3-5), tiny channels.
+TINY19 = (
+    *TINY[:7], ("block3_conv4", 2, 2), *TINY[7:10], ("block4_conv4", 2, 2),
+    *TINY[10:], ("block5_conv4", 2, 2),
+)  # fmt: skip
 
 
 def make_params(convs=TINY, seed: int = 0) -> Params:

@@ -122,7 +122,7 @@ class Runner:
 
         key = params_key(cfg)
         if key not in self.params:
-            params, info = weights.load(cfg.model.weights, seed=cfg.seed,
+            params, info = weights.load(cfg.model.weights, seed=cfg.seed, arch=cfg.model.arch,
                                         quiet=bool(self.params) or self.quiet)
             params = vgg16.prepare(params, cfg.model.conv, cfg.model.precision)
             params = jax.device_put(params, NamedSharding(self.mesh, P()))

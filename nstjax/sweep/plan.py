@@ -74,7 +74,7 @@ def params_key(cfg: Config) -> tuple:
     """Cells with equal keys share VGG params (random weights depend on the seed; the prepared
     kernels on the convolution algorithm and precision)."""
     w, m = cfg.model.weights, cfg.model
-    return (w, cfg.seed if w == "random" else None, m.conv, m.precision == "bfloat16")
+    return (w, cfg.seed if w == "random" else None, m.conv, m.precision == "bfloat16", m.arch)
 
 
 def _content_hw(cfg: Config, cache: dict) -> tuple[int, int]:
@@ -155,9 +155,10 @@ def _conv_layers(spec, hw: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """(h, w, cin, cout) of every conv the objective computes."""
     from nstjax import vgg16
 
-    last = max(vgg16.NAMES.index(n) for n in spec.layers)
+    order = vgg16.names(spec.arch)
+    last = max(order.index(n) for n in spec.layers)
     out, cin = [], 3
-    for n in vgg16.NAMES[: last + 1]:
+    for n in order[: last + 1]:
         b = vgg16.block(n)
         out.append((hw[0] >> (b - 1), hw[1] >> (b - 1), cin, vgg16.CHANNELS[n]))
         cin = vgg16.CHANNELS[n]
