@@ -372,6 +372,7 @@ def isolated(plugins: Sequence[str] = ()):
     """Within the block, the registry holds exactly the kinds registered in code (not by a
     plugin file or module) plus those of `plugins` (imported or re-registered); it is restored
     after. A sweep cell sees the kinds its own config imports, never another cell's."""
+    _load_builtins()  # before the snapshot: loaded inside, they would vanish with the restore
     saved = dict(_KINDS)
     from_plugins = {id(k) for ks in _PLUGIN_KINDS.values() for k in ks.values()}
     try:

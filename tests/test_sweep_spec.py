@@ -4,6 +4,8 @@ named, readable and safe cell names."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -60,7 +62,7 @@ def test_base_path_set_and_overrides(tmp_path):
     ({"base": 3, "axes": {"seed": [1]}}, "base: must be a config path"),
     ({"base": "nope.yaml", "axes": {"seed": [1]}}, "base: config file not found"),
     ({"axes": {"seed": [1]}, "sweep": {"label_metric": "beauty"}}, "sweep.label_metric: must "
-     "name a metric such as style, content or style.block1_conv1 (got 'beauty')"),
+     "name a metric such as style, style.block1_conv1 or one of "),
     ({"axes": {"seed": [1]}, "sweep": {"label_metric": "style.block9_conv9"}},
      "sweep.label_metric"),
     ({"axes": {"seed": [1]}, "sweep": {"label_metric": 3}}, "sweep.label_metric"),
@@ -129,6 +131,27 @@ def test_label_metric_and_kind_axis(tmp_path):
     assert gram.cfg.loss.kind == "gram" and nope.cfg is None
     assert "cell kind-nope: loss.kind: unknown loss kind 'nope'; registered kinds: " in nope.error
     assert sweep.load(write_sweep(tmp_path / "t.yaml", axes={"seed": [1]})).label_metric is None
+
+
+def test_label_metric_takes_registered_metrics(tmp_path):
+    p = write_sweep(tmp_path / "s.yaml", axes={"seed": [1]}, sweep={"label_metric": "structure"})
+    assert sweep.load(p).label_metric == "structure"
+    with pytest.raises(UserError, match="one of color, edges, structure"):
+        sweep.load(write_sweep(tmp_path / "t.yaml", axes={"seed": [1]},
+                               sweep={"label_metric": "gram"}))
+
+
+def test_built_in_kinds_are_sweep_axes_in_a_fresh_process(tmp_path):
+    """The built-in kinds register on first lookup; a cell's isolated registry must not drop
+    them when it is restored (they were once only 'gram' for the cells after the first)."""
+    p = write_sweep(tmp_path / "s.yaml", axes={"loss.kind": ["mean_std", "sliced_wasserstein"],
+                                               "seed": [0, 1]})
+    code = ("import sys; from nstjax import sweep; cells = sweep.expand(sweep.load(sys.argv[1]));"
+            "print([(c.cfg.loss.kind if c.cfg else c.error) for c in cells])")
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == str(["mean_std", "mean_std", "sliced_wasserstein",
+                               "sliced_wasserstein"])
 
 
 def test_a_solver_axis_drops_the_base_keys_its_solver_ignores(tmp_path):

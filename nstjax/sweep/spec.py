@@ -206,15 +206,19 @@ def _settings(raw: Any, src: str) -> tuple[int | None, int | None, bool | str]:
 
 
 def _label_metric(v: Any, src: str) -> str | None:
-    """A metric name of `nstjax.metrics` (style, content, style.<layer>, content.<layer>)."""
+    """A metric key of `nstjax.metrics`: a registered metric (structure, weave, ...), or style,
+    content, style.<layer>, content.<layer> (the Gram distances)."""
     if v is None:
         return None
+    from nstjax import metrics
     from nstjax.config import LAYERS
 
     head, _, layer = v.partition(".") if isinstance(v, str) else ("", "", "")
-    if head not in ("style", "content") or (layer and layer not in LAYERS):
-        raise UserError(f"{src}: sweep.label_metric: must name a metric such as style, content "
-                        f"or style.block1_conv1 (got {str(v)[:60]!r})")
+    gram = head in ("style", "content") and (not layer or layer in LAYERS)
+    named = [n for n in metrics.names() if n != "gram"]
+    if not gram and head not in named:
+        raise UserError(f"{src}: sweep.label_metric: must name a metric such as style, "
+                        f"style.block1_conv1 or one of {', '.join(named)} (got {str(v)[:60]!r})")
     return v
 
 
