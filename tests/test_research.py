@@ -230,3 +230,37 @@ def test_results_snippet_reads_typed_rows(made):
     for c, r in zip(cells, summary):
         assert float(c[3]) == pytest.approx(float(r["metric.style"]), rel=1e-8)
         assert float(c[4]) == pytest.approx(float(r["metric.content"]), rel=1e-8)
+
+
+PAPERS = ROOT / "configs" / "papers"
+
+
+@pytest.mark.parametrize("name", ["gatys2015_texture", "gatys2016", "li_wand2016", "heitz2021"])
+def test_paper_configs_validate_with_measured_headers(name):
+    p = PAPERS / f"{name}.yaml"
+    head = [ln for ln in p.read_text().splitlines() if ln.startswith("#")]
+    text = "\n".join(head)
+    assert "# Run:" in text and "# Expected:" in text and "MEASURED" not in text, name
+    assert f"nstjax run configs/papers/{name}.yaml" in text
+    assert re.search(r"measured \d", text), name  # a measured time, not a guess
+    cfg = config.load(p)
+    assert cfg.model.weights == "hed"
+    assert cfg.solver.name == ("adam" if cfg.loss.kind == "mrf" else "lbfgs")  # header: why
+    assert all(Path(f).is_file() for f in [*cfg.styles, *([cfg.content] if cfg.content else [])])
+    if "texture" in name or "heitz" in name:
+        assert cfg.content is None and cfg.init == "noise"
+
+
+def test_kinds_sweep_has_every_built_in_kind_on_two_pairs_with_seeds():
+    from nstjax import losses, sweep
+
+    sw = sweep.load(ROOT / "configs/sweeps/kinds_two_pairs.yaml")
+    cells = sweep.expand(sw)
+    assert all(c.cfg is not None for c in cells), [c.error for c in cells if c.cfg is None]
+    got = {(c.cfg.loss.kind, Path(c.cfg.styles[0]).name, c.cfg.seed) for c in cells}
+    kinds = {k for k in losses.kinds() if losses.kind(k).builtin}
+    assert kinds == {"gram", "mean_std", "sliced_wasserstein", "mrf"}
+    assert got == {(k, s, seed) for k in kinds for s in ("starry_night.jpg", "the_scream.jpg")
+                   for seed in (0, 1)}
+    assert {c.cfg.loss.style_norm for c in cells} == {"content"}
+    assert len({c.cfg.loss.style_to_content_ratio for c in cells}) == 1
