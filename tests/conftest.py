@@ -24,6 +24,17 @@ jax.config.update("jax_enable_checks", True)
 os.environ["NSTJAX_COSTS"] = str(Path(tempfile.mkdtemp(prefix="nstjax-costs-")) / "costs.json")
 
 
+@pytest.fixture(autouse=True)
+def _metric_registry():
+    """A test's registered metrics (its own or a plugin's) never reach the next test."""
+    from nstjax import metrics
+
+    saved = dict(metrics._METRICS)
+    yield
+    metrics._METRICS.clear()
+    metrics._METRICS.update(saved)
+
+
 # --------------------------------------------------------------------------- numpy VGG16
 
 
