@@ -536,16 +536,13 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
     """Import a module that registers loss kinds (or metrics: `what` names it in errors): a
     `.py` file (relative to `here`) or a dotted module name. Importing the same file twice
     runs it once."""
-    if ref.endswith(".py") or "/" in ref or "\\" in ref:
-        path = Path(ref).expanduser()
-        if here is not None and not path.is_absolute():
-            path = Path(here) / path
-        path = path.resolve()
+    if _is_file_ref(ref):
+        path = _plugin_path(ref, here)
         if not path.is_file():
             where = "" if str(path) == ref else f" ({path})"
             raise UserError(f"{ref}: {what} file not found{where}; check the path (a "
                             "relative one is relative to the config file)")
-        mod_name = f"nstjax_plugin_{abs(hash(str(path))):x}"
+        mod_name = plugin_key(ref, here)
         if _reinstall(mod_name) or mod_name in sys.modules:  # (or being imported now)
             return
         spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -569,6 +566,24 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
         raise UserError(f"{ref}: importing the {what} module failed: "
                         f"{type(e).__name__}: {e}") from None
     _record_plugin(ref, before)
+
+
+def _is_file_ref(ref: str) -> bool:
+    return ref.endswith(".py") or "/" in ref or "\\" in ref
+
+
+def _plugin_path(ref: str, here: str | Path | None) -> Path:
+    path = Path(ref).expanduser()
+    if here is not None and not path.is_absolute():
+        path = Path(here) / path
+    return path.resolve()
+
+
+def plugin_key(ref: str, here: str | Path | None = None) -> str:
+    """The module name plugin `ref` is imported under (a file's is derived from its path)."""
+    if _is_file_ref(ref):
+        return f"nstjax_plugin_{abs(hash(str(_plugin_path(ref, here)))):x}"
+    return ref
 
 
 def _record_plugin(key: str, before: dict[str, Kind]) -> None:

@@ -26,7 +26,8 @@ import); `fn(inp: Inputs)` returns a float (stored under `name`) or a mapping of
 stored as given).
 """
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -155,10 +156,37 @@ def get(name: str) -> Metric:
                         ) from None
 
 
+_PLUGIN_METRICS: dict[str, dict[str, Metric]] = {}  # what each `eval.plugins` module registered
+
+
 def load_plugins(refs, here: str | Path | None = None) -> None:
-    """Import the `eval.plugins` modules (files relative to `here`, or dotted names)."""
+    """Import the `eval.plugins` modules (files relative to `here`, or dotted names); one
+    imported before has its metrics put back (an `isolated` block may have left them out)."""
     for ref in refs or ():
+        key = losses.plugin_key(ref, here)
+        before = dict(_METRICS)
         losses.load_plugin(ref, here, what="metric plugin")
+        new = {n: m for n, m in _METRICS.items() if before.get(n) is not m}
+        if new or key not in _PLUGIN_METRICS:
+            _PLUGIN_METRICS[key] = new
+        _METRICS.update(_PLUGIN_METRICS[key])
+
+
+@contextlib.contextmanager
+def isolated(plugins: Sequence[str] = ()):
+    """Within the block the registry holds the metrics registered in code (not by an
+    `eval.plugins` module) plus those of `plugins`; restored after. A sweep cell sees the
+    metrics its own config imports, never another cell's."""
+    saved = dict(_METRICS)
+    from_plugins = {id(m) for ms in _PLUGIN_METRICS.values() for m in ms.values()}
+    try:
+        _METRICS.clear()
+        _METRICS.update({n: m for n, m in saved.items() if id(m) not in from_plugins})
+        load_plugins(plugins)
+        yield
+    finally:
+        _METRICS.clear()
+        _METRICS.update(saved)
 
 
 def direction(key: str) -> str | None:

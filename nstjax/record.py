@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import image, losses, runtime, solvers, vgg16, watch
+from nstjax import image, losses, metrics, runtime, solvers, vgg16, watch
 from nstjax.config import Config, dump
 from nstjax.errors import PluginError, UserError
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
@@ -387,7 +387,9 @@ class Recorder:
                 saved = image.load(self.image_path("final"), None, max_pixels=None)
             else:
                 saved = self.visible(x)
-            return problem_mod.final_metrics(self.cfg, saved, self.problem, self._metric_failed)
+            with metrics.isolated(self.cfg.eval.plugins):  # this run's metric plugins only
+                return problem_mod.final_metrics(self.cfg, saved, self.problem,
+                                                 self._metric_failed)
         except Exception as e:  # noqa: BLE001 - the run itself is complete; say why, go on
             print(f"warning: {self.d}: no metrics ({one_line(e)})", file=sys.stderr)
             return None

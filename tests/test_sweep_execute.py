@@ -299,6 +299,35 @@ def test_cells_see_only_their_own_loss_plugins(tmp_path, order):
     assert o.failed == [bad.name]
 
 
+@pytest.mark.parametrize("order", ["plugin-first", "plugin-last"])
+def test_cells_see_only_their_own_metric_plugins(tmp_path, order):
+    """eval.plugins are per cell like loss.plugins: a cell naming a metric its config does not
+    import is refused in either order, and two cells whose plugins register the same metric
+    name each score with their own plugin's function."""
+    one = tmp_path / "one.py"
+    two = tmp_path / "two.py"
+    for f, v in ((one, 1.0), (two, 2.0)):
+        f.write_text("from nstjax import metrics\n"
+                     f"metrics.register('mine', lambda inp: {v}, replace=True)\n")
+    plugins = [[str(one)], []] if order == "plugin-first" else [[], [str(one)]]
+    p = write_sweep(tmp_path / "m.yaml", set={"eval.metrics": ["mine"]},
+                    zip=[{"label": ["a", "b"], "eval.plugins": plugins}])
+    cells = sweep.expand(sweep.load(p))
+    for c in cells:
+        if c.raw["eval"]["plugins"]:
+            assert c.cfg is not None and not c.error
+        else:
+            assert c.cfg is None and "eval.metrics: unknown metric 'mine'" in c.error
+
+    p = write_sweep(tmp_path / "n.yaml", set={"solver.maxiter": 2, "eval.metrics": ["mine"]},
+                    zip=[{"label": ["a", "b"], "eval.plugins": [[str(one)], [str(two)]]}])
+    sw, cells, groups = prepared(p)
+    sweep.run_sweep(sw, cells, groups, tmp_path / "out", lanes=1, quiet=True)
+    got = {c.name: json.loads((sweep.cell_dir(tmp_path / "out", c) / "run.json").read_text())
+           ["metrics"] for c in cells}
+    assert got == {"plugins-a": {"mine": 1.0}, "plugins-b": {"mine": 2.0}}
+
+
 def test_report_page_is_rewritten_after_each_group(tmp_path, monkeypatch):
     """report.html and summary.csv are current after every group, not only at the end: after
     the first of two groups its cells show their status and the second group's are pending.

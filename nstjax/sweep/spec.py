@@ -414,7 +414,7 @@ def expand(sw: Sweep) -> list[Cell]:
     A cell whose config is invalid keeps its error (it will be marked failed); if every cell is
     invalid the first error is raised.
     """
-    from nstjax import config, losses
+    from nstjax import config, losses, metrics
 
     short = short_names(sw.keys)
     cells = []
@@ -433,7 +433,8 @@ def expand(sw: Sweep) -> list[Cell]:
     for c in cells:
         where = f"{sw.source} cell {c.name}"
         try:
-            with losses.isolated():  # this cell's plugins only, never another cell's
+            # this cell's plugins (loss kinds, metrics) only, never another cell's
+            with losses.isolated(), metrics.isolated():
                 cfg = config.validate(c.raw, where)
             if not 0 <= cfg.seed <= SEED_MAX:  # random weights and noise need a valid seed
                 raise UserError(f"{where}: seed: must be an integer in 0..2**63-1 (got "
