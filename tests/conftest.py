@@ -22,6 +22,14 @@ jax.config.update("jax_numpy_rank_promotion", "warn")
 jax.config.update("jax_enable_checks", True)
 # Sweeps record measured costs (nstjax.costs); the tests' go to a file of their own.
 os.environ["NSTJAX_COSTS"] = str(Path(tempfile.mkdtemp(prefix="nstjax-costs-")) / "costs.json")
+# One persistent compilation cache for the session, this process and the commands it starts
+# (JAX reads the variables at import): the tests compile the same tiny programs many times.
+# A command's own cache (NSTJAX_HOME) still takes over in a child that turns it on.
+_JAX_CACHE = tempfile.mkdtemp(prefix="nstjax-test-xla-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from nstjax import cli, config, record, run
+from nstjax import cli, config, losses, problem, record, run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,7 +68,9 @@ def test_cli_run_writes_every_file(tiny_cfg, tmp_path, capsys):
 
 
 def test_conv_algorithms_reach_the_same_loss(tiny_cfg, tmp_path, capsys):
-    # Winograd and the direct convolution: the same problem, losses equal to float32 roundoff.
+    """Winograd and the direct convolution: the same problem, losses equal to float32 roundoff
+    at the same images. (Trajectories are not compared: the first line search's trial steps
+    amplify roundoff of 1e-7 in the gradient to percents in the iterates after one step.)"""
     final = {}
     for algo in ("direct", "winograd"):
         out = tmp_path / algo
@@ -78,10 +81,14 @@ def test_conv_algorithms_reach_the_same_loss(tiny_cfg, tmp_path, capsys):
         assert rec["winograd_layers"] == ([] if algo == "direct" else [  # 256+ channels
             "block3_conv1", "block3_conv2", "block3_conv3", "block4_conv1", "block4_conv2",
             "block4_conv3", "block5_conv1", "block5_conv2"])
-        final[algo] = [float(r["total"]) for r in _history(out)]
-    assert final["winograd"][0] == pytest.approx(final["direct"][0], rel=1e-5)
-    assert final["winograd"][-1] == pytest.approx(final["direct"][-1], rel=1e-3)
-    assert final["direct"][-1] < final["direct"][0]
+        final[algo] = [float(r["total"]) for r in _history(out)], np.load(out / "last.npy")
+    assert final["winograd"][0][0] == pytest.approx(final["direct"][0][0], rel=1e-5)
+    p = problem.build(config.load(tmp_path / "direct" / "config.yaml"))
+    fun = losses.objective(p.spec)
+    direct = jax.jit(lambda x: fun(x, p.params, p.targets, p.weights)[0])
+    for algo, (hist, x) in final.items():  # the direct loss at each run's last image
+        assert hist[-1] < 0.5 * hist[0], algo
+        assert float(direct(x)) == pytest.approx(hist[-1], rel=1e-5), algo
 
 
 def test_run_dir_never_overwritten(tiny_cfg, tmp_path, capsys):
@@ -114,7 +121,9 @@ def test_seed_config_runs_scipy_scheme(tmp_path, monkeypatch):
 @pytest.mark.parametrize("solver", ["optax_lbfgs", "adam"])
 def test_other_solvers_reduce_loss(tiny_cfg, tmp_path, solver):
     lr = ["solver.learning_rate=2.0"] if solver == "adam" else []  # Adam's key only
-    cfg = config.load(tiny_cfg, [f"solver.name={solver}", "solver.maxiter=8", *lr])
+    shallow = ["loss.content_layers=[block1_conv2]", "loss.style_layers=[block1_conv1]",
+               "loss.style_weights=[1]"]  # the solver is under test, not the network
+    cfg = config.load(tiny_cfg, [f"solver.name={solver}", "solver.maxiter=8", *lr, *shallow])
     r = run.run(cfg, tmp_path / solver, quiet=True)
     h = r.result.history
     assert r.record["status"] == "done" and h[-1]["total"] < h[0]["total"]

@@ -88,6 +88,18 @@ def test_lock_is_exclusive_across_processes_and_names_the_holder(tmp_path):
 # ---------------------------------------------------------------- StopFlag
 
 
+@pytest.fixture(autouse=True)
+def _default_stop_signals():
+    """The handlers of a foreground terminal: a background job of a non-interactive shell starts
+    with SIGINT ignored, and StopFlag rightly keeps an ignored signal ignored."""
+    saved = {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS}
+    for s in runtime.STOP_SIGNALS:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_stop_flag_records_the_first_signal_and_restores_handlers(sig):
     before = {s: signal.getsignal(s) for s in runtime.STOP_SIGNALS}

@@ -432,7 +432,7 @@ def test_prepared_kernels_change_nothing(vgg_params, image):
 
 def test_winograd_features_match_numpy_and_direct(vgg_params, image, reference):
     x = jnp.asarray(image)
-    layers = ["block1_conv2", "block2_conv2", "block3_conv1", "block4_conv2", "block5_conv1"]
+    layers = ["block1_conv2", "block3_conv1", "block4_conv2"]
 
     def f(x, algo):
         out = vgg16.features(vgg_params, x, layers, "avg", "highest", conv=algo)
