@@ -10,7 +10,7 @@ import re
 
 import jax
 import pytest
-from sweep_helpers import prepared, write_sweep
+from sweep_helpers import base_config, prepared, write_sweep
 from sweep_helpers import ratio_sweep as _ratio_sweep
 
 from nstjax import costs, record
@@ -92,9 +92,26 @@ def test_dry_run_estimates_from_a_fake_cost_file(tmp_path, monkeypatch):
     m = re.search(r"~(\d+) s compiling \+ ~(\d+) s solving \+ ~6 s start-up and summaries = "
                   r"~(\d+) s", text)
     assert m, text
-    assert int(m[1]) == round(10.0 + model["compile_s"])  # the warm compile, the model's 25 s
+    assert int(m[1]) == round(10.0 + model["compile_s"])  # the warm compile, the model's
+    assert model["compile_s"] == plan.MODEL_COMPILE_S["cpu"]
     assert int(m[2]) == pytest.approx(solve + model["solve_s"], abs=1)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("conv", ["direct", "winograd"])
+def test_model_flops_are_forward_and_input_gradient(tmp_path, conv):
+    """One evaluation at 32x32 up to block3_conv1, counted by hand: 2 x 9 x H x W x Cin x Cout
+    per convolution for the forward and as much again for the input gradient; under
+    `model.conv: winograd` block3_conv1 (256 channels, 16 tiles) is the only Winograd layer."""
+    base = base_config(model={"weights": "random", "conv": conv},
+                       loss={"style_layers": ["block1_conv1", "block3_conv1"],
+                             "style_weights": [0.5, 0.5]})
+    _, _, groups = prepared(write_sweep(tmp_path / "s.yaml", base=base))
+    wino = plan.WINOGRAD_COST if conv == "winograd" else 1.0
+    layers = [(32, 3, 64, 1), (32, 64, 64, 1), (16, 64, 128, 1), (16, 128, 128, 1),
+              (8, 128, 256, wino)]
+    want = sum(2 * 2 * 9 * s * s * ci * co * k for s, ci, co, k in layers)
+    assert plan.eval_flops(groups[0]) == pytest.approx(want, rel=1e-12)
 
 
 def test_a_sweep_records_its_batches(ratio_sweep):

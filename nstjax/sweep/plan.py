@@ -18,6 +18,17 @@ from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 if TYPE_CHECKING:
     from nstjax.config import Config
 
+# Model seconds per compilation (measured on 2 CPU cores: 2-4 s for one VGG16 program at
+# 64-256 px, 6-11 s for 6 lanes at 256 px; accelerators: a guess).
+MODEL_COMPILE_S = {"cpu": 4.0, "gpu": 30.0, "tpu": 30.0}
+
+# A whole evaluation runs at this fraction of `conv_rate` (the 3- and 64-channel layers,
+# pooling, Grams; measured on 2 CPU cores at 256x192: 0.55-0.6 in one run and in 6 lanes),
+# and each cell costs `MODEL_CELL_S` outside its solve (targets, final image, metrics).
+MODEL_EFFICIENCY = 0.6
+MODEL_CELL_S = 2.0
+MODEL_SWEEP_S = 3.0  # a sweep's start-up and summaries, until one was measured here
+
 # Rough evaluations per iteration (measured on the demo images; for the estimate only).
 _EVALS_PER_ITER = {"lbfgs": 1.1, "jaxopt_lbfgs": 1.1, "optax_lbfgs": 3.0, "adam": 1.0}
 
@@ -225,25 +236,46 @@ def batches(cells: list[Cell], b: int) -> list[list[Cell]]:
         out += [grp[i:i + b] for i in range(0, len(grp), b)]
     return out
 
-def _throughput(devices: list) -> float:
-    """Measured float32 matmul FLOP/s of one device (a fraction of a second)."""
+# Time per FLOP of a Winograd layer relative to the direct convolution (per layer on 2 CPU
+# cores: 512 channels at 24x32 0.52, 256 channels at 48x64 0.71; see `vgg16.uses_winograd`).
+WINOGRAD_COST = 0.6
+
+
+def conv_rate(devices: list, precision: str = "default") -> float:
+    """Measured FLOP/s of one device on a 3x3 convolution's forward and input gradient (128
+    channels on a 64x64 map, the direct algorithm): what an evaluation mostly is. A few tenths
+    of a second."""
     import jax
     import jax.numpy as jnp
 
-    n = 512
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), devices[0])
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t, reps = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.2:
-        f(a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    from nstjax import vgg16
+
+    x = jax.device_put(jnp.ones((1, 64, 64, 128), jnp.float32), devices[0])
+    k = jax.device_put(jnp.full((3, 3, 128, 128), 1e-3, jnp.float32), devices[0])
+    prec = "highest" if precision == "highest" else "default"
+    f = jax.jit(jax.grad(lambda x: jnp.sum(vgg16.conv(x, k, prec, "direct") ** 2)))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):  # the fastest of three windows: less of other processes' load
+        t, reps = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.1:
+            f(x).block_until_ready()
+            reps += 1
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * 2 * 9 * 64 * 64 * 128 * 128 / best
 
 
 def eval_flops(g: Group) -> float:
-    """FLOPs of one loss+gradient evaluation of one cell (convolutions only, fwd + bwd)."""
-    return 3.0 * sum(2 * 9 * h * w * ci * co for h, w, ci, co in _conv_layers(g.spec, g.hw))
+    """Direct-convolution FLOPs of one loss+gradient evaluation of one cell (forward and input
+    gradient; the kernels get none), Winograd layers counted at `WINOGRAD_COST`."""
+    from nstjax import vgg16
+
+    spec = g.spec
+    names = vgg16.names(spec.arch)
+    wino = set() if getattr(spec, "seamless", False) else set(
+        vgg16.winograd_layers(spec.conv, spec.precision, g.hw, names))
+    return sum(2 * 2 * 9 * h * w * ci * co * (WINOGRAD_COST if n in wino else 1.0)
+               for n, (h, w, ci, co) in zip(names, _conv_layers(spec, g.hw)))
 
 
 def layout(g: Group, n: int, devices: list, batch: int | None, lanes: int | None,
@@ -280,11 +312,10 @@ def estimate(groups: list[Group], todo: list[Cell], devices: list, batch: int | 
              lanes: int | None, backend: str, doc: dict | None = None,
              warm: bool = True) -> dict:
     """Seconds to expect: from the cost cache (`doc`, see `nstjax.costs`) where it has the
-    group's structure, else a model (a constant per compilation plus conv FLOPs over a
-    measured matmul rate). `how` says, per group, which was used."""
-    # Conv efficiency relative to a matmul, measured on a 2-core CPU; a guess on accelerators.
+    group's structure, else a model (`MODEL_COMPILE_S` per compilation, convolution FLOPs over
+    a measured convolution rate, `conv_rate`). `how` says, per group, which was used."""
     rate = None
-    per_compile = 25.0 if backend == "cpu" else 30.0
+    per_compile = MODEL_COMPILE_S.get(backend, MODEL_COMPILE_S["gpu"])
     compiles, solve, compile_s, how = 0, 0.0, 0.0, {}
     for g in groups:
         cells = [c for c in todo if c.key == g.key]
@@ -297,7 +328,8 @@ def estimate(groups: list[Group], todo: list[Cell], devices: list, batch: int | 
             continue
         how[g.name] = "model"
         compile_s += per_compile * (len(cells) if g.host else 1)
-        rate = rate or (0.15 if backend == "cpu" else 0.35) * _throughput(devices)
+        rate = rate or MODEL_EFFICIENCY * conv_rate(devices, g.spec.precision)
+        solve += len(cells) * MODEL_CELL_S
         s, f = g.settings, eval_flops(g)
         if g.host:
             evals = (s.rounds * s.maxfun + s.rounds if s.name == "scipy_lbfgsb"
@@ -361,7 +393,7 @@ def _estimate_lines(sw: Sweep, groups: list[Group], todo: list[Cell], devices: l
     doc = costs.load()
     est = estimate(groups, todo, devices, batch, lanes, backend, doc, warm)
     how = est["how"]
-    rest = costs.overhead(doc, backend) if todo else 0.0
+    rest = (costs.overhead(doc, backend) or MODEL_SWEEP_S) if todo else 0.0
     total = est["compile_s"] + est["solve_s"] + (rest or 0.0)
     lines = [f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
              f"{n_done} finished"]
