@@ -15,14 +15,8 @@ Gram loss, above) is the built-in one. Others come from plugins (`load_plugin`, 
 key (the Spec; callers that cache by key add `kind(spec.kind)`, which a replace changes).
 """
 
-import contextlib
-import importlib
-import importlib.util
-import math
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -30,7 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from nstjax import vgg16
-from nstjax.errors import PluginError, UserError, cut, preview
+from nstjax.kinds import (  # noqa: F401 - the registry's API, re-exported for plugins
+    BlendFn,
+    Kind,
+    Option,
+    TargetsFn,
+    TermsFn,
+    calling,
+    check_targets,
+    check_terms,
+    dynamic_options,
+    isolated,
+    kind,
+    kinds,
+    load_plugin,
+    on_change,
+    plugin_key,
+    register,
+    resolve_options,
+    static_options,
+)
 
 NORMALIZATIONS = ("seed", "gatys")
 
@@ -242,363 +255,6 @@ def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec)
     return terms
 
 
-# ---------------------------------------------------------------- the registry and its contract
-
-TargetsFn = Callable[..., Any]
-TermsFn = Callable[[dict, jax.Array, Any, dict, Spec], Mapping[str, jax.Array]]
-BlendFn = Callable[[Any, jax.Array], Any]
-
-_OPTION_TYPES = (bool, int, float, str)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting of a loss kind, given as `loss.options.<name>` (a sweep axis like any key).
-
-    `default` fixes the type (bool, int, float or str; an int is accepted for a float). `low`,
-    `high`: inclusive bounds of a number; `choices`: the allowed strings. `shape=True` marks an
-    option that changes array shapes or the traced code (a patch size, a number of
-    projections): it is a static field of the Spec, read with `spec.option(name)`, and part of
-    every compile key. Any other number is an argument of the compiled program,
-    `weights["options"][name]` (float32): sweeping it compiles nothing. bool and str options
-    are always static.
-    """
-
-    default: Any
-    help: str = ""
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    shape: bool = False
-
-    @property
-    def static(self) -> bool:
-        return self.shape or isinstance(self.default, (bool, str))
-
-    def check(self, value: Any, where: str) -> Any:
-        """`value` as this option's type, or a one-line UserError naming `where`."""
-        want = type(self.default)
-        ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
-            want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise UserError(f"{where}: must be {want.__name__} (got {preview(value)})")
-        if want is float:
-            value = float(value)
-            if not math.isfinite(value):
-                raise UserError(f"{where}: must be a finite number (got {value})")
-        if self.choices and value not in self.choices:
-            raise UserError(f"{where}: must be one of {', '.join(self.choices)} "
-                            f"(got {preview(value)})")
-        if want in (int, float):
-            if self.low is not None and value < self.low:
-                raise UserError(f"{where}: must be >= {self.low:g} (got {value})")
-            if self.high is not None and value > self.high:
-                raise UserError(f"{where}: must be <= {self.high:g} (got {value})")
-        return value
-
-
-@dataclass(frozen=True, eq=False)  # hashed by identity: a kind registered again is new
-class Kind:
-    """A loss kind: how to compute its targets once, and its terms of an image (the written
-    contract, also in the README's "Research bench"; a plugin that breaks it gets a one-line
-    `PluginError` naming the kind, its file and the rule).
-
-    - `targets(params, content_x, style_x, spec[, key]) -> dict`: run once per problem
-      (jitted, spec static). content_x is preprocessed (1,H,W,3), the size of the image
-      optimized; style_x is (S,h,w,3), ALL S style images at once. The result must be a dict
-      with "style" (the style statistics) and may hold anything else (e.g. "content"
-      features, random directions): every leaf an array. With the default linear blend every
-      leaf under "style" must have a leading axis of S (one row per style image): the
-      framework replaces it by the blend weights' weighted sum, keeping a leading axis of 1.
-      A kind whose statistics do not blend linearly passes `blend=`. `random=True`: targets
-      also takes `key`, a PRNG key derived from the run's seed.
-    - `blend(style, b) -> style`: the statistics under "style" (leading axis S) and the
-      normalized blend weights b (S,) float32 -> what `terms` expects for one blended style.
-      Not called with `masks.style` (per-style targets, only for kinds with `masks=True`).
-    - `terms(params, x, tgt, weights, spec) -> {name: scalar}`: traced inside the solver; a
-      dict of scalar arrays that contains "total" (what is minimized); by convention also
-      "content", "style", "tv" and per-layer "style/<layer>" (needed by
-      `loss.style_norm: content`, which rescales the layer weights). `weights` holds the
-      config's loss weights as arguments of the compiled program: {"content": {layer: w},
-      "style": {layer: w}, "ratio": r, "tv": t}, plus "options": {name: float32} for the
-      kind's numeric options (`Option`). Static options: `spec.option(name)`.
-    Both must be pure and traceable by JAX (no Python control flow on array values).
-    """
-
-    name: str
-    targets: TargetsFn
-    terms: TermsFn
-    description: str = ""
-    options: Mapping[str, Option] = field(default_factory=dict)
-    blend: BlendFn | None = None
-    random: bool = False
-    masks: bool = False
-    source: str = ""  # where the functions come from (a plugin's file), for error messages
-    builtin: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"loss kind {self.name!r}" + (f" ({self.source})" if self.source else "")
-
-
-_KINDS: dict[str, Kind] = {}
-_PLUGIN_KINDS: dict[str, dict[str, Kind]] = {}  # what each imported plugin registered
-_BUILTIN_MODULES = ("nstjax.style_losses",)  # further built-in kinds, registered on import
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(mod)
-
-
-def _forget_programs() -> None:
-    targets.clear_cache()  # the module's jitted `targets` (register's argument shadows it)
-
-
-def _set_kinds(new: dict[str, Kind]) -> None:
-    """Make `new` the registry; compiled targets are dropped if a name changes functions."""
-    if any(_KINDS.get(n, k) is not k for n, k in new.items()):
-        _forget_programs()
-    _KINDS.clear()
-    _KINDS.update(new)
-
-
-@contextlib.contextmanager
-def isolated(plugins: Sequence[str] = ()):
-    """Within the block, the registry holds exactly the kinds registered in code (not by a
-    plugin file or module) plus those of `plugins` (imported or re-registered); it is restored
-    after. A sweep cell sees the kinds its own config imports, never another cell's."""
-    _load_builtins()  # before the snapshot: loaded inside, they would vanish with the restore
-    saved = dict(_KINDS)
-    from_plugins = {id(k) for ks in _PLUGIN_KINDS.values() for k in ks.values()}
-    try:
-        _set_kinds({n: k for n, k in saved.items() if id(k) not in from_plugins})
-        for ref in plugins:
-            load_plugin(ref)
-        yield
-    finally:
-        _set_kinds(saved)
-def _source(fn: Callable) -> str:
-    mod = sys.modules.get(getattr(fn, "__module__", "") or "")
-    return str(getattr(mod, "__file__", "") or getattr(fn, "__module__", "") or "")
-
-
-def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str = "",
-             options: Mapping[str, Option] | None = None, blend: BlendFn | None = None,
-             random: bool = False, masks: bool = False, replace: bool = False,
-             _builtin: bool = False) -> Kind:
-    """Register a loss kind under `name`, selectable as `Spec(kind=name)` / `loss.kind: name`
-    (the contract: `Kind`). `options`: its settings ({name: Option}), `blend`: how several
-    styles' statistics combine (default linear), `random`: targets takes a PRNG `key`,
-    `masks`: terms handles `masks.style` (per-style targets and `tgt["style_masks"]`).
-
-    A name is registered once; `replace=True` swaps in new functions (e.g. re-running a
-    notebook cell) and drops `targets`' compiled programs. Programs cached by key elsewhere
-    should include `kind(spec.kind)` (a new object after a replace) in the key.
-    """
-    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"loss kind name must be a non-empty identifier, got {name!r}")
-    if not (callable(targets) and callable(terms)) or (blend is not None and not callable(blend)):
-        raise TypeError(f"loss kind {name!r}: targets, terms and blend must be callables")
-    opts = dict(options or {})
-    for n, o in opts.items():
-        if not (isinstance(n, str) and n.isidentifier() and isinstance(o, Option)
-                and isinstance(o.default, _OPTION_TYPES)):
-            raise TypeError(f"loss kind {name!r}: options must map identifiers to "
-                            f"losses.Option(default=bool|int|float|str), got {n!r}: {o!r}")
-    if name in _KINDS and not replace:
-        raise ValueError(f"loss kind {name!r} is already registered; pass replace=True to "
-                         "replace it")
-    k = Kind(name, targets, terms, description, opts, blend, random, masks,
-             "" if _builtin else _source(terms), _builtin)
-    if name in _KINDS:
-        _forget_programs()
-    _KINDS[name] = k
-    return k
-
-
-def kinds() -> tuple[str, ...]:
-    """The registered loss kinds, sorted."""
-    _load_builtins()
-    return tuple(sorted(_KINDS))
-
-
-def kind(name: str) -> Kind:
-    """The registered kind `name`; a UserError naming `loss.kind` and the valid kinds if none."""
-    _load_builtins()
-    try:
-        return _KINDS[name]
-    except (KeyError, TypeError):
-        raise UserError(
-            f"loss.kind: unknown loss kind {name!r}; registered kinds: {', '.join(kinds())} "
-            "(a custom kind must be registered with nstjax.losses.register first)") from None
-
-
-def resolve_options(name: str, given: Any, where: str = "loss.options") -> dict[str, Any]:
-    """The options of kind `name`: `given` checked by the kind (an unknown option is a one-line
-    UserError naming it), every other option at its default, in the kind's order."""
-    k = kind(name)
-    if given is None:
-        given = {}
-    if not isinstance(given, Mapping):
-        raise UserError(f"{where}: must be a mapping of loss kind {name!r}'s options "
-                        f"(got {preview(given)})")
-    for key in given:
-        if key not in k.options:
-            have = (f"its options: {', '.join(k.options)}" if k.options
-                    else "it takes no options")
-            raise UserError(f"{where}.{cut(str(key))}: unknown option of loss kind {name!r}; "
-                            f"{have}")
-    return {n: o.check(given[n], f"{where}.{n}") if n in given else o.default
-            for n, o in k.options.items()}
-
-
-def static_options(name: str, resolved: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """The options of kind `name` that are static (Spec fields, compile key)."""
-    return tuple((n, resolved[n]) for n, o in kind(name).options.items() if o.static)
-
-
-def dynamic_options(name: str, resolved: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric options of kind `name` passed as program arguments (`weights["options"]`)."""
-    return {n: float(resolved[n]) for n, o in kind(name).options.items() if not o.static}
-
-
-@contextlib.contextmanager
-def _calling(k: Kind, what: str):
-    """A plugin's exception inside the block -> one-line PluginError naming the kind; device
-    errors (out of memory) and the built-in kinds' own errors pass unchanged."""
-    if k.builtin:
-        yield
-        return
-    try:
-        yield
-    except (jax.errors.JaxRuntimeError, MemoryError):
-        raise
-    except PluginError:
-        raise
-    except UserError as e:
-        raise PluginError(f"{k.label}: {what}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - user code may raise anything
-        msg = cut(" ".join(str(e).split()) or "(no message)", 300)
-        raise PluginError(f"{k.label}: {what} failed: {type(e).__name__}: {msg}") from None
-
-
-def _shape(leaf: Any) -> tuple:
-    try:
-        return tuple(np.shape(leaf))
-    except Exception:  # noqa: BLE001 - not array-like
-        return ()
-
-
-def check_targets(k: Kind, tgt: Any, n_styles: int) -> None:
-    """The targets contract (see `Kind`), checked on what `targets` returned."""
-    if not isinstance(tgt, Mapping) or "style" not in tgt:
-        got = f"keys {sorted(map(str, tgt))}" if isinstance(tgt, Mapping) else type(tgt).__name__
-        raise PluginError(f"{k.label}: targets() must return a dict with a 'style' entry (the "
-                          f"style statistics, one leading-axis row per style image); got {got}")
-    if k.blend is not None:
-        return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tgt["style"])[0]:
-        shape = _shape(leaf)
-        if not shape or shape[0] != n_styles:
-            raise PluginError(
-                f"{k.label}: targets()['style']{jax.tree_util.keystr(path)} has shape {shape}; "
-                f"every leaf under 'style' needs a leading axis of one row per style image "
-                f"({n_styles} here), which the linear blend combines; or register the kind "
-                "with its own blend=")
-
-
-def check_terms(k: Kind, terms: Any) -> dict[str, jax.Array]:
-    """The terms contract (see `Kind`): a dict of scalars with 'total'; returned as arrays."""
-    if not isinstance(terms, Mapping):
-        raise PluginError(f"{k.label}: terms() must return a dict of scalars with 'total' (what "
-                          f"is minimized); got {type(terms).__name__} {preview(_shape(terms))}")
-    if "total" not in terms:
-        raise PluginError(f"{k.label}: terms() returned keys {sorted(map(str, terms))}; it "
-                          "must include 'total' (the scalar minimized)")
-    out = {}
-    for name, v in terms.items():
-        shape = _shape(v)
-        if not isinstance(name, str) or shape != () or not hasattr(v, "dtype") and not (
-                isinstance(v, (int, float)) and not isinstance(v, bool)):
-            raise PluginError(f"{k.label}: terms()[{preview(name)}] has shape {shape}: every "
-                              "term must be a scalar (e.g. jnp.sum(...) of a per-layer loss) "
-                              "under a string name")
-        out[name] = jnp.asarray(v)
-    return out
-
-
-def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plugin") -> None:
-    """Import a module that registers loss kinds (or metrics: `what` names it in errors): a
-    `.py` file (relative to `here`) or a dotted module name. Importing the same file twice
-    runs it once."""
-    if _is_file_ref(ref):
-        path = _plugin_path(ref, here)
-        if not path.is_file():
-            where = "" if str(path) == ref else f" ({path})"
-            raise UserError(f"{ref}: {what} file not found{where}; check the path (a "
-                            "relative one is relative to the config file)")
-        mod_name = plugin_key(ref, here)
-        if _reinstall(mod_name) or mod_name in sys.modules:  # (or being imported now)
-            return
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        before = dict(_KINDS)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[mod_name]
-            raise UserError(f"{ref}: importing the {what} failed: "
-                            f"{type(e).__name__}: {e}") from None
-        _record_plugin(mod_name, before)
-        return
-    if _reinstall(ref):
-        return
-    before = dict(_KINDS)
-    try:
-        importlib.import_module(ref)
-    except Exception as e:
-        raise UserError(f"{ref}: importing the {what} module failed: "
-                        f"{type(e).__name__}: {e}") from None
-    _record_plugin(ref, before)
-
-
-def _is_file_ref(ref: str) -> bool:
-    return ref.endswith(".py") or "/" in ref or "\\" in ref
-
-
-def _plugin_path(ref: str, here: str | Path | None) -> Path:
-    path = Path(ref).expanduser()
-    if here is not None and not path.is_absolute():
-        path = Path(here) / path
-    return path.resolve()
-
-
-def plugin_key(ref: str, here: str | Path | None = None) -> str:
-    """The module name plugin `ref` is imported under (a file's is derived from its path)."""
-    if _is_file_ref(ref):
-        return f"nstjax_plugin_{abs(hash(str(_plugin_path(ref, here)))):x}"
-    return ref
-
-
-def _record_plugin(key: str, before: dict[str, Kind]) -> None:
-    _PLUGIN_KINDS[key] = {n: k for n, k in _KINDS.items() if before.get(n) is not k}
-
-
-def _reinstall(key: str) -> bool:
-    """Whether plugin `key` was imported already; if so its kinds are put back in the registry
-    (an `isolated` block may have left them out)."""
-    if key not in _PLUGIN_KINDS or key not in sys.modules:
-        return False
-    _set_kinds({**_KINDS, **_PLUGIN_KINDS[key]})
-    return True
-
-
 def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec,
             key: jax.Array | None = None) -> Any:
     """The targets of `spec.kind` (gram: content features and style Grams), jitted with `spec`
@@ -606,7 +262,7 @@ def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec,
     the targets a documented composition computes are bit-identical to a run's. `key`: the
     PRNG key of a `random` kind (default key 0)."""
     k = kind(spec.kind)
-    with _calling(k, "targets()"):
+    with calling(k, "targets()"):
         if k.random:
             key = jax.random.key(0) if key is None else key
             return k.targets(params, content_x, style_x, spec, key)
@@ -614,13 +270,14 @@ def targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec,
 
 
 targets = jax.jit(targets, static_argnums=(3,))
+on_change(targets.clear_cache)
 
 
 def checked_targets(params: dict, content_x: jax.Array, style_x: jax.Array, spec: Spec,
                     key: jax.Array | None = None) -> dict:
     """`targets`, with the contract checked (one-line PluginErrors): a dict with 'style'."""
     k = kind(spec.kind)
-    with _calling(k, "targets()"):
+    with calling(k, "targets()"):
         tgt = targets(params, content_x, style_x, spec, key)
     check_targets(k, tgt, int(np.shape(style_x)[0]))
     return dict(tgt)
@@ -635,7 +292,7 @@ def blend(spec: Spec, style: Any, b: Any) -> Any:
     """The style statistics of several styles combined by kind `spec.kind`'s blend (linear by
     default) with normalized weights b (S,)."""
     k = kind(spec.kind)
-    with _calling(k, "blend()"):
+    with calling(k, "blend()"):
         return (k.blend or linear_blend)(style, jnp.asarray(b, jnp.float32))
 
 
@@ -646,7 +303,7 @@ def objective(spec: Spec):
     k = kind(spec.kind)
 
     def fun(x, params, tgt, weights):
-        with _calling(k, "terms()"):
+        with calling(k, "terms()"):
             terms = k.terms(params, x, tgt, weights, spec)
         terms = check_terms(k, terms)
         return terms["total"], terms
