@@ -81,6 +81,33 @@ def _weights(a) -> int:
     return 0
 
 
+def _metrics(a) -> int:
+    import json
+    from pathlib import Path
+
+    from nstjax import config, problem
+
+    src = Path(a.config)
+    cfg = config.load(src / "config.yaml" if src.is_dir() else src, a.overrides)
+    rows = {}
+    for path in a.images:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such image file; give the image to score (PNG, JPEG)")
+        rows[path] = problem.score_file(cfg, path, on_error=lambda e: print(
+            f"nstjax: warning: {_one_line(e)}", file=sys.stderr))
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    keys = [k for k in ("structure", "edges", "weave", "color", "swd", "style", "content")
+            if any(k in r for r in rows.values())]
+    keys += sorted({k for r in rows.values() for k in r if not k.startswith("style.")}
+                   - set(keys))  # a plugin's metrics; per-layer Gram distances only in --json
+    print("\t".join(["image", *keys]))
+    for path, r in rows.items():
+        print("\t".join([path, *(f"{r[k]:.4g}" if k in r else "-" for k in keys)]))
+    return 0
+
+
 def _html(a) -> int:
     from nstjax import report
 
@@ -148,6 +175,15 @@ def parser():
     c.add_argument("--arch", choices=("vgg16", "vgg19"), default="vgg16",
                    help="the backbone (model.arch) whose layers to read and check")
     w.set_defaults(fn=_weights)
+
+    m = sub.add_parser("metrics", help="score image files as a run of a config scores its "
+                       "final image (a peer's result, an earlier run)")
+    m.add_argument("config", help="YAML config (content, style, eval settings) or a run directory")
+    m.add_argument("images", nargs="+", help="image files, each scored at its own size")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotted override of the config, e.g. --set style=other.jpg")
+    m.add_argument("--json", action="store_true", help="all keys as JSON, per image")
+    m.set_defaults(fn=_metrics)
 
     rp = sub.add_parser("report", help="(re)write report.html of a sweep or run directory")
     rp.add_argument("dir", help="a sweep's --out directory or a run directory")

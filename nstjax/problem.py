@@ -88,6 +88,16 @@ def final_metrics(cfg: Config, x: np.ndarray, problem: Problem | None = None,
     return metrics.evaluate(params, x, c, styles[0], spec, on_error, ref)
 
 
+def score_file(cfg: Config, path: str, on_error=None) -> dict:
+    """The reference evaluation of an image file (a peer's published result, an earlier run's
+    final.png) as a run of `cfg` scores its final image: at the file's own size, against the
+    content and the style images resized to it (`final_metrics`)."""
+    w, h = image.read(path, max_pixels=cfg.image.max_pixels).size
+    at = cfg.replace(**{"image.size": [w, h]})
+    x = image.load(path, [w, h], cfg.image.resample, max_pixels=cfg.image.max_pixels)
+    return final_metrics(at, x, on_error=on_error)
+
+
 def load_content(cfg: Config) -> np.ndarray:
     """The content image at `image.size`, preprocessed (1,H,W,3); with `content: null` (texture
     synthesis) the mean image (zeros) of the size `image.size` gives the first style image."""
@@ -256,14 +266,21 @@ def targets_key(cfg: Config) -> jax.Array:
 
 
 def initial_image(cfg: Config, content: np.ndarray, style: np.ndarray) -> jax.Array:
-    """x0: `noise` (the post's uniform(-2.5, 2.5)/100 from the seed), `content`, `style`, a file."""
+    """x0: `noise` (the post's uniform(-2.5, 2.5)/100 from the seed), `content`, `style`,
+    `content_matched` (the content with the style images' RGB mean and covariance: the transform
+    of `color.preserve: histogram` run the other way, so the solve starts in the painting's
+    palette) or a file. `style` is (S, H, W, 3) preprocessed; S > 1 pools the styles' pixels."""
     if cfg.init == "noise":
         key = jax.random.key(cfg.seed)
         return jax.random.uniform(key, content.shape, jnp.float32, -2.5, 2.5) / 100.0
     if cfg.init == "content":
         return jnp.asarray(content)
     if cfg.init == "style":
-        return jnp.asarray(style)
+        return jnp.asarray(style[:1])
+    if cfg.init == "content_matched":
+        pixels = np.concatenate([image.deprocess_float(s).reshape(-1, 3) for s in style])
+        rgb = image.match_histogram(image.deprocess_float(content), pixels)
+        return jnp.asarray(image.preprocess(rgb), jnp.float32)
     h, w = content.shape[1:3]
     x0 = image.load(cfg.init, [w, h], cfg.image.resample, max_pixels=cfg.image.max_pixels)
     if x0.shape != content.shape:
@@ -311,7 +328,7 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
     style0 = styles[:1]
     if cfg.init == "style" and swh != (w, h):
         style0 = styles_at(cfg.model_copy(update={"style": cfg.styles[:1]}), (w, h), content_rgb)
-    x0 = initial_image(cfg, content, style0)
+    x0 = initial_image(cfg, content, styles if cfg.init == "content_matched" else style0)
 
     def post(x: np.ndarray) -> np.ndarray:
         if cmask is not None:

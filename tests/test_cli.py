@@ -149,3 +149,41 @@ def test_weights_commands_take_the_arch(env, capsys, monkeypatch):
     assert "\n" not in err and "hed is a VGG16 backbone" in err
     assert cli.main(["weights", "list"]) == 0
     assert "arch=vgg19" in capsys.readouterr().out
+
+
+def test_metrics_scores_files_as_a_run_scores_its_final_image(env, capsys):
+    """The content scores as the content (structure and edges 1, content distance 0), the style
+    as the style (colour, swd and Gram distances 0), and a run's final.png as its run.json."""
+    import json
+
+    from conftest import DEMO
+
+    assert cli.main(["run", "ok.yaml", "--out", "r", "--quiet", "--no-compile-cache"]) == 0
+    capsys.readouterr()
+    paths = [str(DEMO / "content.png"), str(DEMO / "style.png"), "r/final.png"]
+    assert cli.main(["metrics", "r", *paths, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    c, s, f = (got[p] for p in paths)
+    assert c["structure"] == pytest.approx(1) and c["edges"] == pytest.approx(1)
+    assert c["content"] == pytest.approx(0, abs=1e-6) and c["style"] > 0
+    assert s["color"] == pytest.approx(0, abs=1e-6) and s["swd"] == pytest.approx(0, abs=1e-6)
+    assert s["style"] == pytest.approx(0, abs=1e-6) and s["structure"] < 0.9
+    want = json.loads((env / "r" / "run.json").read_text())["metrics"]
+    for k in ("structure", "edges", "color", "swd", "style", "content"):
+        assert f[k] == pytest.approx(want[k], rel=0.02, abs=1e-3), k
+    assert cli.main(["metrics", "ok.yaml", paths[0], "--set", "style=" + paths[0]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split("\t")[:3] == ["image", "structure", "edges"] and len(table) == 2
+    row = dict(zip(table[0].split("\t"), table[1].split("\t")))
+    assert float(row["color"]) == pytest.approx(0, abs=1e-3)  # scored against itself as style
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    (["metrics", "ok.yaml", "nothere.png"], "nothere.png"),
+    (["metrics", "missing.yaml", "ok.yaml"], "missing.yaml"),
+    (["metrics", "ok.yaml", "ok.yaml"], "ok.yaml"),
+])
+def test_metrics_bad_input_is_one_line_exit_2(env, capsys, args, what):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nstjax: error: ") and err.count("\n") == 1 and what in err
