@@ -15,7 +15,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_STYLES = 64
 MAX_PLUGINS = 16
 WEIGHT_NAMES = ("imagenet", "hed", "random")
-INITS = ("noise", "content", "style")
+INITS = ("noise", "content", "style", "content_matched")
 
 
 # --------------------------------------------------------------------------- bounded YAML

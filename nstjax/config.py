@@ -339,7 +339,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _controls(self):
         if self.content is None:
-            for bad, why in ((self.init == "content", "init: content"),
+            for bad, why in ((self.init in ("content", "content_matched"), f"init: {self.init}"),
                              (self.masks.content is not None, "masks.content"),
                              (self.color.preserve != "none", "color.preserve")):
                 if bad:

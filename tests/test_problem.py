@@ -138,3 +138,43 @@ def test_style_norm_gives_each_layer_its_weight_at_the_content(vgg_params, norm,
     for i, (n, e) in enumerate(zip(layers, es)):
         assert float(p.weights["style"][n]) == pytest.approx((i + 1) * g / e, rel=2e-3), n
         assert p.info["style_norm"][n] == pytest.approx(e, rel=2e-3)
+
+
+def _rgb_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.asarray(a, np.float64).reshape(-1, 3)
+    return flat.mean(0), np.cov(flat, rowvar=False, bias=True)
+
+
+def test_initial_image_content_matched_takes_the_styles_mean_and_covariance():
+    """x0 = the content with the style pixels' RGB mean and covariance (numpy float64 moments,
+    not image.match_histogram); two styles pool their pixels. Narrow ranges keep clipping out."""
+    rng = np.random.default_rng(7)
+    content = rng.normal(128, 12, (1, 10, 12, 3)) @ np.array([[1, .3, 0], [0, 1, .2], [0, 0, 1]])
+    styles = np.stack([rng.normal(mu, 9, (10, 12, 3)) for mu in ((90, 120, 160), (110, 100, 140))])
+    styles[1, ..., 2] += 0.5 * styles[1, ..., 0]
+    pre = lambda rgb: image.preprocess(rgb)  # noqa: E731
+    cfg = make_cfg(init="content_matched")
+    x0 = np.asarray(problem.initial_image(
+        cfg, pre(content[0]), np.concatenate([pre(s) for s in styles])))
+    assert x0.shape == (1, 10, 12, 3) and x0.dtype == np.float32
+    got_mu, got_cov = _rgb_stats(image.deprocess_float(x0))
+    want_mu, want_cov = _rgb_stats(styles)
+    np.testing.assert_allclose(got_mu, want_mu, atol=1e-3)
+    np.testing.assert_allclose(got_cov, want_cov, rtol=1e-4, atol=1e-3)
+    # the content's own structure stays: x0 is an affine map of the content's pixels
+    flat_c = np.c_[content.reshape(-1, 3), np.ones(120)]
+    coef, res, *_ = np.linalg.lstsq(flat_c, image.deprocess_float(x0).reshape(-1, 3), rcond=None)
+    assert res.max() < 1e-6 * 120
+
+
+def test_build_with_content_matched_starts_in_the_styles_colours():
+    p = problem.build(make_cfg(init="content_matched"))
+    got_mu, _ = _rgb_stats(image.deprocess_float(np.asarray(p.x0)))
+    want_mu, _ = _rgb_stats(image.deprocess_float(np.asarray(p.style)))
+    content_mu, _ = _rgb_stats(image.deprocess_float(np.asarray(p.content)))
+    assert np.abs(got_mu - want_mu).max() < 3.0 < np.abs(content_mu - want_mu).max()
+
+
+def test_content_matched_needs_a_content_image():
+    with pytest.raises(UserError, match="init: content_matched needs a content image"):
+        make_cfg(content=None, init="content_matched")
