@@ -92,9 +92,8 @@ def score_file(cfg: Config, path: str, on_error=None) -> dict:
     """The reference evaluation of an image file (a peer's published result, an earlier run's
     final.png) as a run of `cfg` scores its final image: at the file's own size, against the
     content and the style images resized to it (`final_metrics`)."""
-    w, h = image.read(path, max_pixels=cfg.image.max_pixels).size
-    at = cfg.replace(**{"image.size": [w, h]})
-    x = image.load(path, [w, h], cfg.image.resample, max_pixels=cfg.image.max_pixels)
+    x = image.load(path, None, max_pixels=cfg.image.max_pixels)  # at its own size
+    at = cfg.replace(**{"image.size": [x.shape[2], x.shape[1]]})
     return final_metrics(at, x, on_error=on_error)
 
 
