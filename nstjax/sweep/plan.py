@@ -394,7 +394,7 @@ def _estimate_lines(sw: Sweep, groups: list[Group], todo: list[Cell], devices: l
     est = estimate(groups, todo, devices, batch, lanes, backend, doc, warm)
     how = est["how"]
     rest = (costs.overhead(doc, backend) or MODEL_SWEEP_S) if todo else 0.0
-    total = est["compile_s"] + est["solve_s"] + (rest or 0.0)
+    total = est["compile_s"] + est["solve_s"] + rest
     lines = [f"compilations: {est['compilations']}; {len(todo)} cell(s) to run, "
              f"{n_done} finished"]
     lines += [f"  {name}: estimated from {h}" for name, h in how.items()]
