@@ -14,7 +14,7 @@ MAX_KEY_PARTS = 8  # parts of a dotted override key
 MAX_CONFIG_BYTES = 1 << 20
 MAX_STYLES = 64
 MAX_PLUGINS = 16
-WEIGHT_NAMES = ("imagenet", "hed", "random")
+WEIGHT_NAMES = ("imagenet", "imagenet_q8", "hed", "random")
 INITS = ("noise", "content", "style", "content_matched")
 
 

