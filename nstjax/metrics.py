@@ -16,6 +16,11 @@ Built in (`eval.metrics` picks; all by default), with which way is better:
   (`tile_peaks`), averaged (smooth tiles count less), minus the style image's own. A
   one-wavelength ripple or lattice (the woven skies of average pooling) gives ~0.05;
   brush strokes and photos ~0.01 or less.
+- `ripple` (lower, >= 0): a field of short ripples where the content is flat: the share of the
+  luminance's power at periods of 2-6 px among 2-32 px, over the tiles where the content is
+  flat, divided by the style's own share (1: as fine-grained as the painting). `weave` looks
+  for one wavelength per tile and misses ripples whose orientation wanders; `ripple` sees the
+  fine grain the eye sees in a sky that has no bold strokes under it.
 - `color` (lower): sliced Wasserstein distance between the result's and the style's pixel
   colours in CIELab (in Lab units, ~ Delta E): is the palette the painting's.
 - `swd` (lower): sliced Wasserstein distance between the result's and the style's VGG16
@@ -41,7 +46,7 @@ from nstjax.errors import PluginError, UserError, user_code
 
 DEFAULT_STYLE_LAYERS = tuple(f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2))
 DEFAULT_SWD_LAYERS = ("block3_conv3", "block4_conv3", "block5_conv3")
-DEFAULT_METRICS = ("gram", "structure", "edges", "weave", "color", "swd")
+DEFAULT_METRICS = ("gram", "structure", "edges", "weave", "ripple", "color", "swd")
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,70 @@ def weave(x_rgb: np.ndarray, s_rgb: np.ndarray, floor: float = 0.15) -> float:
     return max(0.0, score[0] - score[1])
 
 
+def _resized(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if img.shape[:2] == hw:
+        return img
+    return np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize(
+        (hw[1], hw[0]), Image.BICUBIC), np.float64)
+
+
+def _tiles(a: np.ndarray, tile: int, stride: int) -> np.ndarray:
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    if min(a.shape) < tile:
+        return np.zeros((0, tile, tile))
+    return sliding_window_view(a, (tile, tile))[::stride, ::stride].reshape(-1, tile, tile)
+
+
+def fine_spectrum(lum: np.ndarray, mask_from: np.ndarray | None = None, *, tile: int = 32,
+                  flat: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """The power spectrum of `lum` averaged over its `tile`-px tiles (every tile/2 px; tile
+    mean removed, Hann window), and the radial frequency of each bin. With `mask_from` (an image
+    of the same size, e.g. the content), only tiles where it is flat count: its high-passed
+    (minus a Gaussian blur of sigma 2) RMS under `flat` grey levels; all tiles if none is.
+    Averaging power over tiles keeps what repeats at one frequency and orientation everywhere
+    (a grid tied to the pixel lattice) as sharp peaks, and spreads strokes, whose orientation
+    and period vary, into a smooth spectrum."""
+    from scipy.ndimage import gaussian_filter
+
+    t = _tiles(lum, tile, tile // 2)
+    if mask_from is not None and len(t):
+        hp = mask_from - gaussian_filter(mask_from, 2.0, mode="reflect")
+        rms = np.sqrt((_tiles(hp, tile, tile // 2) ** 2).mean(axis=(1, 2)))
+        if (rms < flat).any():
+            t = t[rms < flat]
+    fy, fx = np.meshgrid(np.fft.fftfreq(tile), np.fft.fftfreq(tile), indexing="ij")
+    if not len(t):
+        return np.zeros((tile, tile)), np.hypot(fy, fx)
+    t = t - t.mean(axis=(1, 2), keepdims=True)
+    p = np.abs(np.fft.fft2(t * np.outer(np.hanning(tile), np.hanning(tile)))) ** 2
+    return p.mean(axis=0), np.hypot(fy, fx)
+
+
+def fine_share(p: np.ndarray, f: np.ndarray, shortest: float = 2.0, longest: float = 6.0,
+               coarsest: float = 32.0) -> float:
+    """The share of a `fine_spectrum`'s power at periods of `shortest`..`longest` px among
+    its power at periods up to `coarsest` px."""
+    fine = p[(f >= 1.0 / longest) & (f <= 1.0 / shortest)].sum()
+    total = p[(f >= 1.0 / coarsest) & (f <= 1.0 / shortest)].sum()
+    return float(fine / total) if total > 0 else 0.0
+
+
+def ripple(x_rgb: np.ndarray, s_rgb: np.ndarray, c_rgb: np.ndarray | None = None) -> float:
+    """A field of short ripples where the content is flat, relative to the painting: the
+    `fine_share` (periods 2-6 px among 2-32 px) of the result's luminance over the tiles where
+    the content is flat (`fine_spectrum`; all tiles without a content), divided by the style's
+    own over all its tiles at the result's size. 1: as fine-grained as the painting; a sky of
+    short same-length ripples with no bold strokes under them scores about 2 or more."""
+    hw = x_rgb.shape[:2]
+    lc = None if c_rgb is None else luminance(_resized(c_rgb, hw))
+    sx = fine_share(*fine_spectrum(luminance(x_rgb), lc))
+    ss = fine_share(*fine_spectrum(luminance(_resized(s_rgb, hw))))
+    return sx / ss if ss > 0 else 0.0
+
+
 def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int, seed: int) -> float:
     """POT's sliced 2-Wasserstein distance between point sets a (n,d) and b (m,d)."""
     import ot
@@ -387,6 +456,10 @@ register("edges", _need_content(edges), better="higher",
          description="correlation of gradient magnitude with the content's")
 register("weave", lambda inp: weave(rgb(inp.x), rgb(inp.style)),
          description="periodic-lattice index: peaked high-frequency power beyond the style's")
+register("ripple", lambda inp: ripple(rgb(inp.x), rgb(inp.style),
+                                      None if inp.content is None else rgb(inp.content)),
+         description="fine regular pattern (periods 2-6 px) in the content's flat regions, "
+         "beyond the style's own")
 register("color", lambda inp: color(rgb(inp.x), rgb(inp.style), inp.cfg.projections,
                                     inp.cfg.seed),
          description="sliced Wasserstein distance of CIELab colours to the style")

@@ -45,7 +45,7 @@ def test_default_evaluation_against_numpy(vgg_params, imgs, np_feats):
     fx, fc, fs = np_feats
     names = [f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2)]
     assert set(got) == ({f"style.{n}" for n in names} | {"style", "content"}
-                        | {"structure", "edges", "weave", "color", "swd"})
+                        | {"structure", "edges", "weave", "ripple", "color", "swd"})
     assert all(isinstance(v, float) for v in got.values())
     for n in names:
         # With M_x != M_s (the style is larger) the per-position Grams are compared.
@@ -187,6 +187,52 @@ def test_tile_peaks_of_one_frequency_against_numpy():
     assert share == pytest.approx(np.full(len(share), want), rel=0.05)
 
 
+def _wave(hw: tuple[int, int], period: float, amp: float, angle: float = 0.0) -> np.ndarray:
+    yy, xx = np.mgrid[: hw[0], : hw[1]].astype(np.float64)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    return amp * np.cos(2 * np.pi * u / period)
+
+
+def _grey(lum: np.ndarray) -> np.ndarray:
+    return np.repeat((128.0 + lum)[..., None], 3, axis=2)
+
+
+def test_fine_share_of_pure_waves_by_hand():
+    # One wave's power sits at its own period: a 4-px wave is all "fine" (periods 2-6 px), a
+    # 16-px one none of it; equal amplitudes of both split the power in half (Parseval). The
+    # Hann window leaks a little power into neighbouring bins, hence the tolerances.
+    hw = (96, 128)
+    share = [metrics.fine_share(*metrics.fine_spectrum(_wave(hw, per, 20.0)))
+             for per in (4.0, 16.0)]
+    assert share[0] == pytest.approx(1.0, abs=1e-4) and share[1] == pytest.approx(0.0, abs=1e-3)
+    both = _wave(hw, 4.0, 20.0) + _wave(hw, 16.0, 20.0, angle=np.pi / 2)
+    assert metrics.fine_share(*metrics.fine_spectrum(both)) == pytest.approx(0.5, abs=0.01)
+    # ripple: the result's share over the style's: 1 / 0.5.
+    assert metrics.ripple(_grey(_wave(hw, 4.0, 10.0)), _grey(both)) == pytest.approx(2.0,
+                                                                                     rel=0.02)
+    assert metrics.ripple(_grey(both), _grey(both)) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_ripple_looks_where_the_content_is_flat():
+    hw = (96, 128)
+    rng = np.random.default_rng(0)
+    # Content: a busy left half (16-px waves, well over the 4 grey-level flatness limit), a flat
+    # right half. Style: strokes (16-px waves) with a little fine grain.
+    content = np.zeros(hw)
+    content[:, :64] = _wave((96, 64), 5.0, 40.0) + rng.normal(0, 20, (96, 64))
+    style = _wave(hw, 16.0, 30.0, angle=0.3) + _wave(hw, 3.0, 5.0)
+    bold = _wave(hw, 16.0, 30.0, angle=0.3)
+    ripples_right, ripples_left = bold.copy(), bold.copy()
+    ripples_right[:, 64:] = _wave((96, 64), 3.5, 15.0)  # short ripples in the flat sky
+    ripples_left[:, :64] = _wave((96, 64), 3.5, 15.0)  # the same where the content is busy
+    c, s = _grey(content), _grey(style)
+    assert metrics.ripple(_grey(ripples_right), s, c) > 2.0
+    assert metrics.ripple(_grey(ripples_left), s, c) < 1.0
+    assert metrics.ripple(_grey(bold), s, c) < 1.0
+    # Without a content (a texture) every tile counts.
+    assert metrics.ripple(_grey(ripples_left), s) > metrics.ripple(_grey(bold), s)
+
+
 def test_color_is_a_lab_distance():
     a = np.full((16, 16, 3), 100.0)
     b = np.full((16, 16, 3), 100.0)
@@ -239,7 +285,7 @@ def test_texture_has_no_content_metrics(vgg_params, imgs):
     x, _, s = imgs
     got = metrics.evaluate(vgg_params, x, None, s)
     assert not any(k.startswith("content") for k in got)
-    assert {"weave", "color", "swd", "style"} <= set(got) and "structure" not in got
+    assert {"weave", "ripple", "color", "swd", "style"} <= set(got) and "structure" not in got
 
 
 def test_gram_metric_on_vgg19(imgs):
