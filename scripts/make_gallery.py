@@ -158,16 +158,47 @@ def demo_images(src: Path, out: Path, size: int, quality: int) -> list[Path]:
 
 
 def pair(run_dirs: list[str], out: Path, height: int, labels: list[str] | None,
-         quality: int = 85) -> Path:
-    """content | style | each run's result, at one height, labelled."""
+         quality: int = 85, peers: list[str] | None = None,
+         zoom: tuple[float, float, float, float] | None = None) -> Path:
+    """content | style | each run's result | each peer image, at one height, labelled. With
+    `zoom` (x, y, w, h as fractions of the image), a second row shows that crop of each result
+    and peer image, resampled to the same height with nearest neighbours (no smoothing: a fine
+    pattern stays visible)."""
     runs = [results.load_run(d) for d in run_dirs]
     first = runs[0]
     tiles = [labelled(fit_height(_open(_input(first, "content")), height), "content"),
              labelled(fit_height(_open(_input(first, "style")), height), "style")]
+    images = []
     for i, r in enumerate(runs):
         text = labels[i] if labels and i < len(labels) else r.dir.name
-        tiles.append(labelled(fit_height(_result(r), height), text))
-    return save(row(tiles), out, quality)
+        images.append((_result(r), text))
+    for p in peers or []:
+        images.append((_open(Path(p)), f"peer: {Path(p).stem}"))
+    # Every result at the first result's size, so 1x and the crops compare like for like.
+    size = ImageOps.exif_transpose(images[0][0]).size if images else None
+    for img, text in images:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        if size and img.size != size:
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        tiles.append(labelled(fit_height(img, height), text))
+    out_img = row(tiles)
+    if zoom is not None and images:
+        crops = []
+        for img, text in images:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            if img.size != size:
+                img = img.resize(size, Image.Resampling.LANCZOS)
+            x, y, w, h = (round(v * d) for v, d in zip(zoom, (*size, *size)))
+            c = img.crop((x, y, x + w, y + h))
+            scale = height / c.height
+            c = c.resize((round(c.width * scale), height), Image.Resampling.NEAREST)
+            crops.append(labelled(c, f"{text} ({scale:.0f}x crop)"))
+        top, bottom = out_img, row(crops)
+        out_img = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height + 4),
+                            "white")
+        out_img.paste(top, (0, 0))
+        out_img.paste(bottom, (0, top.height + 4))
+    return save(out_img, out, quality)
 
 
 def _value_text(v) -> str:
@@ -280,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--name", default="pair.jpg")
     a.add_argument("--height", type=int, default=256)
     a.add_argument("--labels", nargs="*")
+    a.add_argument("--peer", action="append", default=[],
+                   help="a peer's published result to show beside ours (repeatable)")
+    a.add_argument("--zoom", type=float, nargs=4, metavar=("X", "Y", "W", "H"),
+                   help="add a row of crops (fractions of the image), nearest-neighbour zoom")
     s = sub.add_parser("sheet", help="a sweep's contact sheet with metric labels")
     s.add_argument("sweep")
     s.add_argument("--name", default="sweep.jpg")
@@ -297,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = demo_images(args.src, args.dest, args.size, args.quality)
         elif args.cmd == "pair":
             paths = [pair(args.runs, args.out_dir / args.name, args.height, args.labels,
-                          args.jpeg_quality)]
+                          args.jpeg_quality, args.peer, args.zoom)]
         elif args.cmd == "sheet":
             paths = [sheet(args.sweep, args.out_dir / args.name, args.tile, args.metric,
                            args.jpeg_quality)]
