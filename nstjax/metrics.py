@@ -402,8 +402,11 @@ def ripple(x_rgb: np.ndarray, s_rgb: np.ndarray, c_rgb: np.ndarray | None = None
     """A field of short ripples where the content is flat, relative to the painting: the
     `fine_share` (periods 2-6 px among 2-32 px) of the result's luminance over the tiles where
     the content is flat (`fine_spectrum`; all tiles without a content), divided by the style's
-    own over all its tiles at the result's size. 1: as fine-grained as the painting; a sky of
-    short same-length ripples with no bold strokes under them scores about 2 or more."""
+    own over all its tiles at the result's size. 1: as fine-grained as the painting. Checked
+    against labels by eye (tests/data/ripple/LABELS.md): within a painting every sky with a
+    fine regular pattern scores above every clean one, but where "visible" starts depends on
+    the painting (The Starry Night: patterns 2.05-2.8, clean 1.6-1.9; The Scream, whose strokes
+    are broad: patterns 2.7-5.4, clean 2.1-2.5); jcjohnson/neural-style's results: 0.8-1.4."""
     hw = x_rgb.shape[:2]
     lc = None if c_rgb is None else luminance(_resized(c_rgb, hw))
     sx = fine_share(*fine_spectrum(luminance(x_rgb), lc))

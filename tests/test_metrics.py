@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -231,6 +233,56 @@ def test_ripple_looks_where_the_content_is_flat():
     assert metrics.ripple(_grey(bold), s, c) < 1.0
     # Without a content (a texture) every tile counts.
     assert metrics.ripple(_grey(ripples_left), s) > metrics.ripple(_grey(bold), s)
+
+
+_RIPPLE = Path(__file__).parent / "data" / "ripple"
+_DEMO = Path(__file__).parents[1] / "configs" / "demo"
+# tests/data/ripple/LABELS.md: each result judged by eye at 4x zoom of its sky.
+RIPPLE_LABELS = {
+    "starry_night.jpg": {
+        "hed_prev_starry.png": "pattern", "hed_quickstart_starry.png": "pattern",
+        "hed_avg_starry.png": "pattern", "q8_r300_starry.png": "clean",
+        "q8_r1000_starry.png": "clean", "q8_r3000_starry.png": "clean",
+        "q8_r5000_starry.png": "clean"},
+    "the_scream.jpg": {
+        "hed_quickstart_scream.png": "pattern", "hed_prev_scream.png": "pattern",
+        "q8_r300_scream.png": "clean", "q8_r1000_scream.png": "clean",
+        "q8_r3000_scream.png": "clean"},
+}
+# jcjohnson/neural-style's published results (../shared/peer, where present), clean by eye at
+# our size.
+PEER = Path(__file__).parents[2] / "shared" / "peer"
+PEER_LABELS = {"jcjohnson_tubingen_starry.png": "starry_night.jpg",
+               "jcjohnson_tubingen_scream.png": "the_scream.jpg"}
+
+
+def _rgb(path: Path, hw: tuple[int, int] | None = None) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    if hw is not None and im.size != (hw[1], hw[0]):
+        im = im.resize((hw[1], hw[0]), Image.LANCZOS)
+    return np.asarray(im, np.float64)
+
+
+def test_ripple_agrees_with_the_labels_by_eye():
+    content = _rgb(_DEMO / "tubingen.jpg")
+    worst_clean = 0.0
+    for style_name, labels in RIPPLE_LABELS.items():
+        style = _rgb(_DEMO / style_name)
+        got = {f: metrics.ripple(_rgb(_RIPPLE / f), style, content) for f in labels}
+        pattern = [v for f, v in got.items() if labels[f] == "pattern"]
+        clean = [v for f, v in got.items() if labels[f] == "clean"]
+        # Within a painting every patterned sky scores above every clean one.
+        assert min(pattern) > max(clean), (style_name, got)
+        assert min(pattern) > 2.0, (style_name, got)
+        worst_clean = max(worst_clean, max(clean))
+        if (PEER.is_dir()):
+            for peer, peer_style in PEER_LABELS.items():
+                if peer_style == style_name:
+                    v = metrics.ripple(_rgb(PEER / peer, (192, 256)), style, content)
+                    assert v < min(pattern) and v < 1.5, (peer, v)
+    assert worst_clean < 2.6
 
 
 def test_color_is_a_lab_distance():
