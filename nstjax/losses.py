@@ -226,7 +226,7 @@ def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec)
     to `style`), plus `content/<layer>` when there are several content layers.
 
     With `spec.content_mask` the image scored is `scored_image(x, tgt, spec)`. With
-    `spec.style_masks`, tgt["style"][layer] is (S,c,c) and tgt["style_masks"][layer] (S,h,w,1):
+    `spec.style_masks`, `tgt["style"][layer]` is (S,c,c) and `tgt["style_masks"][layer]` (S,h,w,1):
     guided Grams.
     """
     x = scored_image(x, tgt, spec)
