@@ -78,7 +78,7 @@ class Option:
 @dataclass(frozen=True, eq=False)  # hashed by identity: a kind registered again is new
 class Kind:
     """A loss kind: how to compute its targets once, and its terms of an image (the written
-    contract, also in the README's "Research bench"; a plugin that breaks it gets a one-line
+    contract, also in docs/guides/research/custom-losses.md; a plugin that breaks it gets a one-line
     `PluginError` naming the kind, its file and the rule).
 
     - `targets(params, content_x, style_x, spec[, key]) -> dict`: run once per problem

@@ -1,5 +1,5 @@
 """Metrics that judge a result: a registry of named scores of the final image, in run.json
-`metrics` and a sweep's `metric.*` columns (config `eval:`; README "Metrics").
+`metrics` and a sweep's `metric.*` columns (config `eval:`; docs/guides/research/metrics.md).
 
 Built in (`eval.metrics` picks; all by default), with which way is better:
 - `gram` (lower): the loss's own yardstick, kept as one metric among others: per-layer Gram

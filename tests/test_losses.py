@@ -13,7 +13,7 @@ from conftest import np_vgg16, rel_err
 from nstjax import losses
 
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
-# The README's worked example of a user-defined kind (`adain`), loaded as a config would.
+# The docs' worked example of a user-defined kind (`adain`), loaded as a config would.
 ADAIN = Path(__file__).resolve().parents[1] / "configs" / "examples" / "adain_loss.py"
 
 # --------------------------------------------------------------------------- float64 references

@@ -57,7 +57,7 @@ sweep file format (YAML):
   sweep: {batch_size: auto, lanes: auto, compile_cache: true, label_metric: style}
 
 Any config key can be an axis (dotted, as in `nstjax run` overrides). Results: <out>/cells/*
-(run directories), summary.csv, contact_sheet.png, plots/. See README.md, "Sweeps".
+(run directories), summary.csv, contact_sheet.png, plots/. See docs/guides/sweeps.md.
 """
 
 __all__ = ["Cell", "EPILOG", "Group", "Outcome", "Sweep", "add_arguments", "cell_dir", "dry_run",
