@@ -205,7 +205,7 @@ def parser():
 
 
 def _run_epilog() -> str:
-    """The config's sections and their keys, for `run --help` (docs/guides/configs.md has the table)."""
+    """The config's sections and their keys, for `run --help` (table: docs/guides/configs.md)."""
     import textwrap
 
     from nstjax import config

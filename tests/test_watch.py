@@ -68,7 +68,7 @@ def test_a_raising_callback_fails_the_run(env):
 
 
 def test_readme_wandb_example(env, monkeypatch):
-    """The docs' W&B example (docs/guides/python-api.md), run against a stand-in `wandb` module that records calls."""
+    """The W&B example of docs/guides/python-api.md, with a stand-in `wandb` recording calls."""
     import sys
     import types
 
