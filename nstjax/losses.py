@@ -10,7 +10,7 @@ Both: total = style + content / style_to_content_ratio + tv_weight * tv.
 
 Loss kinds: `Spec.kind` names a registered pair of functions (`register`); `gram` (the post's
 Gram loss, above) is the built-in one. Others come from plugins (`load_plugin`, a config's
-`loss.plugins`), e.g. configs/examples/adain_loss.py (AdaIN-style channel statistics).
+`loss.plugins`), e.g. configs/plugins/adain_loss.py (AdaIN-style channel statistics).
 `targets` and `objective` dispatch on it, so the kind is part of every compiled program's cache
 key (the Spec; callers that cache by key add `kind(spec.kind)`, which a replace changes).
 """

@@ -71,3 +71,26 @@ def test_readme_test_command_is_the_ci_command():
     cmd = "python -m pytest -q -n 2 tests"
     assert cmd in (ROOT / "README.md").read_text()
     assert cmd in (ROOT / ".ci/run").read_text()
+
+
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "demo")
+
+
+def test_shipped_configs_have_a_measured_header_and_load():
+    """Every shipped config and sweep: a header in big_vision's form (what it is, `# Run:` with
+    its own path, `# Expected:`), no unmeasured accelerator claims, and it loads."""
+    from nstjax import config, sweep
+
+    assert len(SHIPPED) >= 30
+    for p in SHIPPED:
+        rel = p.relative_to(ROOT).as_posix()
+        head = "\n".join(ln for ln in p.read_text().splitlines() if ln.startswith("#"))
+        assert p.read_text().startswith("# "), rel
+        assert "# Run:" in head and "# Expected:" in head, rel
+        assert rel in head.split("# Run:", 1)[1], f"{rel}: its Run line names another file"
+        assert not re.search(r"H100|H200|TPU", head) and "README" not in head, rel
+        if "/sweeps/" in rel:
+            cells = sweep.expand(sweep.load(p))
+            assert cells and all(c.cfg is not None for c in cells), (rel, cells[0].error)
+        else:
+            assert config.load(p).styles, rel

@@ -88,8 +88,8 @@ def made(tmp_path_factory):
 
 
 def test_guide_shows_the_shipped_files():
-    shipped = ["configs/examples/adain_loss.py", "configs/examples/adain.yaml",
-               "configs/sweeps/loss_kind.yaml"]
+    shipped = ["configs/plugins/adain_loss.py", "configs/examples/adain.yaml",
+               "configs/sweeps/ablations/loss_kind.yaml"]
     raw = [code for lg, code in blocks("Custom losses", expand=False) if lg in ("python", "yaml")]
     assert raw == [f'--8<-- "{f}"\n' for f in shipped]
     assert block("Custom losses", "python") == (ROOT / shipped[0]).read_text()
@@ -108,7 +108,7 @@ def test_custom_loss_run_records_every_term_against_numpy(made):
     d = made["run"]
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     assert cfg["loss"]["kind"] == "adain"
-    assert cfg["loss"]["plugins"] == [str(ROOT / "configs/examples/adain_loss.py")]
+    assert cfg["loss"]["plugins"] == [str(ROOT / "configs/plugins/adain_loss.py")]
     rec = json.loads((d / "run.json").read_text())
     assert rec["status"] == "done" and rec["loss"]["kind"] == "adain"
     with open(d / "history.csv", newline="") as f:
@@ -259,7 +259,7 @@ def test_paper_configs_validate_with_measured_headers(name):
 def test_kinds_sweep_has_every_built_in_kind_on_two_pairs_with_seeds():
     from nstjax import losses, sweep
 
-    sw = sweep.load(ROOT / "configs/sweeps/kinds_two_pairs.yaml")
+    sw = sweep.load(ROOT / "configs/sweeps/ablations/kinds_two_pairs.yaml")
     cells = sweep.expand(sw)
     assert all(c.cfg is not None for c in cells), [c.error for c in cells if c.cfg is None]
     got = {(c.cfg.loss.kind, Path(c.cfg.styles[0]).name, c.cfg.seed) for c in cells}

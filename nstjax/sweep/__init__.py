@@ -66,7 +66,7 @@ __all__ = ["Cell", "EPILOG", "Group", "Outcome", "Sweep", "add_arguments", "cell
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `nstjax sweep`."""
-    p.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/ratio.yaml")
+    p.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/ablations/ratio.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     p.add_argument("--out", help="sweep directory (default: RUNS_DIR/sweeps/<name>); rerunning "
                    "into it resumes")

@@ -1,7 +1,7 @@
 """A loss kind defined outside the package: Grams of mean-centred features (covariances).
 
 Registering it is all it takes; select it with `loss.kind: centered_gram` once this file is
-imported (`nstjax.losses.load_plugin("configs/demo/centered_gram.py")`, or a config's plugin
+imported (`nstjax.losses.load_plugin("configs/plugins/centered_gram.py")`, or a config's plugin
 list). Style per layer: w_l * |C_x - C_s|^2 / |C_s|^2 with C the channel covariance over
 positions (relative, so about 1 for an unrelated image); content and TV as the Gram loss.
 """
