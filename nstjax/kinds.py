@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax.errors import PluginError, UserError, cut, preview
+from nstjax.errors import PluginError, UserError, cut, plugin_failed, preview
 
 TargetsFn = Callable[..., Any]
 TermsFn = Callable[[dict, jax.Array, Any, dict, Any], Mapping[str, jax.Array]]  # spec: losses.Spec
@@ -268,8 +268,7 @@ def calling(k: Kind, what: str):
     except UserError as e:
         raise PluginError(f"{k.label}: {what}: {e}") from None
     except Exception as e:  # noqa: BLE001 - user code may raise anything
-        msg = cut(" ".join(str(e).split()) or "(no message)", 300)
-        raise PluginError(f"{k.label}: {what} failed: {type(e).__name__}: {msg}") from None
+        raise plugin_failed(k.label, what, e) from None
 
 
 def _shape(leaf: Any) -> tuple:

@@ -38,10 +38,7 @@ import numpy as np
 
 from nstjax import losses, vgg16
 from nstjax.errors import PluginError, UserError, user_code
-
-DEFAULT_STYLE_LAYERS = tuple(f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2))
-DEFAULT_SWD_LAYERS = ("block3_conv3", "block4_conv3", "block5_conv3")
-DEFAULT_METRICS = ("gram", "structure", "edges", "weave", "color", "swd")
+from nstjax.tables import DEFAULT_METRICS, DEFAULT_STYLE_LAYERS, DEFAULT_SWD_LAYERS
 
 
 @dataclass(frozen=True)

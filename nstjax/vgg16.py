@@ -18,27 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (name, input channels, output channels): the Keras VGG16 layer names, in order.
-CONVS: tuple[tuple[str, int, int], ...] = (
-    ("block1_conv1", 3, 64),
-    ("block1_conv2", 64, 64),
-    ("block2_conv1", 64, 128),
-    ("block2_conv2", 128, 128),
-    ("block3_conv1", 128, 256),
-    ("block3_conv2", 256, 256),
-    ("block3_conv3", 256, 256),
-    ("block4_conv1", 256, 512),
-    ("block4_conv2", 512, 512),
-    ("block4_conv3", 512, 512),
-    ("block5_conv1", 512, 512),
-    ("block5_conv2", 512, 512),
-    ("block5_conv3", 512, 512),
-)
-# Keras VGG19: blocks 3-5 have a fourth conv (block3_conv4 ...), same channels as the block's.
-VGG19_CONVS: tuple[tuple[str, int, int], ...] = (
-    *CONVS[:7], ("block3_conv4", 256, 256), *CONVS[7:10], ("block4_conv4", 512, 512),
-    *CONVS[10:], ("block5_conv4", 512, 512))
-ARCHS: dict[str, tuple[tuple[str, int, int], ...]] = {"vgg16": CONVS, "vgg19": VGG19_CONVS}
+from nstjax.tables import ARCHS, CONVS, VGG19_CONVS
+
+# The layer tables (name, input channels, output channels) of each arch, in order.
 NAMES: tuple[str, ...] = tuple(name for name, _, _ in CONVS)
 CHANNELS: dict[str, int] = {name: cout for name, _, cout in VGG19_CONVS}  # both archs' names
 POOLINGS = ("avg", "max")

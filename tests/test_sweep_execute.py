@@ -178,6 +178,7 @@ def test_two_processes_split_the_cells(tmp_path, home):
     results = [pr.communicate(timeout=600) for pr in procs]
     for pr, (_, se) in zip(procs, results):
         assert pr.returncode == 0, se[-3000:]
+        assert "waiting for the other processes failed" not in se, se[-3000:]  # the barrier
     by_process: dict[int, list[str]] = {0: [], 1: []}
     for d in (out / "cells").iterdir():
         assert not d.name.startswith(".")
