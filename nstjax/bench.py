@@ -13,7 +13,7 @@ CUDA, as PyTorch's convolutions do by default) in the same process: it first che
 loss (relative 1e-4) and gradient against JAX's in `highest` precision, both without TF32, then
 times forward+backward with respect to the image, and solves with `torch.optim.LBFGS`. Timings
 of all programs of one size are interleaved round by round, so a busy machine slows them alike.
-`--table FILE` prints the table of an earlier JSON report (`--markdown` for the README).
+`--table FILE` prints the table of an earlier JSON report (`--markdown`: as markdown tables).
 """
 
 from __future__ import annotations

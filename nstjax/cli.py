@@ -208,7 +208,7 @@ def parser():
 
 
 def _run_epilog() -> str:
-    """The config's sections and their keys, for `run --help` (the README has the table)."""
+    """The config's sections and their keys, for `run --help` (table: docs/guides/configs.md)."""
     import textwrap
 
     from nstjax import config
@@ -220,7 +220,7 @@ def _run_epilog() -> str:
         lines.append(textwrap.fill(keys, 96, initial_indent="  ", subsequent_indent="      "))
     return ("config keys (YAML sections; override any as key=value, e.g. "
             "solver.maxiter=50):\n" + "\n".join(lines) + "\n\nEvery key, its default and "
-            "meaning: README.md, \"Configs and overrides\" (the keys table).\nThe resolved "
+            "meaning: docs/guides/configs.md (the keys table).\nThe resolved "
             "config of a file: nstjax config show FILE [overrides]")
 
 

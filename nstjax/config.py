@@ -4,12 +4,12 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nstjax import losses, metrics, solvers
+from nstjax import tables
 from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.read_yaml, ...)
     INITS,
     LIST_PATH_KEYS,
@@ -30,10 +30,12 @@ from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.r
     resolve_paths,
 )
 from nstjax.errors import PREVIEW, UserError, preview
-from nstjax.weights import ARCHS, PIP_SOURCES, VGG16_CONVS, pip_arch_error, pip_source
 
-LAYERS = tuple(name for name, _, _ in VGG16_CONVS)
-ALL_LAYERS = tuple(name for name, _, _ in ARCHS["vgg19"])  # every arch's layers (VGG19 has all)
+if TYPE_CHECKING:
+    from nstjax import metrics, solvers
+
+LAYERS = tuple(name for name, _, _ in tables.CONVS)
+ALL_LAYERS = tuple(name for name, _, _ in tables.ARCHS["vgg19"])  # VGG19 has every layer
 POST_STYLE_LAYERS = [f"block{i}_conv2" for i in range(1, 6)]
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
 
@@ -51,7 +53,7 @@ Iters = Annotated[int, Field(ge=0, le=MAX_ITER)]
 
 def _layer_error(n: str, arch: str) -> str | None:
     """Why `n` is not a conv layer of `arch` (None if it is)."""
-    valid = [name for name, _, _ in ARCHS[arch]]
+    valid = [name for name, _, _ in tables.ARCHS[arch]]
     if n in valid:
         return None
     near = difflib.get_close_matches(n, valid, 1) if len(n) < 100 else []
@@ -165,7 +167,7 @@ class LossCfg(_Strict):
 
 
 class SolverCfg(_Strict):
-    name: Literal[solvers.NAMES] = solvers.DEFAULT  # type: ignore[valid-type]
+    name: Literal[tables.SOLVERS] = tables.DEFAULT_SOLVER  # type: ignore[valid-type]
     maxiter: Iters = 200
     history_size: int = Field(default=10, ge=1, le=1000)
     maxls: int = Field(default=20, ge=1, le=1000)
@@ -178,7 +180,9 @@ class SolverCfg(_Strict):
     maxevals: int = Field(default=0, ge=0, le=100 * MAX_ITER,
                           description="stop after this many loss evaluations (0: no limit)")
 
-    def settings(self) -> solvers.Settings:
+    def settings(self) -> "solvers.Settings":
+        from nstjax import solvers
+
         # Only the fields solvers.Settings has (maxevals arrives there separately).
         known = {f.name for f in dataclasses.fields(solvers.Settings)}
         return solvers.Settings(**{k: v for k, v in self.model_dump().items() if k in known})
@@ -268,11 +272,11 @@ class MultiscaleCfg(_Strict):
 class EvalCfg(_Strict):
     """The metrics (`nstjax.metrics`) every run scores its final image with."""
 
-    style_layers: list[str] = _layers_field(metrics.DEFAULT_STYLE_LAYERS)
+    style_layers: list[str] = _layers_field(tables.DEFAULT_STYLE_LAYERS)
     content_layers: list[str] = _layers_field(("block4_conv2",))
-    swd_layers: list[str] = _layers_field(metrics.DEFAULT_SWD_LAYERS)
+    swd_layers: list[str] = _layers_field(tables.DEFAULT_SWD_LAYERS)
     metrics: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
-        default_factory=lambda: list(metrics.DEFAULT_METRICS), max_length=100,
+        default_factory=lambda: list(tables.DEFAULT_METRICS), max_length=100,
         description="registered metric names (nstjax.metrics.names())")
     plugins: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_PLUGINS, description=".py files (relative to the "
@@ -291,6 +295,8 @@ class EvalCfg(_Strict):
         return _check_layers(v)
 
     def spec(self) -> "metrics.EvalSpec":
+        from nstjax import metrics
+
         return metrics.EvalSpec(**self.model_dump(exclude={"plugins"}))
 
 
@@ -325,7 +331,9 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _arch(self):
         arch = self.model.arch
-        if self.model.weights in PIP_SOURCES and arch != pip_source(self.model.weights).arch:
+        if self.model.weights in tables.PIP_ARCH and arch != tables.PIP_ARCH[self.model.weights]:
+            from nstjax.weights import pip_arch_error
+
             raise ValueError(pip_arch_error(self.model.weights, arch))
         for key, layers in (("loss.content_layers", self.loss.content_layers),
                             ("loss.style_layers", self.loss.style_layers),
@@ -447,6 +455,8 @@ def _solver_keys(s: SolverCfg, source: str) -> None:
     """UserError for a solver key set (to a value other than its default) that solver
     `s.name` does not use: it would be silently ignored. Defaults pass, so a dumped
     config.yaml (every key written) and a base config carrying defaults stay valid."""
+    from nstjax import solvers
+
     used = solvers.USES[s.name]
     for key in SolverCfg.model_fields:
         if key == "name" or key in used or key not in s.model_fields_set:
@@ -460,6 +470,8 @@ def _solver_keys(s: SolverCfg, source: str) -> None:
 def validate(raw: dict, source: str = "config") -> Config:
     """A Config from a raw dict, or a one-line UserError naming the key. `loss.plugins` are
     imported (once per process) before `loss.kind` is checked against the registry."""
+    from nstjax import losses, metrics
+
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:

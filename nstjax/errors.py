@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes: the CLI prints it as one line and exits 2."""
+"""Exceptions for user mistakes, `UserError` and its subclass `PluginError`: the CLI prints
+either as one line and exits 2; and the helpers that keep any error to one line."""
 
 import contextlib
 import reprlib
@@ -39,6 +40,22 @@ class PluginError(UserError):
     or broke its contract; the message names the code and the rule."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: a UserError's own message; any other as "<Type>: <its first
+    line>", at most 500 characters."""
+    if isinstance(e, UserError):
+        return str(e)
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def plugin_failed(name: str, doing: str, e: BaseException) -> PluginError:
+    """The one-line `PluginError` for user code `name` that raised `e` while `doing`:
+    "<name>: <doing> failed: <ExceptionType>: <message, whitespace collapsed>"."""
+    msg = " ".join(str(e).split()) or "(no message)"
+    return PluginError(f"{name}: {doing} failed: {type(e).__name__}: {cut(msg, 300)}")
+
+
 @contextlib.contextmanager
 def user_code(name: str, doing: str):
     """Turn any exception raised by user code inside the block into one-line `PluginError`s:
@@ -48,5 +65,4 @@ def user_code(name: str, doing: str):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - user code may raise anything
-        msg = " ".join(str(e).split()) or "(no message)"
-        raise PluginError(f"{name}: {doing} failed: {type(e).__name__}: {cut(msg, 300)}") from e
+        raise plugin_failed(name, doing, e) from e

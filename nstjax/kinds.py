@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax.errors import PluginError, UserError, cut, preview
+from nstjax.errors import PluginError, UserError, cut, plugin_failed, preview
 
 TargetsFn = Callable[..., Any]
 TermsFn = Callable[[dict, jax.Array, Any, dict, Any], Mapping[str, jax.Array]]  # spec: losses.Spec
@@ -78,7 +78,7 @@ class Option:
 @dataclass(frozen=True, eq=False)  # hashed by identity: a kind registered again is new
 class Kind:
     """A loss kind: how to compute its targets once, and its terms of an image (the written
-    contract, also in the README's "Research bench"; a plugin that breaks it gets a one-line
+    contract, also in docs/guides/research/custom-losses.md; a plugin that breaks it gets a one-line
     `PluginError` naming the kind, its file and the rule).
 
     - `targets(params, content_x, style_x, spec[, key]) -> dict`: run once per problem
@@ -268,8 +268,7 @@ def calling(k: Kind, what: str):
     except UserError as e:
         raise PluginError(f"{k.label}: {what}: {e}") from None
     except Exception as e:  # noqa: BLE001 - user code may raise anything
-        msg = cut(" ".join(str(e).split()) or "(no message)", 300)
-        raise PluginError(f"{k.label}: {what} failed: {type(e).__name__}: {msg}") from None
+        raise plugin_failed(k.label, what, e) from None
 
 
 def _shape(leaf: Any) -> tuple:

@@ -10,7 +10,7 @@ Both: total = style + content / style_to_content_ratio + tv_weight * tv.
 
 Loss kinds: `Spec.kind` names a registered pair of functions (`register`); `gram` (the post's
 Gram loss, above) is the built-in one. Others come from plugins (`load_plugin`, a config's
-`loss.plugins`), e.g. configs/examples/adain_loss.py (AdaIN-style channel statistics).
+`loss.plugins`), e.g. configs/plugins/adain_loss.py (AdaIN-style channel statistics).
 `targets` and `objective` dispatch on it, so the kind is part of every compiled program's cache
 key (the Spec; callers that cache by key add `kind(spec.kind)`, which a replace changes).
 """
@@ -226,7 +226,7 @@ def loss_terms(params: dict, x: jax.Array, tgt: dict, weights: dict, spec: Spec)
     to `style`), plus `content/<layer>` when there are several content layers.
 
     With `spec.content_mask` the image scored is `scored_image(x, tgt, spec)`. With
-    `spec.style_masks`, tgt["style"][layer] is (S,c,c) and tgt["style_masks"][layer] (S,h,w,1):
+    `spec.style_masks`, `tgt["style"][layer]` is (S,c,c) and `tgt["style_masks"][layer]` (S,h,w,1):
     guided Grams.
     """
     x = scored_image(x, tgt, spec)

@@ -1,5 +1,5 @@
 """Metrics that judge a result: a registry of named scores of the final image, in run.json
-`metrics` and a sweep's `metric.*` columns (config `eval:`; README "Metrics").
+`metrics` and a sweep's `metric.*` columns (config `eval:`; docs/guides/research/metrics.md).
 
 Built in (`eval.metrics` picks; all by default), with which way is better:
 - `gram` (lower): the loss's own yardstick, kept as one metric among others: per-layer Gram
@@ -43,10 +43,7 @@ import numpy as np
 
 from nstjax import losses, vgg16
 from nstjax.errors import PluginError, UserError, user_code
-
-DEFAULT_STYLE_LAYERS = tuple(f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2))
-DEFAULT_SWD_LAYERS = ("block3_conv3", "block4_conv3", "block5_conv3")
-DEFAULT_METRICS = ("gram", "structure", "edges", "weave", "ripple", "color", "swd")
+from nstjax.tables import DEFAULT_METRICS, DEFAULT_STYLE_LAYERS, DEFAULT_SWD_LAYERS
 
 
 @dataclass(frozen=True)

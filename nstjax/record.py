@@ -44,7 +44,7 @@ import numpy as np
 
 from nstjax import image, losses, metrics, solvers, vgg16, watch
 from nstjax.config import Config, dump
-from nstjax.errors import PluginError, UserError
+from nstjax.errors import PluginError, UserError, one_line
 from nstjax.rundir import check_out, make_run_dir  # noqa: F401 - re-exported
 from nstjax.runtime import StopFlag, npy_bytes, npy_header, versions, write_atomic
 from nstjax.solvers import Status
@@ -135,13 +135,6 @@ def _winograd(cfg: Config, problem) -> list[str]:
 def _losses(row: dict) -> dict:
     """Every term of a history row (not iter, scale, seconds)."""
     return {k: v for k, v in row.items() if k not in ("iter", "scale", "seconds")}
-
-
-def one_line(e: BaseException) -> str:
-    if isinstance(e, UserError):
-        return str(e)
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 def as_user_error(e: BaseException, size) -> BaseException:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from nstjax import image, multiscale, record, solvers, tblog, watch
 from nstjax.config import Config, merge, parse_overrides, read_yaml, validate
-from nstjax.errors import UserError
+from nstjax.errors import UserError, one_line
 from nstjax.problem import Problem, build
 from nstjax.record import (
     check_out,
@@ -304,7 +304,7 @@ class _Memory(record.Recorder):
             return problem_mod.final_metrics(self.cfg, saved, self.problem,
                                              self._metric_failed)
         except Exception as e:  # noqa: BLE001 - as in Recorder: say why, go on
-            print(f"warning: no metrics ({record.one_line(e)})", file=sys.stderr)
+            print(f"warning: no metrics ({one_line(e)})", file=sys.stderr)
             return None
 
     def add(self, x, rows: list[dict]) -> list[dict]:

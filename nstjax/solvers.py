@@ -32,10 +32,9 @@ import numpy as np
 
 from nstjax import lbfgs
 from nstjax.errors import PluginError, user_code
+from nstjax.tables import COMPILED_SOLVERS, DEFAULT_SOLVER, SOLVERS
 
-COMPILED = ("jaxopt_lbfgs", "lbfgs", "optax_lbfgs", "adam")
-NAMES = (*COMPILED, "scipy_lbfgsb")
-DEFAULT = "lbfgs"
+COMPILED, NAMES, DEFAULT = COMPILED_SOLVERS, SOLVERS, DEFAULT_SOLVER
 
 # The settings each solver reads (from reading its code above and below); any other solver key
 # it would ignore, so config validation refuses it (`config.validate`, `solver.<key>`).
@@ -132,18 +131,22 @@ def _norm(g: Any) -> jax.Array:
 def _jaxopt(s: Settings, fun: Callable):
     import jaxopt
 
-    solver = jaxopt.LBFGS(fun=fun, has_aux=True, maxiter=max(s.maxiter, 1), tol=0.0,
-                          history_size=s.history_size, maxls=s.maxls, linesearch="zoom",
-                          linesearch_init="increase")
-
     # jaxopt's zoom line search evaluates the objective at its start point every iteration only
-    # to fill `aux` (its `init_state`, TODO there). Give it a placeholder instead: it surfaces
-    # only when the search fails and keeps the start point, and then `step` keeps our terms.
+    # to fill `aux` (its `init_state`, TODO there). Give it a placeholder `fun` for that, and the
+    # real value and gradient for its steps: the placeholder surfaces only when the search fails
+    # and keeps the start point, and then `step` keeps our terms. The other settings are the
+    # ones `LBFGS(linesearch="zoom")` gives its line search.
     def placeholder(x, *args, **kwargs):
         _, aux = jax.eval_shape(fun, x, *args, **kwargs)
         return jnp.zeros((), x.dtype), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux)
 
-    solver.linesearch_solver._fun_with_aux = placeholder
+    search = jaxopt.ZoomLineSearch(fun=placeholder,
+                                   value_and_grad=jax.value_and_grad(fun, has_aux=True),
+                                   has_aux=True, maxiter=s.maxls, max_stepsize=1.0, jit=True,
+                                   unroll=False)
+    solver = jaxopt.LBFGS(fun=fun, has_aux=True, maxiter=max(s.maxiter, 1), tol=0.0,
+                          history_size=s.history_size, maxls=s.maxls, linesearch=search,
+                          linesearch_init="increase")
 
     def init(x, args):
         st = solver.init_state(x, *args)

@@ -4,7 +4,7 @@ a params dict. The arch is its conv table (`ARCHS`); the module keeps the name `
 The convolution has a custom VJP: its input gradient is written as a forward convolution of the
 cotangent with the flipped, in/out-swapped kernel. The gradients equal `jax.grad`'s, but XLA:CPU
 keeps this form on its fast path inside compiled loops, where the transposed convolution that
-`jax.grad` emits runs ~3x slower (scripts/BENCH_NOTES.md, "Solver findings"). On CPU the
+`jax.grad` emits runs ~3x slower (docs/experiments/bench-notes.md, "Solver findings"). On CPU the
 layers with 128 or more channels run as Winograd F(2x2, 3x3) (Lavin & Gray 2015): 2.25x fewer
 multiplications, float32 roundoff of ~1e-6 (`conv`, `model.conv`). `prepare` computes the
 kernels both passes need once per run, outside the compiled loop.
@@ -18,27 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (name, input channels, output channels): the Keras VGG16 layer names, in order.
-CONVS: tuple[tuple[str, int, int], ...] = (
-    ("block1_conv1", 3, 64),
-    ("block1_conv2", 64, 64),
-    ("block2_conv1", 64, 128),
-    ("block2_conv2", 128, 128),
-    ("block3_conv1", 128, 256),
-    ("block3_conv2", 256, 256),
-    ("block3_conv3", 256, 256),
-    ("block4_conv1", 256, 512),
-    ("block4_conv2", 512, 512),
-    ("block4_conv3", 512, 512),
-    ("block5_conv1", 512, 512),
-    ("block5_conv2", 512, 512),
-    ("block5_conv3", 512, 512),
-)
-# Keras VGG19: blocks 3-5 have a fourth conv (block3_conv4 ...), same channels as the block's.
-VGG19_CONVS: tuple[tuple[str, int, int], ...] = (
-    *CONVS[:7], ("block3_conv4", 256, 256), *CONVS[7:10], ("block4_conv4", 512, 512),
-    *CONVS[10:], ("block5_conv4", 512, 512))
-ARCHS: dict[str, tuple[tuple[str, int, int], ...]] = {"vgg16": CONVS, "vgg19": VGG19_CONVS}
+from nstjax.tables import ARCHS, CONVS, VGG19_CONVS
+
+# The layer tables (name, input channels, output channels) of each arch, in order.
 NAMES: tuple[str, ...] = tuple(name for name, _, _ in CONVS)
 CHANNELS: dict[str, int] = {name: cout for name, _, cout in VGG19_CONVS}  # both archs' names
 POOLINGS = ("avg", "max")
@@ -92,7 +74,7 @@ def resolve_conv(algo: str) -> str:
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 # Where Winograd beats XLA:CPU's direct convolution (measured on 2 AVX-512 cores, per layer,
-# forward and backward; scripts/BENCH_NOTES.md): maps of at most `MAX_TILES` 2x2 tiles with
+# forward and backward; docs/experiments/bench-notes.md): maps of at most `MAX_TILES` 2x2 tiles with
 # 256+ channels, as one batched product (1.3-1.9x); maps of up to `MAX_TILES_SPLIT` tiles with
 # 128+ channels, as 16 separate products (1.2-1.4x, but ~0.35 s of compile time each). Beyond
 # that XLA's products and transforms slow down and the direct convolution wins; 128-channel

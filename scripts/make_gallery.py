@@ -1,4 +1,4 @@
-"""Assemble README gallery images from finished runs and sweeps (it runs no stylization).
+"""Assemble gallery images (docs/gallery/) from finished runs and sweeps (it runs no stylization).
 
     python scripts/make_gallery.py demo-images                    # small demo copies + CREDITS.md
     python scripts/make_gallery.py pair RUN_DIR [RUN_DIR ...]      # content | style | result(s)

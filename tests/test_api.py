@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,16 +138,16 @@ def test_import_nstjax_is_light_and_exposes_submodules():
     assert set(nstjax.SUBMODULES) <= set(dir(nstjax))
 
 
-# ---------------------------------------------------------------- the README's examples
+# ------------------------------------------------------- the README's and the docs' examples
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _snippet(heading: str) -> str:
-    """The first ```python block under the README's `### heading`."""
-    text = README.read_text()
-    section = text[text.index(f"\n### {heading}\n"):]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+def _snippet(heading: str, page: str = "docs/guides/python-api.md") -> str:
+    """The first ```python block under the heading `heading` (any level) of `page`."""
+    text = "\n" + (ROOT / page).read_text()
+    start = re.search(rf"\n#+ {re.escape(heading)}\n", text).start()
+    return text[start:].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_in_memory_runs_example(env, capsys):
@@ -163,9 +164,29 @@ def test_readme_in_memory_runs_example(env, capsys):
     assert "0.0" in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_readme_python_example(env, capsys):
+    """README.md's Python section, run as written on the tiny problem."""
+    from conftest import write_tiny
+
+    (env / "configs").mkdir()
+    write_tiny(env / "configs" / "quickstart.yaml")
+    ns: dict = {}
+    exec(_snippet("Python", "README.md"), ns)  # noqa: S102 - the README's own code
+    r, r2 = ns["r"], ns["r2"]
+    assert r.record["status"] == "done" and r.history["iter"][-1] == 50
+    assert Image.open(env / "tubingen_starry.png").size == r.image.size
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["done", "50"]
+    assert float(lines[0].split()[2]) == pytest.approx(r.history["total"][-1], rel=1e-6)
+    scores = {k: r.record["metrics"][k] for k in ("structure", "edges", "swd")}
+    assert lines[1] == str(scores) and all(np.isfinite(v) for v in scores.values())
+    assert r2.record["compile_seconds"] == 0.0 and lines[2] == "0.0"
+    assert r2.history["total"][-1] != r.history["total"][-1]  # the new ratio did change it
+
+
 def test_readme_batched_solve_example(capsys):
     ns: dict = {}
-    exec(_snippet("Batched solve"), ns)  # noqa: S102
+    exec(_snippet("Batched solve", "docs/guides/research/batched.md"), ns)  # noqa: S102
     results = ns["results"]
     assert len(results) == 3 and len(capsys.readouterr().out.splitlines()) == 3
     for r, t, w in zip(results, (0.5, 1.0, 2.0), (1.0, 10.0, 100.0)):

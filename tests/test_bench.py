@@ -123,7 +123,7 @@ def test_parse_sizes() -> None:
 
 def test_bench_times_a_plugin_loss_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """`--loss-kind` with `--loss-plugin`: the timed program is the plugin's objective."""
-    plugin = Path(__file__).parents[1] / "configs" / "examples" / "adain_loss.py"
+    plugin = Path(__file__).parents[1] / "configs" / "plugins" / "adain_loss.py"
     out = tmp_path / "bench.json"
     argv = ["bench", "--sizes", "32x32", "--precisions", "highest", "--iters", "0",
             "--repeats", "1", "--out", str(out), "--quiet", "--loss-plugin", str(plugin),

@@ -47,7 +47,7 @@ def test_run_help_lists_every_config_section_and_points_to_the_table(capsys):
         keys = getattr(field.annotation, "model_fields", None)
         assert f"  {name}.{{" in text if keys else f"  {name}\n" in text
     assert "solver.{name, maxiter," in text
-    assert "README.md" in text and "keys table" in text and "config show" in text
+    assert "docs/guides/configs.md" in text and "keys table" in text and "config show" in text
 
 
 def test_sweep_help_shows_a_file_that_loads(capsys, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -415,3 +417,12 @@ def test_model_arch_and_its_layer_checks(write):
     assert "model.arch=vgg16" in msg and "model.weights=imagenet" in msg
     msg = error_of(write(MINIMAL), ["model.arch=vgg11"])
     assert "model.arch" in msg and "vgg19" in msg
+
+
+def test_importing_the_config_schema_does_not_import_jax():
+    code = ("import sys, nstjax.config; print(sorted(m for m in ('jax', 'jaxlib', 'flax', "
+            "'jaxopt', 'optax', 'numpy') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

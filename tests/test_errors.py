@@ -654,3 +654,50 @@ def test_every_metric_plugin_fault_is_one_warning_line(env, capsys, fault):
     rec = json.loads((env / "r" / "run.json").read_text())
     assert rec["status"] == "done" and "style" in rec["metrics"]  # the gram metric's
     assert not any(k.startswith(f"m_{fault}") for k in rec["metrics"])
+
+
+# ---------------------------------------------------------------- nstjax.errors itself
+
+
+def test_errors_docstring_names_exactly_its_exception_types():
+    from nstjax import errors
+
+    types = sorted(n for n, o in vars(errors).items()
+                   if isinstance(o, type) and issubclass(o, BaseException)
+                   and o.__module__ == "nstjax.errors")
+    assert types == ["PluginError", "UserError"]
+    summary = errors.__doc__.split("\n\n")[0]
+    assert all(f"`{t}`" in summary for t in types)
+    assert issubclass(errors.PluginError, errors.UserError)
+
+
+def test_one_line_keeps_a_user_error_and_cuts_others_to_their_first_line():
+    from nstjax.errors import PluginError, UserError, one_line
+
+    assert one_line(UserError("a.yaml: loss.kind: unknown")) == "a.yaml: loss.kind: unknown"
+    assert one_line(PluginError("k: terms failed")) == "k: terms failed"
+    assert one_line(ValueError("\n  first line\nsecond line")) == "ValueError: first line"
+    assert one_line(KeyError()) == "KeyError: "
+    long = one_line(RuntimeError("x" * 2000))
+    assert len(long) == 500 and long.startswith("RuntimeError: xxx")
+
+
+def test_plugin_failed_is_one_line_naming_the_code_and_the_exception():
+    from nstjax.errors import PluginError, plugin_failed, user_code
+
+    e = plugin_failed("kind adain", "targets", ZeroDivisionError("division\n  by zero"))
+    assert isinstance(e, PluginError)
+    assert str(e) == "kind adain: targets failed: ZeroDivisionError: division by zero"
+    assert str(plugin_failed("m", "scoring", ValueError())).endswith("ValueError: (no message)")
+    assert len(str(plugin_failed("m", "x", ValueError("y" * 1000)))) < 360
+    with pytest.raises(PluginError, match=r"^f: calling failed: TypeError: bad$"):
+        with user_code("f", "calling"):
+            raise TypeError("bad")
+
+
+def test_the_package_has_one_exception_to_one_line_helper():
+    """`errors.one_line` is the helper; no module writes its own "<Type>: <first line>"."""
+    root = Path(__file__).resolve().parents[1] / "nstjax"
+    pattern = re.compile(r"splitlines\(\)\s*\n?\s*return f\"\{type\(e\)\.__name__\}")
+    own = [p.name for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert own == ["errors.py"]

@@ -13,8 +13,8 @@ from conftest import np_vgg16, rel_err
 from nstjax import losses
 
 POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
-# The README's worked example of a user-defined kind (`adain`), loaded as a config would.
-ADAIN = Path(__file__).resolve().parents[1] / "configs" / "examples" / "adain_loss.py"
+# The docs' worked example of a user-defined kind (`adain`), loaded as a config would.
+ADAIN = Path(__file__).resolve().parents[1] / "configs" / "plugins" / "adain_loss.py"
 
 # --------------------------------------------------------------------------- float64 references
 # Keras-literal ("seed"): x is one image's features (h, w, c), as in the post's code.
@@ -507,10 +507,10 @@ def test_load_plugin_registers_from_a_file(tmp_path):
 
 
 def test_demo_plugin_centered_gram(vgg_params, images, np_feats):
-    """configs/demo/centered_gram.py: a kind defined outside the package, against numpy."""
+    """configs/plugins/centered_gram.py: a kind defined outside the package, against numpy."""
     from pathlib import Path
 
-    losses.load_plugin(str(Path(__file__).resolve().parents[1] / "configs" / "demo"
+    losses.load_plugin(str(Path(__file__).resolve().parents[1] / "configs" / "plugins"
                            / "centered_gram.py"))
     spec = losses.Spec(style_layers=("block1_conv2", "block3_conv1"), kind="centered_gram",
                        precision="highest")

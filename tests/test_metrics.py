@@ -358,3 +358,27 @@ def test_gram_metric_on_vgg19(imgs):
         assert got[f"style.{n}"] == pytest.approx(np_gatys_style(fx[n][0], fs[n][0]), rel=1e-4)
     ref = 0.5 * np.sum((fx["block4_conv2"] - fc["block4_conv2"]) ** 2)
     assert got["content"] == pytest.approx(ref, rel=1e-4) and ref > 0
+
+
+def test_shipped_metric_plugin_against_colorsys(vgg_params):
+    """configs/plugins/saturation_metric.py, loaded as `eval.plugins` loads it, against HSV
+    saturation from the standard library's colorsys, pixel by pixel."""
+    import colorsys
+    from pathlib import Path
+
+    plugin = Path(__file__).resolve().parents[1] / "configs" / "plugins" / "saturation_metric.py"
+    metrics.load_plugins([str(plugin)])
+    photo = _scene(32)
+    r = np.random.default_rng(3)
+    painting = np.clip(r.uniform(0, 255, (32, 32, 3)) * [1.0, 0.6, 0.2], 0, 255)
+    x, style = _pre(photo), _pre(painting)
+
+    def ref(rgb):
+        return np.mean([colorsys.rgb_to_hsv(*(p / 255.0))[1] for p in rgb.reshape(-1, 3)])
+
+    got = metrics.evaluate(vgg_params, x, x, style, metrics.EvalSpec(metrics=("saturation_gap",)))
+    assert got["saturation_gap"] == pytest.approx(abs(ref(photo) - ref(painting)), rel=1e-4)
+    assert got["saturation_gap"] > 0.1 and metrics.direction("saturation_gap") == "lower"
+    same = metrics.evaluate(vgg_params, style, x, style,
+                            metrics.EvalSpec(metrics=("saturation_gap",)))
+    assert same["saturation_gap"] == 0.0

@@ -1,6 +1,6 @@
-"""The README's "Research API" (Custom losses, Metrics, Results), run as written at tiny size.
+"""The docs' research-bench guides (Custom losses, Metrics, Results), run as written at tiny size.
 
-The fenced code blocks of those subsections are extracted from README.md: the plugin and the
+The fenced code blocks of those pages are extracted from docs/guides/research/: the plugin and the
 YAML files must be the shipped ones, the commands run through the CLI (32x24, random weights,
 2 iterations), and the Python snippets are executed with only their paths and weights swapped.
 Numbers are checked against float64 numpy (the AdaIN terms, the reference evaluation) and
@@ -25,29 +25,34 @@ from conftest import np_vgg16
 from nstjax import cli, config, image, weights
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+GUIDES = {"Custom losses": "custom-losses.md", "Metrics": "metrics.md", "Results": "results.md"}
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"\n', re.M)  # pymdownx.snippets, as mkdocs.yml sets it
 TINY = ["image.size=[32,24]", "solver.maxiter=2", "model.weights=random"]
 POST = [f"block{i}_conv2" for i in range(1, 6)]
 EVAL = [f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2)]
 
 
-def blocks(title: str) -> list[tuple[str, str]]:
-    """(language, code) of the fenced blocks in the README subsection `### title`."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n### {title}\n")
-    end = re.search(r"\n##+ ", text[start + 5:])
-    body = text[start: start + 5 + end.start()] if end else text[start:]
-    return re.findall(r"```(\w*)\n(.*?)```", body, re.S)
+def blocks(title: str, expand: bool = True) -> list[tuple[str, str]]:
+    """(language, code) of the fenced blocks of the guide `title`; with `expand`, a block that
+    includes a file (`--8<-- "path"`) holds the file's text, as the built page shows it."""
+    page = ROOT / "docs/guides/research" / GUIDES[title]
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith(f"# {title}\n"), page
+    found = re.findall(r"```(\w*)\n(.*?)```", text, re.S)
+    if expand:
+        found = [(lg, INCLUDE.sub(lambda m: (ROOT / m.group(1)).read_text(), code))
+                 for lg, code in found]
+    return found
 
 
-def block(title: str, lang: str, i: int = 0) -> str:
-    return [code for lg, code in blocks(title) if lg == lang][i]
+def block(title: str, lang: str, i: int = 0, expand: bool = True) -> str:
+    return [code for lg, code in blocks(title, expand) if lg == lang][i]
 
 
 def swap(code: str, pairs: dict[str, str]) -> str:
-    """`code` with each key replaced (each must occur: the README must not drift silently)."""
+    """`code` with each key replaced (each must occur: the docs must not drift silently)."""
     for a, b in pairs.items():
-        assert a in code, f"README snippet no longer contains {a!r}"
+        assert a in code, f"docs snippet no longer contains {a!r}"
         code = code.replace(a, b)
     return code
 
@@ -55,13 +60,13 @@ def swap(code: str, pairs: dict[str, str]) -> str:
 def run_snippet(code: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102
+        exec(compile(code, "docs", "exec"), {"__name__": "docs"})  # noqa: S102
     return out.getvalue()
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """The README's `nstjax run` and `nstjax sweep` commands, at tiny size, in a temp dir."""
+    """The guide's `nstjax run` and `nstjax sweep` commands, at tiny size, in a temp dir."""
     tmp = tmp_path_factory.mktemp("research")
     cmds = [shlex.split(line) for line in block("Custom losses", "bash").splitlines()
             if line.startswith("nstjax ")]
@@ -82,12 +87,12 @@ def made(tmp_path_factory):
     return dirs
 
 
-def test_readme_shows_the_shipped_files():
-    assert block("Custom losses", "python") == (
-        ROOT / "configs/examples/adain_loss.py").read_text()
-    assert block("Custom losses", "yaml", 0) == (ROOT / "configs/examples/adain.yaml").read_text()
-    assert block("Custom losses", "yaml", 1) == (
-        ROOT / "configs/sweeps/loss_kind.yaml").read_text()
+def test_guide_shows_the_shipped_files():
+    shipped = ["configs/plugins/adain_loss.py", "configs/examples/adain.yaml",
+               "configs/sweeps/ablations/loss_kind.yaml"]
+    raw = [code for lg, code in blocks("Custom losses", expand=False) if lg in ("python", "yaml")]
+    assert raw == [f'--8<-- "{f}"\n' for f in shipped]
+    assert block("Custom losses", "python") == (ROOT / shipped[0]).read_text()
     code = [ln for ln in block("Custom losses", "python").splitlines()
             if ln.strip() and not ln.lstrip().startswith(("#", '"""'))]
     assert len(code) <= 26  # "a custom loss in ~20 lines"
@@ -103,7 +108,7 @@ def test_custom_loss_run_records_every_term_against_numpy(made):
     d = made["run"]
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     assert cfg["loss"]["kind"] == "adain"
-    assert cfg["loss"]["plugins"] == [str(ROOT / "configs/examples/adain_loss.py")]
+    assert cfg["loss"]["plugins"] == [str(ROOT / "configs/plugins/adain_loss.py")]
     rec = json.loads((d / "run.json").read_text())
     assert rec["status"] == "done" and rec["loss"]["kind"] == "adain"
     with open(d / "history.csv", newline="") as f:
@@ -254,7 +259,7 @@ def test_paper_configs_validate_with_measured_headers(name):
 def test_kinds_sweep_has_every_built_in_kind_on_two_pairs_with_seeds():
     from nstjax import losses, sweep
 
-    sw = sweep.load(ROOT / "configs/sweeps/kinds_two_pairs.yaml")
+    sw = sweep.load(ROOT / "configs/sweeps/ablations/kinds_two_pairs.yaml")
     cells = sweep.expand(sw)
     assert all(c.cfg is not None for c in cells), [c.error for c in cells if c.cfg is None]
     got = {(c.cfg.loss.kind, Path(c.cfg.styles[0]).name, c.cfg.seed) for c in cells}

@@ -107,7 +107,7 @@ def test_seed_config_runs_scipy_scheme(tmp_path, monkeypatch):
     """The post's config, offline and tiny: scipy rounds with clipping between them."""
     monkeypatch.setenv("NSTJAX_HOME", str(tmp_path / "home"))
     out = tmp_path / "seed"
-    code = cli.main(["run", str(CONFIGS / "seed_keras.yaml"), "model.weights=random",
+    code = cli.main(["run", str(CONFIGS / "runs" / "seed_keras.yaml"), "model.weights=random",
                      "image.size=[32,24]", "solver.rounds=3", "solver.maxfun=6",
                      "--out", str(out), "--quiet"])
     assert code == 0

@@ -178,6 +178,7 @@ def test_two_processes_split_the_cells(tmp_path, home):
     results = [pr.communicate(timeout=600) for pr in procs]
     for pr, (_, se) in zip(procs, results):
         assert pr.returncode == 0, se[-3000:]
+        assert "waiting for the other processes failed" not in se, se[-3000:]  # the barrier
     by_process: dict[int, list[str]] = {0: [], 1: []}
     for d in (out / "cells").iterdir():
         assert not d.name.startswith(".")
@@ -282,7 +283,7 @@ def test_host_cells_run_as_nstjax_run_and_keep_user_files(tmp_path, capsys):
 def test_cells_see_only_their_own_loss_plugins(tmp_path, order):
     """A cell whose config lacks the plugin of its loss.kind fails (unknown kind) whether or
     not another cell of the sweep imported that plugin before it; the other cell runs."""
-    plug = str(DEMO / "centered_gram.py")
+    plug = str(DEMO.parent / "plugins" / "centered_gram.py")
     plugins = [[plug], []] if order == "plugin-first" else [[], [plug]]
     p = write_sweep(tmp_path / "plug.yaml", set={"solver.maxiter": 2},
                     zip=[{"label": ["a", "b"], "loss.kind": ["centered_gram"] * 2,

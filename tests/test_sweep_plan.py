@@ -58,7 +58,7 @@ def test_dry_run_prints_plan(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("name, cells, groups", [
     ("ratio", 8, 1), ("pooling", 2, 2), ("content_layer", 2, 2), ("style_weights", 6, 1)])
 def test_shipped_sweeps_plan(name, cells, groups):
-    sw, c, g = prepared(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    sw, c, g = prepared(ROOT / "configs" / "sweeps" / "ablations" / f"{name}.yaml")
     assert (len(c), len(g)) == (cells, groups)
     assert all(x.cfg is not None and x.cfg.model.weights == "hed" for x in c)
 

@@ -68,7 +68,7 @@ def test_a_raising_callback_fails_the_run(env):
 
 
 def test_readme_wandb_example(env, monkeypatch):
-    """The README's W&B example, run against a stand-in `wandb` module that records calls."""
+    """The W&B example of docs/guides/python-api.md, with a stand-in `wandb` recording calls."""
     import sys
     import types
 
@@ -83,7 +83,7 @@ def test_readme_wandb_example(env, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     (env / "configs").mkdir()
     write_tiny(env / "configs" / "quickstart.yaml")
-    exec(_snippet("Progress callbacks (notebooks, W&B)"), {})  # noqa: S102 - the README's code
+    exec(_snippet("Progress callbacks (notebooks, W&B)"), {})  # noqa: S102 - the docs' code
     steps = [s for _, s in logged[:-2]]
     assert steps == list(range(31))
     assert [s for d, s in logged if "image" in d] == [10, 20]

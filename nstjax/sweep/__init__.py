@@ -57,7 +57,7 @@ sweep file format (YAML):
   sweep: {batch_size: auto, lanes: auto, compile_cache: true, label_metric: style}
 
 Any config key can be an axis (dotted, as in `nstjax run` overrides). Results: <out>/cells/*
-(run directories), summary.csv, contact_sheet.png, plots/. See README.md, "Sweeps".
+(run directories), summary.csv, contact_sheet.png, plots/. See docs/guides/sweeps.md.
 """
 
 __all__ = ["Cell", "EPILOG", "Group", "Outcome", "Sweep", "add_arguments", "cell_dir", "dry_run",
@@ -66,7 +66,7 @@ __all__ = ["Cell", "EPILOG", "Group", "Outcome", "Sweep", "add_arguments", "cell
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `nstjax sweep`."""
-    p.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/ratio.yaml")
+    p.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/ablations/ratio.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     p.add_argument("--out", help="sweep directory (default: RUNS_DIR/sweeps/<name>); rerunning "
                    "into it resumes")

@@ -22,17 +22,12 @@ import nstjax.sweep.batched as batched
 import nstjax.sweep.report as report
 import nstjax.sweep.store as store
 from nstjax import costs, losses, runtime, tblog
-from nstjax.errors import UserError
+from nstjax.errors import UserError, one_line
 from nstjax.sweep.plan import Group, batch_size, batches, lanes_for, multiscale, owned, params_key
 from nstjax.sweep.spec import Cell, Sweep
 
 if TYPE_CHECKING:
     from nstjax.config import Config
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 class OutOfMemory(Exception):
@@ -213,10 +208,10 @@ class Runner:
                 if d.exists():
                     shutil.rmtree(d, ignore_errors=True)
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-                raise OutOfMemory(first_line(e)) from e
+                raise OutOfMemory(one_line(e)) from e
             for c in live:
                 if c.name not in self.outcome.ran:
-                    self.write_failed(c, str(e) if isinstance(e, UserError) else first_line(e),
+                    self.write_failed(c, one_line(e),
                                       g)
 
     def solve(self, g: Group, live: list[Cell], probs: list, dirs: list[Path], prog,
@@ -337,7 +332,7 @@ class Runner:
             raise
         except Exception as e:  # noqa: BLE001 - run.run re-raises after writing its directory
             shutil.rmtree(d, ignore_errors=True)
-            self.write_failed(c, str(e) if isinstance(e, UserError) else first_line(e), g)
+            self.write_failed(c, one_line(e), g)
             return
         rec.update(self.sweep_info(c, g, batch="1/1", batch_size=1, lanes=1, devices=1))
         runtime.write_atomic(d / "run.json", record.record_json(rec))
@@ -369,21 +364,15 @@ def plan_json(sw: Sweep, cells: list[Cell], groups: list[Group]) -> dict:
     }
 
 
-def barrier(name: str, timeout_s: float = 7 * 24 * 3600) -> bool:
+def barrier(name: str) -> bool:
     """Wait for every process of a jax.distributed job; False if that failed (logged)."""
     try:
-        from jax._src import distributed
-
-        client = distributed.global_state.client
-        if client is not None:
-            client.wait_at_barrier(name, int(min(timeout_s, 2**31 / 1e3 - 1) * 1000))
-            return True
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
         return True
     except Exception as e:  # noqa: BLE001 - a dead peer must not lose this process's summary
-        print(f"nstjax: warning: waiting for the other processes failed: {first_line(e)}",
+        print(f"nstjax: warning: waiting for the other processes failed: {one_line(e)}",
               file=sys.stderr)
         return False
 
@@ -405,7 +394,7 @@ def _progress(out: Path, sw: Sweep, cells: list[Cell]) -> None:
     try:
         report.progress(out, sw, cells)
     except Exception as e:  # noqa: BLE001 - the page must not stop the sweep
-        _warn(f"report.html not updated: {first_line(e)}")
+        _warn(f"report.html not updated: {one_line(e)}")
 
 
 def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path, *,
@@ -472,5 +461,5 @@ def init_distributed(a: argparse.Namespace) -> tuple[int, int]:
     try:
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"jax.distributed.initialize failed: {first_line(e)}") from None
+        raise UserError(f"jax.distributed.initialize failed: {one_line(e)}") from None
     return jax.process_index(), jax.process_count()
