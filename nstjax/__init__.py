@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 SUBMODULES = ("batch", "bench", "bench_torch", "cfgfile", "cli", "config", "costs", "errors",
               "image", "keras_h5", "kinds", "lbfgs", "losses", "metrics", "multiscale", "problem",
               "race", "record", "report", "results", "run", "rundir", "runtime", "solvers",
-              "style_losses", "svg", "sweep", "tables", "tblog", "vgg16", "watch", "weights")
+              "style_losses", "svg", "sweep", "tables", "tblog", "torch_legacy", "vgg16", "watch",
+              "weights")
 # Names defined elsewhere and exported here: name -> (module, attribute).
 EXPORTS = {"stylize": ("run", "stylize"), "UserError": ("errors", "UserError"),
            "PluginError": ("errors", "PluginError")}

@@ -1,5 +1,6 @@
 """Plain tables the config schema and the code that runs it share, importable without JAX: the
-VGG16/VGG19 conv layers, the pip weight sources' archs, the solver names, the default metrics and their layers."""
+VGG16/VGG19 conv layers, the pip weight sources' archs, the solver names, the default metrics
+and their layers."""
 
 # (name, input channels, output channels): the Keras VGG16 layer names, in order.
 CONVS: tuple[tuple[str, int, int], ...] = (
