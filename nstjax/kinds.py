@@ -167,7 +167,8 @@ def isolated(plugins: Sequence[str] = ()):
         yield
     finally:
         _set_kinds(saved)
-def _source(fn: Callable) -> str:
+def source_of(fn: Callable) -> str:
+    """The file a function comes from (its module's), or its module's name."""
     mod = sys.modules.get(getattr(fn, "__module__", "") or "")
     return str(getattr(mod, "__file__", "") or getattr(fn, "__module__", "") or "")
 
@@ -181,9 +182,11 @@ def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str 
     styles' statistics combine (default linear), `random`: targets takes a PRNG `key`,
     `masks`: terms handles `masks.style` (per-style targets and `tgt["style_masks"]`).
 
-    A name is registered once; `replace=True` swaps in new functions (e.g. re-running a
-    notebook cell) and drops `targets`' compiled programs. Programs cached by key elsewhere
-    should include `kind(spec.kind)` (a new object after a replace) in the key.
+    A name is registered once; `replace=True` swaps in new functions from the same file (e.g.
+    re-running a notebook cell) and drops `targets`' compiled programs. A built-in kind's name
+    and a name registered from another file are refused (ValueError naming both). Programs
+    cached by key elsewhere should include `kind(spec.kind)` (a new object after a replace)
+    in the key.
     """
     if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
         raise ValueError(f"loss kind name must be a non-empty identifier, got {name!r}")
@@ -195,11 +198,15 @@ def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str 
                 and isinstance(o.default, _OPTION_TYPES)):
             raise TypeError(f"loss kind {name!r}: options must map identifiers to "
                             f"losses.Option(default=bool|int|float|str), got {n!r}: {o!r}")
-    if name in _KINDS and not replace:
+    k = Kind(name, targets, terms, description, opts, blend, random, masks,
+             "" if _builtin else source_of(terms), _builtin)
+    old = _KINDS.get(name)
+    if old is not None and (old.builtin != k.builtin or old.source != k.source):
+        taken = f"the built-in loss kind {name!r}" if old.builtin else old.label
+        raise ValueError(f"{k.label}: the name is taken by {taken}; pick another name")
+    if old is not None and not replace:
         raise ValueError(f"loss kind {name!r} is already registered; pass replace=True to "
                          "replace it")
-    k = Kind(name, targets, terms, description, opts, blend, random, masks,
-             "" if _builtin else _source(terms), _builtin)
     if name in _KINDS:
         _forget_programs()
     _KINDS[name] = k
