@@ -111,7 +111,7 @@ def _metrics(a) -> int:
 def _html(a) -> int:
     from nstjax import report
 
-    print(report.write(a.dir))
+    print(report.write(a.dir, force=a.force))
     return 0
 
 
@@ -188,6 +188,8 @@ def parser():
 
     rp = sub.add_parser("report", help="(re)write report.html of a sweep or run directory")
     rp.add_argument("dir", help="a sweep's --out directory or a run directory")
+    rp.add_argument("--force", action="store_true",
+                    help="replace a report.html that nstjax did not write")
     rp.set_defaults(fn=_html)
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.

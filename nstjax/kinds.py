@@ -56,6 +56,8 @@ class Option:
     def check(self, value: Any, where: str) -> Any:
         """`value` as this option's type, or a one-line UserError naming `where`."""
         want = type(self.default)
+        if want in (int, float) and isinstance(value, str):
+            value = _number(value, want)  # as the schema's number fields take "1e-5"
         ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
             want is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
@@ -73,6 +75,18 @@ class Option:
             if self.high is not None and value > self.high:
                 raise UserError(f"{where}: must be <= {self.high:g} (got {value})")
         return value
+
+
+def _number(text: str, want: type) -> Any:
+    """A number written as text (`1e-5`, YAML 1.1's string for it) as `want`, the way the
+    config's own number fields read it; the text unchanged if it is not one."""
+    try:
+        v = float(text.strip())
+    except ValueError:
+        return text
+    if want is int:
+        return int(v) if math.isfinite(v) and v == int(v) else text
+    return v
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a kind registered again is new

@@ -358,7 +358,8 @@ class Runner:
 def plan_json(sw: Sweep, cells: list[Cell], groups: list[Group]) -> dict:
     """sweep.json's content: dims, groups and cells (with their directories)."""
     return {
-        "name": sw.name, "file": sw.source, "description": sw.description,
+        "name": sw.name, "file": str(Path(sw.source).resolve()), "description": sw.description,
+        "label_metric": sw.label_metric,
         "dims": [{"keys": list(d.keys), "values": [list(v) for v in d.values],
                   "labels": list(d.labels) if d.labels else None} for d in sw.dims],
         "groups": [{"name": g.name, "label": g.label, "size_wh": [g.hw[1], g.hw[0]],
