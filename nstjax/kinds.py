@@ -7,6 +7,7 @@ this module's API, so a plugin writes `from nstjax import losses; losses.registe
 """
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -58,6 +59,8 @@ class Option:
         want = type(self.default)
         if want in (int, float) and isinstance(value, str):
             value = _number(value, want)  # as the schema's number fields take "1e-5"
+        if want is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # 4e3 (a float in YAML 1.2), as the schema's int fields take it
         ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
             want is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
@@ -181,6 +184,14 @@ def isolated(plugins: Sequence[str] = ()):
         yield
     finally:
         _set_kinds(saved)
+_LOADING: list[str] = []  # the plugin files (or modules) being imported, innermost last
+
+
+def registrant(fn: Callable) -> str:
+    """Who registers `fn`: the plugin being imported, else the file `fn` comes from."""
+    return _LOADING[-1] if _LOADING else source_of(fn)
+
+
 def source_of(fn: Callable) -> str:
     """The file a function comes from (its module's), or its module's name."""
     mod = sys.modules.get(getattr(fn, "__module__", "") or "")
@@ -213,7 +224,7 @@ def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str 
             raise TypeError(f"loss kind {name!r}: options must map identifiers to "
                             f"losses.Option(default=bool|int|float|str), got {n!r}: {o!r}")
     k = Kind(name, targets, terms, description, opts, blend, random, masks,
-             "" if _builtin else source_of(terms), _builtin)
+             "" if _builtin else registrant(terms), _builtin)
     old = _KINDS.get(name)
     if old is not None and (old.builtin != k.builtin or old.source != k.source):
         taken = f"the built-in loss kind {name!r}" if old.builtin else old.label
@@ -351,27 +362,57 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
         mod_name = plugin_key(ref, here)
         if _reinstall(mod_name) or mod_name in sys.modules:  # (or being imported now)
             return
+        try:
+            code = path.read_bytes()  # what runs is what is hashed
+        except OSError as e:
+            raise UserError(f"{ref}: cannot read the {what} ({e.strerror or e})") from None
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         before = dict(_KINDS)
+        _LOADING.append(str(path))
         try:
-            spec.loader.exec_module(module)
+            exec(compile(code, str(path), "exec"), module.__dict__)  # noqa: S102 - the plugin
+            IMPORTED[str(path)] = hashlib.sha256(code).hexdigest()
         except Exception as e:
             del sys.modules[mod_name]
             raise UserError(f"{ref}: importing the {what} failed: "
                             f"{type(e).__name__}: {e}") from None
+        finally:
+            _LOADING.pop()
         _record_plugin(mod_name, before)
         return
     if _reinstall(ref):
         return
     before = dict(_KINDS)
+    _LOADING.append(ref)
     try:
         importlib.import_module(ref)
     except Exception as e:
         raise UserError(f"{ref}: importing the {what} module failed: "
                         f"{type(e).__name__}: {e}") from None
+    finally:
+        _LOADING.pop()
     _record_plugin(ref, before)
+
+
+IMPORTED: dict[str, str] = {}  # plugin file -> sha256 of the code imported from it
+
+
+def plugin_file(ref: str, here: str | Path | None = None) -> tuple[str, str | None] | None:
+    """(file, sha256) of an imported plugin `ref` (a module's file for a module name; the
+    sha256 of the code as imported for a plugin file), or None if it is not imported."""
+    if _is_file_ref(ref):
+        path = str(_plugin_path(ref, here))
+        return (path, IMPORTED[path]) if path in IMPORTED else None
+    mod = sys.modules.get(ref)
+    f = getattr(mod, "__file__", None)
+    if not f:
+        return None
+    try:
+        return f, hashlib.sha256(Path(f).read_bytes()).hexdigest()
+    except OSError:
+        return f, None
 
 
 def _is_file_ref(ref: str) -> bool:

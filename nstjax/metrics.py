@@ -41,7 +41,7 @@ import numpy as np
 
 from nstjax import losses, vgg16
 from nstjax.errors import PluginError, UserError, user_code
-from nstjax.kinds import source_of
+from nstjax.kinds import registrant
 
 DEFAULT_STYLE_LAYERS = tuple(f"block{i}_conv{j}" for i in range(1, 6) for j in (1, 2))
 DEFAULT_SWD_LAYERS = ("block3_conv3", "block4_conv3", "block5_conv3")
@@ -150,7 +150,7 @@ def register(name: str, fn: MetricFn, *, better: Literal["lower", "higher"] = "l
         raise TypeError(f"metric {name!r}: fn must be callable")
     if better not in ("lower", "higher"):
         raise ValueError(f"metric {name!r}: better must be 'lower' or 'higher', got {better!r}")
-    new = Metric(name, fn, better, description, "" if _builtin else source_of(fn), _builtin)
+    new = Metric(name, fn, better, description, "" if _builtin else registrant(fn), _builtin)
     if name in GRAM_KEYS:
         raise ValueError(f"{new.label}: the name {name!r} is a key of the built-in metric "
                          "'gram'; pick another name")
@@ -449,8 +449,8 @@ def check_keys(m: Metric, values: Mapping[str, float],
         if other is None or other.name == m.name:
             other = (taken or {}).get(key)
         if other is not None and other.name != m.name:
-            raise PluginError(f"{m.label}: returned the key {key!r}, which is {other.label}'s; "
-                              f"return another key (e.g. '{m.name}.{key}')")
+            raise PluginError(f"{m.label}: returned the key {key!r}, which belongs to "
+                              f"{other.label}; return another key (e.g. '{m.name}.{key}')")
 
 
 def run_metric(name: str, inp: Inputs) -> dict[str, float]:

@@ -129,12 +129,10 @@ class Sweep:
 
 
 def _pandas():
-    try:
-        import pandas
-    except ImportError:
-        raise UserError("pandas: not installed; `pip install pandas` for to_pandas(), or use "
-                        "Sweep.rows() / Run.history (plain dicts)") from None
-    return pandas
+    from nstjax.runtime import optional
+
+    return optional("pandas", "to_pandas()", "pip install pandas, or use Sweep.rows() / "
+                    "Run.history (plain dicts)")
 
 
 def _float(v: Any) -> float | None:

@@ -234,7 +234,7 @@ class Runner:
         t_start = time.perf_counter()
         recs = []
         for c, p, d in zip(live, probs, dirs):
-            rec = record.Recorder(d, c.cfg, {**record.start_record(c.cfg, p),
+            rec = record.Recorder(d, c.cfg, {**record.start_record(c.cfg, p, announce=False),
                                              **self.sweep_info(c, g, **info)},
                                   post=p.post, problem=p)
             rec.start()
@@ -417,6 +417,9 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
 
     t_start = time.perf_counter()
     tblog.check(c.cfg for c in cells if c.cfg is not None)  # before anything is written
+    from nstjax import record
+
+    record.announce_plugins(record.plugins(c.cfg for c in cells if c.cfg is not None))
     out = Path(out)
     store.claim(out, sw)
     moved = store.locate(out, cells)
