@@ -323,6 +323,7 @@ CALLBACKS = {"raise": (_raise, "failed", ValueError),
              "interrupt": (_interrupt, "interrupted", None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["memory", "dir"])
 @pytest.mark.parametrize("what", list(CALLBACKS))
 def test_every_callback_outcome_ends_the_run_complete(env, what, where):
