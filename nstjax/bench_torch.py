@@ -26,7 +26,8 @@ def _per(seconds: float, iterations: int, evals: int) -> dict:
 def _import_torch() -> Any:
     from nstjax.runtime import optional
 
-    return optional("torch", "--compare-torch", "pip install torch (or drop --compare-torch)")
+    return optional("torch", "--compare-torch", "pip install torch (or drop --compare-torch)",
+                    "PyTorch")
 
 
 class TorchCase:

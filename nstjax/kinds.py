@@ -9,6 +9,7 @@ this module's API, so a plugin writes `from nstjax import losses; losses.registe
 import contextlib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import math
 import sys
@@ -366,13 +367,14 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
             code = path.read_bytes()  # what runs is what is hashed
         except OSError as e:
             raise UserError(f"{ref}: cannot read the {what} ({e.strerror or e})") from None
-        spec = importlib.util.spec_from_file_location(mod_name, path)
+        spec = importlib.util.spec_from_file_location(
+            mod_name, path, loader=_SourceLoader(mod_name, str(path), code))
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         before = dict(_KINDS)
         _LOADING.append(str(path))
         try:
-            exec(compile(code, str(path), "exec"), module.__dict__)  # noqa: S102 - the plugin
+            spec.loader.exec_module(module)
             IMPORTED[str(path)] = hashlib.sha256(code).hexdigest()
         except Exception as e:
             del sys.modules[mod_name]
@@ -397,6 +399,23 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
 
 
 IMPORTED: dict[str, str] = {}  # plugin file -> sha256 of the code imported from it
+
+
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Imports a plugin file from the bytes already read (and hashed), never from a cached
+    .pyc or a second read."""
+
+    def __init__(self, name: str, path: str, code: bytes):
+        super().__init__(name, path)
+        self.code = code
+
+    def get_data(self, path: str) -> bytes:
+        if path == self.path:
+            return self.code
+        raise OSError(f"{path}: not read (the plugin's source is)")  # no bytecode cache
+
+    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+        pass  # no .pyc written next to the user's file
 
 
 def plugin_file(ref: str, here: str | Path | None = None) -> tuple[str, str | None] | None:

@@ -101,6 +101,10 @@ _LEGACY = "document.querySelectorAll('table.cells')"  # in every page before the
 MAX_PAGE_BYTES = 64 << 20  # a report.html larger than this is not one of ours
 
 
+class ForeignFile(UserError):
+    """A report.html that nstjax did not write is in the way (replaced only with `force`)."""
+
+
 def ours(path: Path) -> bool:
     """Whether the file at `path` is a report page nstjax wrote (or there is none): the only
     report.html `write` replaces without `force`."""
@@ -452,7 +456,7 @@ def write(d: str | Path, label_metric: str | None = None, force: bool = False) -
         raise UserError(f"{d}: no such directory; give a sweep's --out directory or a run "
                         "directory")
     if not force and not ours(d / PAGE):
-        raise UserError(f"{d / PAGE}: exists and was not written by nstjax report; pass "
+        raise ForeignFile(f"{d / PAGE}: exists and was not written by nstjax report; pass "
                         "--force to replace it, or move it away")
     if (d / "sweep.json").is_file() or (d / "summary.csv").is_file():
         text = sweep_page(d, label_metric)

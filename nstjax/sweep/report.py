@@ -24,8 +24,7 @@ from typing import Any
 
 import nstjax.sweep.store as store
 from nstjax import runtime
-from nstjax.errors import UserError
-from nstjax.report import mean_std
+from nstjax.report import ForeignFile, mean_std
 from nstjax.sweep.plan import Group
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
@@ -167,7 +166,7 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
             paths.append(p)
     try:
         paths.append(write_page(out, sw))
-    except UserError as e:  # a report.html of the user's: left alone, the rest is written
+    except ForeignFile as e:  # a report.html of the user's: left alone, the rest is written
         print(f"nstjax: warning: {e}", file=sys.stderr)
     return paths
 
