@@ -354,6 +354,7 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
     """Import a module that registers loss kinds (or metrics: `what` names it in errors): a
     `.py` file (relative to `here`) or a dotted module name. Importing the same file twice
     runs it once."""
+    _load_builtins()  # first: loaded during the plugin's import, they would count as its own
     if _is_file_ref(ref):
         path = _plugin_path(ref, here)
         if not path.is_file():
