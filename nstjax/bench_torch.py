@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from nstjax import losses, vgg16
-from nstjax.errors import UserError
 
 
 def _now() -> float:
@@ -25,12 +24,10 @@ def _per(seconds: float, iterations: int, evals: int) -> dict:
 
 
 def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise UserError("--compare-torch needs PyTorch, which is not installed: "
-                        "pip install torch (or drop --compare-torch)") from None
-    return torch
+    from nstjax.runtime import optional
+
+    return optional("torch", "--compare-torch", "pip install torch (or drop --compare-torch)",
+                    "PyTorch")
 
 
 class TorchCase:

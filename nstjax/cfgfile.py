@@ -1,5 +1,6 @@
 """Config files: bounded YAML loading, dotted keys and overrides, paths relative to the file."""
 
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,20 @@ def _expanded(node: yaml.Node, memo: dict[int, int], active: set[int], depth: in
         active.discard(key)
     memo[key] = total
     return total
+
+
+# YAML 1.2 numbers: `1e-5` (no dot) is a float, as in JSON, not the string YAML 1.1 makes it;
+# every key reads it alike (the schema's fields, loss.options, sweep axes).
+_BoundedLoader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document with YAML 1.2 numbers (`1e-5` a float), bounded (depth, aliases)."""
+    return _load_yaml(text)
 
 
 def _load_yaml(text: str) -> Any:

@@ -78,8 +78,8 @@ def _weights(a) -> int:
         print(weights.fetch(a.name, quiet=a.quiet, arch=arch))
     elif a.wcmd == "convert":
         meta = weights.convert(a.src, a.dst, force=a.force, arch=a.arch)
-        print(f"wrote {a.dst} ({len(meta.get('layers', []))} layers, sha256 of input "
-              f"{meta.get('sha256', '')[:12]}...)")
+        print(f"wrote {a.dst} ({meta.get('arch')}, {len(meta.get('layers', []))} layers, "
+              f"sha256 of input {meta.get('sha256', '')[:12]}...)")
     return 0
 
 
@@ -113,7 +113,7 @@ def _metrics(a) -> int:
 def _html(a) -> int:
     from nstjax import report
 
-    print(report.write(a.dir))
+    print(report.write(a.dir, force=a.force))
     return 0
 
 
@@ -175,8 +175,9 @@ def parser():
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--force", action="store_true", help="replace dst if it exists")
-    c.add_argument("--arch", choices=("vgg16", "vgg19"), default="vgg16",
-                   help="the backbone (model.arch) whose layers to read and check")
+    c.add_argument("--arch", choices=("vgg16", "vgg19"), default=None,
+                   help="the backbone (model.arch) whose layers to read and check; default: "
+                   "told by the file's layers (refused when they cannot tell)")
     w.set_defaults(fn=_weights)
 
     m = sub.add_parser("metrics", help="score image files as a run of a config scores its "
@@ -190,6 +191,8 @@ def parser():
 
     rp = sub.add_parser("report", help="(re)write report.html of a sweep or run directory")
     rp.add_argument("dir", help="a sweep's --out directory or a run directory")
+    rp.add_argument("--force", action="store_true",
+                    help="replace a report.html that nstjax did not write")
     rp.set_defaults(fn=_html)
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.

@@ -42,13 +42,14 @@ POST_STYLE_WEIGHTS = [0.05, 0.2, 0.2, 0.25, 0.3]
 # Sane maxima: a config or override past them is a mistake (or an attack), refused before use.
 MAX_ITER = 10_000_000  # iterations, rounds, evaluations per round, chunk lengths
 MAX_SIDE = 65_536  # pixels on one side (image.size, multiscale.sizes)
+MIN_SIDE = 16  # the smallest side image.size takes
 MAX_PIXELS = 1 << 32
 MAX_SCALES = 32
 MAX_STYLE_SCALE = 100.0
 MAX_FACTOR = 1024.0
 
 NonNeg = Annotated[float, Field(ge=0)]
-Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 Iters = Annotated[int, Field(ge=0, le=MAX_ITER)]
 
 def _layer_error(n: str, arch: str) -> str | None:
@@ -343,6 +344,22 @@ class Config(_Strict):
             for n in layers:
                 if why := _layer_error(n, arch):
                     raise ValueError(f"{key}: {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _paths(self):
+        """An empty path is a mistake, not the current directory."""
+        given = [("content", self.content), *(("style", p) for p in self.styles),
+                 ("init", self.init), ("model.weights", self.model.weights),
+                 ("masks.content", self.masks.content),
+                 *(("masks.style", p) for p in self.masks.style or [])]
+        for key, v in given:
+            if isinstance(v, str) and not v.strip():
+                names = {"content": "an image file (or null: texture synthesis)",
+                         "init": f"one of {', '.join(INITS)} or an image file",
+                         "model.weights": f"one of {', '.join(WEIGHT_NAMES)} or an .h5/.npz "
+                         "file"}
+                raise ValueError(f"{key}: is an empty path; give {names.get(key, 'a file')}")
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,11 @@ import h5py
 import numpy as np
 
 from nstjax.errors import UserError
+from nstjax.vgg16 import NAMES as VGG16_NAMES
+from nstjax.vgg16 import VGG19_CONVS
+
+VGG19_NAMES = tuple(name for name, _, _ in VGG19_CONVS)
+VGG19_ONLY = tuple(name for name in VGG19_NAMES if name not in VGG16_NAMES)
 
 # {"block1_conv1": {"kernel": float32 (3,3,in,out) HWIO, "bias": (out,)}, ...}
 Params = dict[str, dict[str, np.ndarray]]
@@ -37,8 +42,34 @@ def need_shapes(convs: ConvTable) -> Shapes:
     return {name: {"kernel": (3, 3, cin, cout), "bias": (cout,)} for name, cin, cout in convs}
 
 
+def arch_name(convs: ConvTable) -> str:
+    """`vgg19` for a table with VGG19's extra layers (block3_conv4 ...), else `vgg16`."""
+    return "vgg19" if any(name in VGG19_ONLY for name, _, _ in convs) else "vgg16"
+
+
+def infer_arch(names: Any) -> str | None:
+    """The arch a file's conv layer names show: `vgg19` with any of VGG19's extra layers,
+    `vgg16` with all of VGG16's and none of those, else None (too few layers to tell)."""
+    names = set(names)
+    if names & set(VGG19_ONLY):
+        return "vgg19"
+    return "vgg16" if set(VGG16_NAMES) <= names else None
+
+
+def check_arch(label: str, names: Any, convs: ConvTable) -> None:
+    """Refuse a file holding conv layers of a bigger arch than `convs` (VGG19's extra layers
+    read as VGG16 would be dropped without a word)."""
+    extra = [n for n in VGG19_ONLY if n in set(names)]
+    want = {name for name, _, _ in convs}
+    extra = [n for n in extra if n not in want]
+    if extra:
+        raise UserError(f"weights file {label}: holds VGG19's layers ({', '.join(extra)}), but "
+                        f"model.arch is {arch_name(convs)}; use model.arch=vgg19 (weights "
+                        "convert: --arch vgg19)")
+
+
 def check_header(label: str, layer: str, what: str, shape: Any, dtype: np.dtype,
-                 need: tuple[int, ...]) -> None:
+                 need: tuple[int, ...], arch: str = "vgg16") -> None:
     """Refuse a declared shape or dtype before any data is read (a small file may declare a
     huge array)."""
     if dtype.kind not in "fiu" or dtype.hasobject:
@@ -47,16 +78,19 @@ def check_header(label: str, layer: str, what: str, shape: Any, dtype: np.dtype,
     if shape is None or tuple(shape) != need:
         got = "no data" if shape is None else f"shape {fmt_shape(shape)}"
         raise UserError(f"weights file {label}: layer {layer} has {what} {got}, "
-                        f"VGG16 needs {fmt_shape(need)}")
+                        f"{arch.upper()} needs {fmt_shape(need)}")
 
 
 def check_params(label: str, params: Params, convs: ConvTable) -> Params:
-    """Keep only the layers of `convs`, checking each is present, shaped right and finite."""
+    """Keep only the layers of `convs`, checking each is present, shaped right and finite, and
+    that the file holds no layer of a bigger arch (`check_arch`)."""
+    arch = arch_name(convs).upper()
     if not any(name in params for name, _, _ in convs):
         raise UserError(
-            f"weights file {label}: no VGG16 conv layers found (block1_conv1 ...); "
-            "use a Keras VGG16 or HED weights file"
+            f"weights file {label}: no {arch} conv layers found (block1_conv1 ...); "
+            f"use a Keras {arch} (or, for VGG16, HED) weights file"
         )
+    check_arch(label, params, convs)
     out: Params = {}
     for name, need in need_shapes(convs).items():
         if name not in params:
@@ -71,7 +105,7 @@ def check_params(label: str, params: Params, convs: ConvTable) -> Params:
             if arr.shape != shape:
                 raise UserError(
                     f"weights file {label}: layer {name} has {what} shape "
-                    f"{fmt_shape(arr.shape)}, VGG16 needs {fmt_shape(shape)}"
+                    f"{fmt_shape(arr.shape)}, {arch} needs {fmt_shape(shape)}"
                 )
             if not np.isfinite(arr).all():
                 raise UserError(f"weights file {label}: layer {name} {what} contains NaN/Inf")
@@ -88,10 +122,13 @@ def read_h5(path: str | os.PathLike[str], convs: ConvTable) -> Params:
     if not Path(path).is_file():
         raise UserError(f"weights file {label} not found")
     names = need_shapes(convs)
+    arch = arch_name(convs)
     try:
         with h5py.File(path, "r") as f:
-            root = _legacy_root(f)
-            found = _read_legacy(label, root, names) if root else _read_keras3(label, f, names)
+            found = _find(label, f, names)
+            check_arch(label, found, convs)
+            found = {name: _kernel_bias(label, name, ds, names[name], arch)
+                     for name, ds in found.items() if name in names}
             # Every dataset's header is checked (in _kernel_bias) before any is read.
             raw = {
                 name: {w: np.asarray(ds[()]).astype(np.float32, copy=False)
@@ -106,6 +143,29 @@ def read_h5(path: str | os.PathLike[str], convs: ConvTable) -> Params:
     return check_params(label, raw, convs)
 
 
+def layer_names(path: str | os.PathLike[str]) -> list[str]:
+    """The VGG16/VGG19 conv layer names a Keras .h5 file holds (no data read)."""
+    label = str(path)
+    if not Path(path).is_file():
+        raise UserError(f"weights file {label} not found")
+    try:
+        with h5py.File(path, "r") as f:
+            return list(_find(label, f, {}))
+    except (OSError, RuntimeError) as e:
+        raise UserError(
+            f"weights file {label} is not a readable HDF5 weights file ({e}); "
+            "re-download it or pass another file"
+        ) from e
+
+
+def _find(label: str, f: h5py.File, names: Shapes) -> dict[str, list[Any]]:
+    """{layer: [kernel, bias datasets]} of every conv layer named like VGG16's or VGG19's (or
+    like `names`), unread."""
+    known = set(names) | set(VGG19_NAMES)
+    root = _legacy_root(f)
+    return _read_legacy(label, root, known) if root else _read_keras3(label, f, known)
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -115,24 +175,25 @@ def _strings(attr: Any) -> list[str]:
     return [_text(v) for v in np.atleast_1d(np.asarray(attr)).tolist()]
 
 
-def _dataset(label: str, layer: str, what: str, obj: Any, need: tuple[int, ...]) -> Any:
+def _dataset(label: str, layer: str, what: str, obj: Any, need: tuple[int, ...],
+             arch: str = "vgg16") -> Any:
     if not isinstance(obj, h5py.Dataset):
         raise UserError(f"weights file {label}: layer {layer} {what} is not a numeric dataset")
-    check_header(label, layer, what, obj.shape, obj.dtype, need)
+    check_header(label, layer, what, obj.shape, obj.dtype, need, arch)
     return obj
 
 
-def _kernel_bias(label: str, name: str, datasets: list[Any], need: dict[str, tuple[int, ...]]
-                 ) -> dict[str, Any]:
+def _kernel_bias(label: str, name: str, datasets: list[Any], need: dict[str, tuple[int, ...]],
+                 arch: str = "vgg16") -> dict[str, Any]:
     """The kernel and bias datasets of a layer, their shapes and dtypes checked (not read)."""
     if len(datasets) != 2:
         raise UserError(
             f"weights file {label}: layer {name} has {len(datasets)} weights, "
-            "VGG16 needs a kernel and a bias"
+            f"{arch.upper()} needs a kernel and a bias"
         )
     return {
-        "kernel": _dataset(label, name, "kernel", datasets[0], need["kernel"]),
-        "bias": _dataset(label, name, "bias", datasets[1], need["bias"]),
+        "kernel": _dataset(label, name, "kernel", datasets[0], need["kernel"], arch),
+        "bias": _dataset(label, name, "bias", datasets[1], need["bias"], arch),
     }
 
 
@@ -146,7 +207,7 @@ def _legacy_root(f: h5py.File) -> h5py.Group | None:
     return None
 
 
-def _read_legacy(label: str, root: h5py.Group, names: Shapes) -> dict[str, Any]:
+def _read_legacy(label: str, root: h5py.Group, names: set[str]) -> dict[str, list[Any]]:
     """Keras 2: each layer group lists its datasets in ``weight_names`` (kernel, then bias)."""
     found: dict[str, list[Any]] = {}
     for layer in _strings(root.attrs["layer_names"]):
@@ -165,14 +226,14 @@ def _read_legacy(label: str, root: h5py.Group, names: Shapes) -> dict[str, Any]:
                     "but the dataset is missing; the file is damaged"
                 )
             found.setdefault(owner, []).append(group[wname])
-    return {name: _kernel_bias(label, name, ds, names[name]) for name, ds in found.items()}
+    return found
 
 
 _CONV2D = re.compile(r"conv2d(?:_(\d+))?")
 _BLOCK = re.compile(r"block(\d+)")
 
 
-def _read_keras3(label: str, f: h5py.File, names: Shapes) -> dict[str, Any]:
+def _read_keras3(label: str, f: h5py.File, names: set[str]) -> dict[str, list[Any]]:
     """Keras 3: any group with ``vars/0`` (kernel) and ``vars/1`` (bias), named like VGG16."""
     candidates: list[str] = []
 
@@ -187,7 +248,7 @@ def _read_keras3(label: str, f: h5py.File, names: Shapes) -> dict[str, Any]:
         name = _keras3_name(f[path], path, positional, names)
         if name:
             where.setdefault(name, []).append(path)
-    params: dict[str, Any] = {}
+    params: dict[str, list[Any]] = {}
     for name, paths in where.items():
         if len(paths) > 1:
             raise UserError(
@@ -195,13 +256,11 @@ def _read_keras3(label: str, f: h5py.File, names: Shapes) -> dict[str, Any]:
                 "convert the VGG16 part on its own"
             )
         vars_ = f[paths[0]]["vars"]
-        params[name] = _kernel_bias(
-            label, name, [vars_.get(k) for k in ("0", "1") if k in vars_], names[name]
-        )
+        params[name] = [vars_.get(k) for k in ("0", "1") if k in vars_]
     return params
 
 
-def _keras3_name(group: h5py.Group, path: str, positional: dict[str, str], names: Shapes
+def _keras3_name(group: h5py.Group, path: str, positional: dict[str, str], names: set[str]
                  ) -> str | None:
     """VGG16 name of a Keras 3 layer group: its own name, HED position, or ``vars`` name attr."""
     base = path.rsplit("/", 1)[-1]
@@ -213,7 +272,7 @@ def _keras3_name(group: h5py.Group, path: str, positional: dict[str, str], names
     return attr if attr in names else None
 
 
-def _hed_positions(candidates: list[str], names: Shapes) -> dict[str, str]:
+def _hed_positions(candidates: list[str], names: set[str]) -> dict[str, str]:
     """HED nesting: ``blockN/layers/conv2d, conv2d_1, ...`` -> blockN_conv1, conv2, ... in order."""
     per_block: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for path in candidates:

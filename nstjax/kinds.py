@@ -7,7 +7,9 @@ this module's API, so a plugin writes `from nstjax import losses; losses.registe
 """
 
 import contextlib
+import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import math
 import sys
@@ -56,6 +58,10 @@ class Option:
     def check(self, value: Any, where: str) -> Any:
         """`value` as this option's type, or a one-line UserError naming `where`."""
         want = type(self.default)
+        if want in (int, float) and isinstance(value, str):
+            value = _number(value, want)  # as the schema's number fields take "1e-5"
+        if want is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # 4e3 (a float in YAML 1.2), as the schema's int fields take it
         ok = (isinstance(value, want) and not (want is not bool and isinstance(value, bool))) or (
             want is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
@@ -73,6 +79,18 @@ class Option:
             if self.high is not None and value > self.high:
                 raise UserError(f"{where}: must be <= {self.high:g} (got {value})")
         return value
+
+
+def _number(text: str, want: type) -> Any:
+    """A number written as text (`1e-5`, YAML 1.1's string for it) as `want`, the way the
+    config's own number fields read it; the text unchanged if it is not one."""
+    try:
+        v = float(text.strip())
+    except ValueError:
+        return text
+    if want is int:
+        return int(v) if math.isfinite(v) and v == int(v) else text
+    return v
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a kind registered again is new
@@ -167,7 +185,16 @@ def isolated(plugins: Sequence[str] = ()):
         yield
     finally:
         _set_kinds(saved)
-def _source(fn: Callable) -> str:
+_LOADING: list[str] = []  # the plugin files (or modules) being imported, innermost last
+
+
+def registrant(fn: Callable) -> str:
+    """Who registers `fn`: the plugin being imported, else the file `fn` comes from."""
+    return _LOADING[-1] if _LOADING else source_of(fn)
+
+
+def source_of(fn: Callable) -> str:
+    """The file a function comes from (its module's), or its module's name."""
     mod = sys.modules.get(getattr(fn, "__module__", "") or "")
     return str(getattr(mod, "__file__", "") or getattr(fn, "__module__", "") or "")
 
@@ -181,9 +208,11 @@ def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str 
     styles' statistics combine (default linear), `random`: targets takes a PRNG `key`,
     `masks`: terms handles `masks.style` (per-style targets and `tgt["style_masks"]`).
 
-    A name is registered once; `replace=True` swaps in new functions (e.g. re-running a
-    notebook cell) and drops `targets`' compiled programs. Programs cached by key elsewhere
-    should include `kind(spec.kind)` (a new object after a replace) in the key.
+    A name is registered once; `replace=True` swaps in new functions from the same file (e.g.
+    re-running a notebook cell) and drops `targets`' compiled programs. A built-in kind's name
+    and a name registered from another file are refused (ValueError naming both). Programs
+    cached by key elsewhere should include `kind(spec.kind)` (a new object after a replace)
+    in the key.
     """
     if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
         raise ValueError(f"loss kind name must be a non-empty identifier, got {name!r}")
@@ -195,11 +224,15 @@ def register(name: str, *, targets: TargetsFn, terms: TermsFn, description: str 
                 and isinstance(o.default, _OPTION_TYPES)):
             raise TypeError(f"loss kind {name!r}: options must map identifiers to "
                             f"losses.Option(default=bool|int|float|str), got {n!r}: {o!r}")
-    if name in _KINDS and not replace:
+    k = Kind(name, targets, terms, description, opts, blend, random, masks,
+             "" if _builtin else registrant(terms), _builtin)
+    old = _KINDS.get(name)
+    if old is not None and (old.builtin != k.builtin or old.source != k.source):
+        taken = f"the built-in loss kind {name!r}" if old.builtin else old.label
+        raise ValueError(f"{k.label}: the name is taken by {taken}; pick another name")
+    if old is not None and not replace:
         raise ValueError(f"loss kind {name!r} is already registered; pass replace=True to "
                          "replace it")
-    k = Kind(name, targets, terms, description, opts, blend, random, masks,
-             "" if _builtin else _source(terms), _builtin)
     if name in _KINDS:
         _forget_programs()
     _KINDS[name] = k
@@ -320,6 +353,7 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
     """Import a module that registers loss kinds (or metrics: `what` names it in errors): a
     `.py` file (relative to `here`) or a dotted module name. Importing the same file twice
     runs it once."""
+    _load_builtins()  # first: loaded during the plugin's import, they would count as its own
     if _is_file_ref(ref):
         path = _plugin_path(ref, here)
         if not path.is_file():
@@ -329,27 +363,75 @@ def load_plugin(ref: str, here: str | Path | None = None, what: str = "loss plug
         mod_name = plugin_key(ref, here)
         if _reinstall(mod_name) or mod_name in sys.modules:  # (or being imported now)
             return
-        spec = importlib.util.spec_from_file_location(mod_name, path)
+        try:
+            code = path.read_bytes()  # what runs is what is hashed
+        except OSError as e:
+            raise UserError(f"{ref}: cannot read the {what} ({e.strerror or e})") from None
+        spec = importlib.util.spec_from_file_location(
+            mod_name, path, loader=_SourceLoader(mod_name, str(path), code))
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         before = dict(_KINDS)
+        _LOADING.append(str(path))
         try:
             spec.loader.exec_module(module)
+            IMPORTED[str(path)] = hashlib.sha256(code).hexdigest()
         except Exception as e:
             del sys.modules[mod_name]
             raise UserError(f"{ref}: importing the {what} failed: "
                             f"{type(e).__name__}: {e}") from None
+        finally:
+            _LOADING.pop()
         _record_plugin(mod_name, before)
         return
     if _reinstall(ref):
         return
     before = dict(_KINDS)
+    _LOADING.append(ref)
     try:
         importlib.import_module(ref)
     except Exception as e:
         raise UserError(f"{ref}: importing the {what} module failed: "
                         f"{type(e).__name__}: {e}") from None
+    finally:
+        _LOADING.pop()
     _record_plugin(ref, before)
+
+
+IMPORTED: dict[str, str] = {}  # plugin file -> sha256 of the code imported from it
+
+
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    """Imports a plugin file from the bytes already read (and hashed), never from a cached
+    .pyc or a second read."""
+
+    def __init__(self, name: str, path: str, code: bytes):
+        super().__init__(name, path)
+        self.code = code
+
+    def get_data(self, path: str) -> bytes:
+        if path == self.path:
+            return self.code
+        raise OSError(f"{path}: not read (the plugin's source is)")  # no bytecode cache
+
+    def set_data(self, path: str, data: bytes, *, _mode: int = 0o666) -> None:
+        pass  # no .pyc written next to the user's file
+
+
+def plugin_file(ref: str, here: str | Path | None = None) -> tuple[str, str | None] | None:
+    """(file, sha256) of an imported plugin `ref` (a module's file for a module name; the
+    sha256 of the code as imported for a plugin file), or None if it is not imported."""
+    if _is_file_ref(ref):
+        path = str(_plugin_path(ref, here))
+        return (path, IMPORTED[path]) if path in IMPORTED else None
+    mod = sys.modules.get(ref)
+    f = getattr(mod, "__file__", None)
+    if not f:
+        return None
+    try:
+        return f, hashlib.sha256(Path(f).read_bytes()).hexdigest()
+    except OSError:
+        return f, None
 
 
 def _is_file_ref(ref: str) -> bool:

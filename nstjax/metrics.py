@@ -28,7 +28,10 @@ Built in (`eval.metrics` picks; all by default), with which way is better:
   layers of blocks 3-5), each layer's divided by the style features' RMS, averaged.
 Other metrics register with `register(name, fn)` (a module named in `eval.plugins` does so on
 import); `fn(inp: Inputs)` returns a float (stored under `name`) or a mapping of floats (keys
-stored as given).
+stored as given). Names and keys never collide: a built-in metric cannot be replaced, a name
+registered from one file cannot be taken over from another, and a returned key that is another
+metric's name (or one of the Gram metric's `style`, `content`, `style.*`, `content.*`) or that
+an earlier metric of the same evaluation returned is refused (`PluginError` naming both).
 """
 
 import contextlib
@@ -43,6 +46,7 @@ import numpy as np
 
 from nstjax import losses, vgg16
 from nstjax.errors import PluginError, UserError, user_code
+from nstjax.kinds import registrant
 from nstjax.tables import DEFAULT_METRICS, DEFAULT_STYLE_LAYERS, DEFAULT_SWD_LAYERS
 
 
@@ -122,25 +126,45 @@ class Metric:
     fn: MetricFn
     better: Literal["lower", "higher"] = "lower"
     description: str = ""
+    source: str = ""  # the file that registered it (a plugin's), for error messages
+    builtin: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.builtin:
+            return f"the built-in metric {self.name!r}"
+        return f"metric {self.name!r}" + (f" ({self.source})" if self.source else "")
 
 
 _METRICS: dict[str, Metric] = {}
+GRAM_KEYS = ("style", "content")  # the Gram metric's keys (and their `.<layer>` ones)
 
 
 def register(name: str, fn: MetricFn, *, better: Literal["lower", "higher"] = "lower",
-             description: str = "", replace: bool = False) -> Metric:
+             description: str = "", replace: bool = False, _builtin: bool = False) -> Metric:
     """Register metric `name` (selectable in `eval.metrics`); `better` says which way is
-    better (shown in reports). `replace=True` swaps in a new function."""
+    better (shown in reports). `replace=True` swaps in a new function registered from the same
+    file; a built-in metric, a name the Gram metric's keys use (`style`, `content`) and a name
+    registered from another file are refused (ValueError naming both)."""
     if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
         raise ValueError(f"metric name must be a non-empty identifier, got {name!r}")
     if not callable(fn):
         raise TypeError(f"metric {name!r}: fn must be callable")
     if better not in ("lower", "higher"):
         raise ValueError(f"metric {name!r}: better must be 'lower' or 'higher', got {better!r}")
-    if name in _METRICS and not replace:
-        raise ValueError(f"metric {name!r} is already registered; pass replace=True")
-    m = _METRICS[name] = Metric(name, fn, better, description)
-    return m
+    new = Metric(name, fn, better, description, "" if _builtin else registrant(fn), _builtin)
+    if name in GRAM_KEYS:
+        raise ValueError(f"{new.label}: the name {name!r} is a key of the built-in metric "
+                         "'gram'; pick another name")
+    old = _METRICS.get(name)
+    if old is not None:
+        if old.builtin or old.source != new.source:
+            raise ValueError(f"{new.label}: the name is taken by {old.label}; pick another "
+                             "name")
+        if not replace:
+            raise ValueError(f"metric {name!r} is already registered; pass replace=True")
+    _METRICS[name] = new
+    return new
 
 
 def names() -> tuple[str, ...]:
@@ -448,22 +472,22 @@ def _need_content(fn):
     return wrapped
 
 
-register("gram", _gram, description="Gram distances per layer (style.*, style) and content "
-         "distance (content), gatys normalization")
-register("structure", _need_content(structure), better="higher",
+register("gram", _gram, _builtin=True, description="Gram distances per layer (style.*, style) "
+         "and content distance (content), gatys normalization")
+register("structure", _need_content(structure), better="higher", _builtin=True,
          description="SSIM of low-pass luminance against the content")
-register("edges", _need_content(edges), better="higher",
+register("edges", _need_content(edges), better="higher", _builtin=True,
          description="correlation of gradient magnitude with the content's")
-register("weave", lambda inp: weave(rgb(inp.x), rgb(inp.style)),
+register("weave", lambda inp: weave(rgb(inp.x), rgb(inp.style)), _builtin=True,
          description="periodic-lattice index: peaked high-frequency power beyond the style's")
 register("ripple", lambda inp: ripple(rgb(inp.x), rgb(inp.style),
                                       None if inp.content is None else rgb(inp.content)),
-         description="fine regular pattern (periods 2-6 px) in the content's flat regions, "
-         "beyond the style's own")
+         _builtin=True, description="fine regular pattern (periods 2-6 px) in the content's flat "
+         "regions, beyond the style's own")
 register("color", lambda inp: color(rgb(inp.x), rgb(inp.style), inp.cfg.projections,
-                                    inp.cfg.seed),
+                                    inp.cfg.seed), _builtin=True,
          description="sliced Wasserstein distance of CIELab colours to the style")
-register("swd", _swd, description="sliced Wasserstein distance of VGG16 features at "
+register("swd", _swd, _builtin=True, description="sliced Wasserstein distance of VGG16 features at "
          "eval.swd_layers to the style's, per-layer RMS-normalized")
 
 
@@ -480,13 +504,37 @@ def _finite(name: str, v: Any) -> float:
     return v
 
 
+def owner(key: str) -> Metric | None:
+    """The registered metric whose key `key` is: its name or `<name>.<part>`; `style`,
+    `content` and their `.<layer>` keys are the Gram metric's."""
+    head = key.split(".")[0]
+    if head in GRAM_KEYS:
+        head = "gram"
+    return _METRICS.get(key) or _METRICS.get(head)
+
+
+def check_keys(m: Metric, values: Mapping[str, float],
+               taken: Mapping[str, Metric] | None = None) -> None:
+    """Refuse a key of metric `m`'s result that is another metric's (a built-in's included),
+    or that `taken` (the keys earlier metrics returned) holds: a PluginError naming both."""
+    for key in values:
+        other = owner(key)
+        if other is None or other.name == m.name:
+            other = (taken or {}).get(key)
+        if other is not None and other.name != m.name:
+            raise PluginError(f"{m.label}: returned the key {key!r}, which belongs to "
+                              f"{other.label}; return another key (e.g. '{m.name}.{key}')")
+
+
 def run_metric(name: str, inp: Inputs) -> dict[str, float]:
     """One metric's values ({key: float}); user code's faults as one-line PluginErrors."""
     m = get(name)
     with user_code(f"metric {name!r}", "computing it"):
         v = m.fn(inp)
     if isinstance(v, Mapping):
-        return {str(k): _finite(f"{name}.{k}", x) for k, x in v.items()}
+        out = {str(k): _finite(f"{name}.{k}", x) for k, x in v.items()}
+        check_keys(m, out)
+        return out
     return {name: _finite(name, v)}
 
 
@@ -509,9 +557,13 @@ def evaluate(params: dict, x, content_x, style_x, cfg: EvalSpec = EvalSpec(),
                              "shape")
     inp = Inputs(params, x, content_x, style_x, cfg, gram_ref)
     out: dict[str, float] = {}
+    whose: dict[str, Metric] = {}
     for name in cfg.metrics:
         try:
-            out.update(run_metric(name, inp))
+            got = run_metric(name, inp)
+            check_keys(get(name), got, whose)
+            out.update(got)
+            whose.update(dict.fromkeys(got, get(name)))
         except PluginError as e:
             if on_error is None:
                 raise

@@ -92,8 +92,14 @@ def score_file(cfg: Config, path: str, on_error=None) -> dict:
     """The reference evaluation of an image file (a peer's published result, an earlier run's
     final.png) as a run of `cfg` scores its final image: at the file's own size, against the
     content and the style images resized to it (`final_metrics`)."""
+    from nstjax.config import MAX_SIDE, MIN_SIDE
+
     x = image.load(path, None, max_pixels=cfg.image.max_pixels)  # at its own size
-    at = cfg.replace(**{"image.size": [x.shape[2], x.shape[1]]})
+    w, h = x.shape[2], x.shape[1]
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+        raise UserError(f"{path}: the image is {w}x{h} px; an image scored needs {MIN_SIDE} to "
+                        f"{MAX_SIDE} px a side (as image.size); give a larger or smaller image")
+    at = cfg.replace(**{"image.size": [w, h]})
     return final_metrics(at, x, on_error=on_error)
 
 

@@ -111,11 +111,38 @@ def record_json(record: dict) -> str:
     return json.dumps(json_safe(record), indent=2, default=str, allow_nan=False)
 
 
-def start_record(cfg: Config, problem) -> dict:
-    """The run.json fields known before solving."""
+def plugins(cfgs) -> list[dict]:
+    """The plugin files the configs import (`loss.plugins`, `eval.plugins`): for run.json,
+    each {"key", "ref", "path", "sha256"} (sha256 of the code as imported), once per file."""
+    from nstjax import kinds
+
+    out: dict[tuple, dict] = {}
+    for cfg in cfgs:
+        for key, refs in (("loss.plugins", cfg.loss.plugins), ("eval.plugins", cfg.eval.plugins)):
+            for ref in refs:
+                path, sha = kinds.plugin_file(ref) or (None, None)
+                out.setdefault((key, ref), {"key": key, "ref": ref, "path": path, "sha256": sha})
+    return list(out.values())
+
+
+def announce_plugins(found: list[dict]) -> None:
+    """One stderr line per imported plugin file: a config's plugins are code it runs."""
+    for p in found:
+        sha = (p["sha256"] or "unknown")[:16]
+        print(f"nstjax: {p['key']}: imported {p['path'] or p['ref']} (sha256 {sha}...; "
+              "plugin code runs with your permissions)", file=sys.stderr)
+
+
+def start_record(cfg: Config, problem, announce: bool = True) -> dict:
+    """The run.json fields known before solving; with `announce`, the config's plugin files
+    are printed (one line each)."""
     import jax
 
+    found = plugins([cfg])
+    if announce:
+        announce_plugins(found)
     return {"status": Status.RUNNING.value, "versions": versions(), "device": str(jax.devices()[0]),
+            "plugins": found,
             "platform": jax.default_backend(),
             "arch": cfg.model.arch, "conv": vgg16.resolve_conv(cfg.model.conv),
             "winograd_layers": _winograd(cfg, problem),
@@ -340,13 +367,14 @@ class Recorder:
 
 @contextmanager
 def guarded(flag: StopFlag, errors: list, size=None):
-    """Catch what ends a solve early: a second signal (stop now) or an exception (appended to
-    `errors`, out-of-memory errors as a UserError), so that the directory can be completed."""
+    """Catch what ends a solve early: a second signal or a KeyboardInterrupt (stop now:
+    interrupted) or an exception, SystemExit included (appended to `errors`, out-of-memory
+    errors as a UserError: failed, re-raised once the directory is complete)."""
     try:
         yield
     except KeyboardInterrupt:
         flag.stop()
-    except Exception as e:  # noqa: BLE001 - recorded in run.json, then re-raised
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded in run.json, then re-raised
         errors.append(as_user_error(e, size))
 
 

@@ -96,9 +96,33 @@ def _value_text(v: Any) -> str:
     return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else _num(v)
 
 
+GENERATOR = '<meta name="generator" content="nstjax report">'  # marks a page as ours
+_LEGACY = "document.querySelectorAll('table.cells')"  # in every page before the mark
+MAX_PAGE_BYTES = 64 << 20  # a report.html larger than this is not one of ours
+
+
+class ForeignFile(UserError):
+    """A report.html that nstjax did not write is in the way (replaced only with `force`)."""
+
+
+def ours(path: Path) -> bool:
+    """Whether the file at `path` is a report page nstjax wrote (or there is none): the only
+    report.html `write` replaces without `force`."""
+    try:
+        if not path.exists() and not path.is_symlink():
+            return True
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_PAGE_BYTES:
+            return False
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return GENERATOR in text[:4096] or (text.startswith("<!DOCTYPE html>") and _LEGACY in text
+                                          and "<title>" in text[:2048])
+
+
 def _page(title: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR
+            + f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + f"\n<script>{SORT_JS}</script>\n</body></html>\n")
 
 
@@ -159,7 +183,9 @@ def _cells_table(sw: results.Sweep, dims: list[dict]) -> list[str]:
         vals = [(d["texts"][d["index"][c.name]] if d["index"][c.name] is not None else "")
                 for d in dims]
         tip = f' title="{_esc(c.error)}"' if c.error else ""
-        cells = [f'<td class="t"><a href="{_href(sw.dir, c.dir)}/">{_esc(c.name)}</a></td>',
+        name = (f'<a href="{_href(sw.dir, c.dir)}/">{_esc(c.name)}</a>' if c.dir.is_dir()
+                else _esc(c.name))  # a deleted cell directory is not linked
+        cells = [f'<td class="t">{name}</td>',
                  f'<td class="t">{_esc(c.group)}</td>',
                  *(f'<td class="t">{_esc(v)}</td>' for v in vals),
                  f'<td class="t s-{_esc(c.status)}"{tip}>{_esc(c.status)}</td>']
@@ -219,13 +245,17 @@ def _images(sw: results.Sweep, dims: list[dict], label_metric: str | None) -> li
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (n - 1; nan for one value) of finite values."""
+    """Mean and sample std (n - 1; nan for one value) of finite values. Computed on the values
+    divided by the largest magnitude, so values near the float maximum do not overflow (a std
+    beyond it is inf)."""
     vs = [v for v in values if math.isfinite(v)]
     if not vs:
         return math.nan, math.nan
-    m = math.fsum(vs) / len(vs)
-    s = math.sqrt(math.fsum((v - m) ** 2 for v in vs) / (len(vs) - 1)) if len(vs) > 1 else math.nan
-    return m, s
+    k = max(abs(v) for v in vs) or 1.0
+    u = [v / k for v in vs]
+    m = math.fsum(u) / len(u)
+    s = math.sqrt(math.fsum((v - m) ** 2 for v in u) / (len(u) - 1)) if len(u) > 1 else math.nan
+    return m * k, s * k if math.isfinite(s) else s
 
 
 def axis_series(sw: results.Sweep, dims: list[dict], j: int, metric: str) -> list[svg.Series]:
@@ -321,12 +351,16 @@ def _read_text(p: Path, limit: int = 200_000) -> str | None:
 
 
 def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
-    """The HTML of a sweep directory's report."""
+    """The HTML of a sweep directory's report (`label_metric`: the tiles' metric; default the
+    sweep's own, `sweep.label_metric` kept in sweep.json)."""
     sw = results.load_sweep(d)
     try:
         plan = json.loads((sw.dir / "sweep.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         plan = {}
+    plan = plan if isinstance(plan, dict) else {}
+    if label_metric is None and isinstance(plan.get("label_metric"), str):
+        label_metric = plan["label_metric"]
     dims = _dims(sw)
     counts: dict[str, int] = {}
     for c in sw.cells:
@@ -345,7 +379,10 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
     if links:
         body.append("<p>" + " · ".join(f'<a href="{_href(sw.dir, p)}">{_esc(n)}</a>'
                                        for n, p in links) + "</p>")
-    src = Path(plan["file"]) if plan.get("file") else None
+    # Only an absolute path names the sweep file wherever the page is built from (older
+    # sweep.json files hold the path as typed, relative to a directory unknown here).
+    src = Path(plan["file"]) if isinstance(plan.get("file"), str) and plan["file"] else None
+    src = src if src is not None and src.is_absolute() else None
     text = _read_text(src) if src is not None and src.is_file() else None
     if text is not None:
         body.append(f"<details><summary>sweep file {_esc(src)}</summary><pre>{_esc(text)}"
@@ -410,13 +447,17 @@ def run_page(d: str | Path) -> str:
     return _page(f"run {r.dir.name}", body)
 
 
-def write(d: str | Path, label_metric: str | None = None) -> Path:
+def write(d: str | Path, label_metric: str | None = None, force: bool = False) -> Path:
     """Write `d`/report.html (atomically) for a sweep directory (with sweep.json or
-    summary.csv) or a run directory (with run.json); returns its path."""
+    summary.csv) or a run directory (with run.json); returns its path. A report.html that
+    nstjax did not write (`ours`) is replaced only with `force`."""
     d = Path(d)
     if not d.is_dir():
         raise UserError(f"{d}: no such directory; give a sweep's --out directory or a run "
                         "directory")
+    if not force and not ours(d / PAGE):
+        raise ForeignFile(f"{d / PAGE}: exists and was not written by nstjax report; pass "
+                        "--force to replace it, or move it away")
     if (d / "sweep.json").is_file() or (d / "summary.csv").is_file():
         text = sweep_page(d, label_metric)
     elif (d / "run.json").is_file():

@@ -15,6 +15,7 @@ Nothing here needs the sweep file, the images or the weights. Axis values keep t
 import csv
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class ResultsError(UserError):
     the wrong type, a short history row): the message names the file and the field."""
 
 
+MAX_CELLS = 10_000  # cells of one sweep (the product of its dims' lengths): more is a mistake
 LOSS_KEYS = ("total", "content", "style", "tv")
 RECORD_KEYS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
                "batch_solve_seconds")
@@ -127,12 +129,10 @@ class Sweep:
 
 
 def _pandas():
-    try:
-        import pandas
-    except ImportError:
-        raise UserError("pandas: not installed; `pip install pandas` for to_pandas(), or use "
-                        "Sweep.rows() / Run.history (plain dicts)") from None
-    return pandas
+    from nstjax.runtime import optional
+
+    return optional("pandas", "to_pandas()", "pip install pandas, or use Sweep.rows() / "
+                    "Run.history (plain dicts)")
 
 
 def _float(v: Any) -> float | None:
@@ -276,17 +276,24 @@ def _label_columns(dims: list[dict]) -> dict[int, str]:
 
 def _cell_labels(dims: list[dict], index: int) -> dict[str, str]:
     sizes = [len(d.get("values") or ()) for d in dims]
-    if not sizes or 0 in sizes or index >= int(np.prod(sizes)):
+    if not sizes or 0 in sizes or not 0 <= index < math.prod(sizes):
         return {}
-    combo = next(itertools.islice(itertools.product(*map(range, sizes)), index, None))
+    combo = []
+    for n in reversed(sizes):  # the index in the product, first dim slowest
+        index, i = divmod(index, n)
+        combo.append(i)
+    combo.reverse()
     cols = _label_columns(dims)
-    return {cols[j]: str(dims[j]["labels"][i]) for j, i in enumerate(combo) if j in cols}
+    return {cols[j]: str(dims[j]["labels"][i]) for j, i in enumerate(combo)
+            if j in cols and i < len(dims[j]["labels"])}
 
 
 def _typed(text: str) -> Any:
+    from nstjax.cfgfile import load_yaml  # YAML 1.2 numbers: "1e-05" is a float
+
     try:
-        return yaml.safe_load(text) if text != "" else None
-    except yaml.YAMLError:
+        return load_yaml(text) if text != "" else None
+    except Exception:  # noqa: BLE001 - not YAML (or too deep): the text as it is
         return text
 
 
@@ -310,6 +317,10 @@ def _check_plan(path: Path, plan: dict) -> dict:
         _field(path, f"dims[{i}]", dim, (dict,), "an object")
         for k in ("keys", "values", "labels"):
             _field(path, f"dims[{i}].{k}", (dim or {}).get(k), (list,), "a list")
+    n = math.prod(len(d.get("values") or ()) for d in plan.get("dims") or [])
+    if n > MAX_CELLS:
+        raise ResultsError(f"{path}: field 'dims' multiplies to {n} cells, more than the limit "
+                           f"of {MAX_CELLS} cells per sweep; the file is damaged or hand-edited")
     for i, c in enumerate(plan.get("cells") or []):
         if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
             raise ResultsError(f"{path}: field 'cells[{i}].name' is missing or not a string")

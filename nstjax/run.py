@@ -386,7 +386,9 @@ def stylize(cfg_or_path: Config | str | Path, overrides: list[str] | tuple = (),
 
     `on_progress(p)` is called once per history row with a `watch.Progress` (iteration, scale,
     losses, seconds, and on snapshot steps, every `output.save_every` iterations, the image as
-    uint8 RGB); an exception from it fails the run and is re-raised. `output.tensorboard`
+    uint8 RGB). It is user code: an exception from it, SystemExit included, ends the run
+    `failed` (a complete directory with `out`) and is then re-raised; KeyboardInterrupt ends it
+    `interrupted`, as Ctrl-C does. `output.tensorboard`
     needs `out` (in memory nothing is written).
 
     Multi-scale configs run in memory too (with `out`, `.image` is read back from final.*).

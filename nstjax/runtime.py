@@ -297,3 +297,25 @@ class StopFlag:
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
+
+
+def optional(module: str, needed_by: str, install: str, name: str | None = None):
+    """Import an optional extra: a one-line UserError naming `needed_by` and `install` when it
+    is not installed, and its own import error when it is installed but broken."""
+    import importlib
+    import importlib.util
+    import sys
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = True  # a broken parent package: importing says why
+    if not found or (module in sys.modules and sys.modules[module] is None):  # blocked
+        raise UserError(f"{needed_by} needs {name or module}, which is not installed: "
+                        f"{install}")
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure of the extra's own import
+        msg = " ".join(str(e).split()) or "(no message)"
+        raise UserError(f"{needed_by}: {module} is installed but importing it failed "
+                        f"({type(e).__name__}: {msg[:300]}); repair it: {install}") from None

@@ -158,11 +158,14 @@ def mrf_layer(f: jax.Array, style_patches: jax.Array, size: int, eps: float = 1e
 def _mrf_targets(params, content_x, style_x, spec):
     content, fs = _content_features(params, content_x, style_x, spec)
     size, stride = spec.option("patch_size"), spec.option("stride")
+    _, hc, wc, _ = content_x.shape  # the size of the image optimized
     for n in spec.style_layers:
+        b = 1 << (int(n[5]) - 1)  # the layer's pooling factor
         _, h, w, _ = fs[n].shape
-        if min(h, w) < size:
-            raise UserError(f"loss.options.patch_size: {size} is larger than layer {n}'s map "
-                            f"({w}x{h}) of the style image; lower it or raise image.size")
+        for what, (mw, mh) in (("style image", (w, h)), ("output image", (wc // b, hc // b))):
+            if min(mw, mh) < size:
+                raise UserError(f"loss.options.patch_size: {size} is larger than layer {n}'s "
+                                f"map ({mw}x{mh}) of the {what}; lower it or raise image.size")
     return {"content": content,
             "style": {n: patches(fs[n], size, stride) for n in spec.style_layers}}
 

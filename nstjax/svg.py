@@ -44,10 +44,31 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Powers of ten within [lo, hi] (with 2x and 5x when fewer than three decades)."""
+    """Powers of ten within [lo, hi] (with 2x and 5x when fewer than three decades; every
+    k-th decade when more than ten)."""
     a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
     mult = (1, 2, 5) if b - a < 3 else (1,)
-    return [m * 10.0**e for e in range(a, b + 1) for m in mult if lo <= m * 10.0**e <= hi]
+    every = max(1, math.ceil((b - a) / 10))
+    return [m * 10.0**e for e in range(a, b + 1, every) for m in mult
+            if lo <= m * 10.0**e <= hi]
+
+
+LIMIT = 1e250  # magnitudes drawn at most this large (and log values at least 1/LIMIT)
+
+
+def _clip(v: float) -> float:
+    """A finite value within +-LIMIT (and 0 or at least 1/LIMIT in magnitude), so that spans,
+    padding and ticks never overflow; inf and nan pass (they are left out)."""
+    if not math.isfinite(v) or v == 0:
+        return v
+    a = min(max(abs(v), 1 / LIMIT), LIMIT)
+    return math.copysign(a, v)
+
+
+def _clipped(s: Series) -> Series:
+    return s._replace(xs=[_clip(x) for x in s.xs], ys=[_clip(y) for y in s.ys],
+                      errs=None if s.errs is None else [_clip(e) if e is not None else None
+                                                        for e in s.errs])
 
 
 class _Scale(NamedTuple):
@@ -71,7 +92,7 @@ def _scale(values: list[float], log: bool, a: float, b: float, pad: float = 0.05
     if log:
         if hi / lo < 1.0001:
             lo, hi = lo / 2, hi * 2
-        span = math.log10(hi / lo) * pad
+        span = (math.log10(hi) - math.log10(lo)) * pad  # (hi / lo may overflow)
         return _Scale(lo / 10**span, hi * 10**span, True, a, b)
     if hi - lo < 1e-12 * max(abs(hi), 1e-30):
         lo, hi = lo - (abs(lo) or 1) * 0.5, hi + (abs(hi) or 1) * 0.5
@@ -93,7 +114,10 @@ def chart(series: list[Series], *, title: str = "", xlabel: str = "", ylabel: st
 
     `ticks`: fixed x ticks (position, text), e.g. the categories of a categorical axis; else
     round numbers. `ylog` None: log when `want_log` of the values (error bars clipped at 0).
+    Values beyond 1e250 in magnitude are drawn at 1e250 (the tables hold the exact ones).
     """
+    series = [_clipped(s) for s in series]
+    ticks = [(_clip(t), text) for t, text in ticks] if ticks else ticks
     left, right, top = 64, 12, 24 if title else 10
     legend_rows = len(series) if len(series) > 1 else 0
     bottom = 44 + 16 * legend_rows

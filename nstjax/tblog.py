@@ -14,15 +14,12 @@ A resumed run adds an event file to the same directory (the steps go on).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from nstjax.errors import UserError
 
 if TYPE_CHECKING:
     from nstjax.config import Config
@@ -32,12 +29,16 @@ INSTALL = "pip install 'nstjax[tensorboard]' (or pip install tensorboardX)"
 
 
 def check(cfgs: Iterable[Config]) -> None:
-    """UserError, before anything is written, if a config asks for TensorBoard and tensorboardX
-    is not installed."""
-    if any(getattr(c.output, "tensorboard", False) for c in cfgs) \
-            and importlib.util.find_spec("tensorboardX") is None:
-        raise UserError(f"output.tensorboard: true needs tensorboardX, which is not installed: "
-                        f"{INSTALL}")
+    """UserError, before anything is written or compiled, if a config asks for TensorBoard and
+    tensorboardX is not installed, or is installed but fails to import (its own error)."""
+    if any(getattr(c.output, "tensorboard", False) for c in cfgs):
+        _writer_class()
+
+
+def _writer_class():
+    from nstjax.runtime import optional
+
+    return optional("tensorboardX", "output.tensorboard: true", INSTALL).SummaryWriter
 
 
 def _code(text: str) -> str:
@@ -55,11 +56,7 @@ class TensorBoard:
 
     def _open(self):
         if self.writer is None:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise UserError(f"output.tensorboard: true needs tensorboardX: {INSTALL}") \
-                    from None
+            SummaryWriter = _writer_class()  # noqa: N806 - the class
             from nstjax.config import dump
 
             self.writer = SummaryWriter(str(self.logdir), flush_secs=10)

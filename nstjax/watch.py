@@ -51,7 +51,8 @@ def progress_of(row: dict, image: np.ndarray | None = None) -> Progress:
 
 class Callback:
     """Calls `fn(Progress)` once per history row; the image comes with a chunk's last row when
-    a snapshot is due. An exception from `fn` ends the run as failed and is re-raised."""
+    a snapshot is due. An exception from `fn`, SystemExit included, ends the run as failed and
+    is re-raised; KeyboardInterrupt ends it interrupted (`record.guarded`)."""
 
     def __init__(self, fn: Callable[[Progress], object]):
         if not callable(fn):

@@ -162,14 +162,17 @@ def read_npz(
     if not Path(path).is_file():
         raise UserError(f"weights file {label} not found")
     headers = _npz_headers(label, path)
-    need = need_shapes(convs)
+    need, arch = need_shapes(convs), keras_h5.arch_name(convs)
     layers: dict[str, set[str]] = {}
-    for key, (shape, dtype) in headers.items():
+    for key, (_, dtype) in headers.items():
         name, _, what = key.rpartition("/")
         if what in ("kernel", "bias") and dtype.kind in "fiu":
             layers.setdefault(name, set()).add(what)
-            if name in need:
-                check_header(label, name, what, shape, dtype, need[name][what])
+    keras_h5.check_arch(label, layers, convs)
+    for key, (shape, dtype) in headers.items():
+        name, _, what = key.rpartition("/")
+        if name in need and what in ("kernel", "bias") and dtype.kind in "fiu":
+            check_header(label, name, what, shape, dtype, need[name][what], arch)
     for name, whats in layers.items():
         if len(whats) != 2:
             raise UserError(f"weights file {label}: layer {name} needs both kernel and bias")
@@ -182,6 +185,10 @@ def read_npz(
     want = [f"{name}/{what}" for name in need if name in layers for what in ("kernel", "bias")]
     arrays = _npz_arrays(label, path, want + ([META_KEY] if meta is not None else []))
     meta_dict = _npz_meta(label, arrays.pop(META_KEY, None))
+    if meta_dict.get("arch", arch) != arch:
+        raise UserError(f"weights file {label}: its metadata says arch "
+                        f"{preview(meta_dict['arch'])}, but model.arch is {arch}; use "
+                        f"model.arch={cut(str(meta_dict['arch']), 20)} or a {arch} file")
     params: Params = {name: {} for name in layers}
     for key, arr in arrays.items():
         name, _, what = key.rpartition("/")
@@ -260,10 +267,12 @@ def convert(
     *,
     convs: ConvTable | None = None,
     force: bool = False,
-    arch: str = "vgg16",
+    arch: str | None = None,
 ) -> dict[str, Any]:
     """Convert a Keras .h5 of `arch` to our .npz (with source name, sha256, layers, arch); return
-    the meta. An existing `out_path` is replaced only with `force`."""
+    the meta. Without `arch` it is read from the file's layer set (VGG19's extra layers or
+    VGG16's complete set; else refused: too few layers to tell). An existing `out_path` is
+    replaced only with `force`."""
     if Path(out_path).suffix.lower() != ".npz":
         raise UserError(f"convert output {out_path}: only .npz output is supported; name it *.npz")
     if os.path.lexists(out_path) and not force:
@@ -272,9 +281,22 @@ def convert(
     parent = Path(out_path).parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"convert output {out_path}: {parent} is not a directory")
+    if arch is None:
+        arch = keras_h5.arch_name(convs) if convs is not None else _infer_arch(in_path)
     params = read_h5(in_path, convs=convs or _arch_table(arch))
     meta = {"source": Path(in_path).name, "sha256": sha256_file(in_path), "arch": arch}
     return save_npz(params, out_path, meta)
+
+
+def _infer_arch(path: str | os.PathLike[str]) -> str:
+    """The arch of a Keras .h5 from its conv layer names; a UserError if they cannot tell."""
+    names = keras_h5.layer_names(path)
+    arch = keras_h5.infer_arch(names)
+    if arch is None:
+        found = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") or "none"
+        raise UserError(f"weights convert {path}: cannot tell VGG16 from VGG19 by its conv "
+                        f"layers (found: {found}); pass --arch vgg16 or --arch vgg19")
+    return arch
 
 
 # --------------------------------------------------------------------------- cache dirs

@@ -178,7 +178,7 @@ def test_to_pandas_is_optional(tmp_path, monkeypatch):
                                         "cells": [{"name": "c", "index": 0, "values": {"k": 1}}]}))
     sw = results.load_sweep(d)
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas -> ImportError
-    with pytest.raises(UserError, match="pandas: not installed"):
+    with pytest.raises(UserError, match=r"to_pandas\(\) needs pandas, which is not installed"):
         sw.to_pandas()
     fake = types.ModuleType("pandas")
     fake.DataFrame = lambda rows: ("frame", rows)

@@ -149,6 +149,9 @@ def main(a: argparse.Namespace) -> int:
             print(p)
         return 0
     if a.dry_run:
+        from nstjax import record
+
+        record.announce_plugins(record.plugins(c.cfg for c in cells if c.cfg is not None))
         devices = jax.local_devices()[: a.devices]
         print(dry_run(sw, cells, groups, out, devices, batch, lanes, a.num_processes or 1))
         return 0

@@ -229,7 +229,7 @@ class Runner:
         t_start = time.perf_counter()
         recs = []
         for c, p, d in zip(live, probs, dirs):
-            rec = record.Recorder(d, c.cfg, {**record.start_record(c.cfg, p),
+            rec = record.Recorder(d, c.cfg, {**record.start_record(c.cfg, p, announce=False),
                                              **self.sweep_info(c, g, **info)},
                                   post=p.post, problem=p)
             rec.start()
@@ -353,7 +353,8 @@ class Runner:
 def plan_json(sw: Sweep, cells: list[Cell], groups: list[Group]) -> dict:
     """sweep.json's content: dims, groups and cells (with their directories)."""
     return {
-        "name": sw.name, "file": sw.source, "description": sw.description,
+        "name": sw.name, "file": str(Path(sw.source).resolve()), "description": sw.description,
+        "label_metric": sw.label_metric,
         "dims": [{"keys": list(d.keys), "values": [list(v) for v in d.values],
                   "labels": list(d.labels) if d.labels else None} for d in sw.dims],
         "groups": [{"name": g.name, "label": g.label, "size_wh": [g.hw[1], g.hw[0]],
@@ -405,6 +406,9 @@ def run_sweep(sw: Sweep, cells: list[Cell], groups: list[Group], out: str | Path
 
     t_start = time.perf_counter()
     tblog.check(c.cfg for c in cells if c.cfg is not None)  # before anything is written
+    from nstjax import record
+
+    record.announce_plugins(record.plugins(c.cfg for c in cells if c.cfg is not None))
     out = Path(out)
     store.claim(out, sw)
     moved = store.locate(out, cells)

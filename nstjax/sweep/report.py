@@ -18,11 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import nstjax.sweep.store as store
 from nstjax import runtime
+from nstjax.report import ForeignFile, mean_std
 from nstjax.sweep.plan import Group
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
@@ -127,9 +129,7 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
             vs = [v for v in (_float(r.get(k)) for _, r in members) if v is not None]
             if not vs:
                 continue
-            mean = math.fsum(vs) / len(vs)
-            std = (math.sqrt(math.fsum((v - mean) ** 2 for v in vs) / (len(vs) - 1))
-                   if len(vs) > 1 else float("nan"))
+            mean, std = mean_std(vs)
             row[f"{k}.mean"], row[f"{k}.std"] = _num(mean), _num(std) if len(vs) > 1 else ""
         out_rows.append(row)
     stat_cols = [f"{k}.{s}" for k in numeric for s in ("mean", "std")]
@@ -164,13 +164,17 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
             p = out / "plots" / f"axis-{safe_name('_'.join(d.keys), 64)}.png"
             runtime.write_atomic(p, png)
             paths.append(p)
-    paths.append(write_page(out, sw))
+    try:
+        paths.append(write_page(out, sw))
+    except ForeignFile as e:  # a report.html of the user's: left alone, the rest is written
+        print(f"nstjax: warning: {e}", file=sys.stderr)
     return paths
 
 
 def write_page(out: Path, sw: Sweep) -> Path:
     """report.html (`nstjax.report`), rewritten atomically; with summary.csv, after each
-    group of a running sweep (`progress`) and at its end."""
+    group of a running sweep (`progress`) and at its end. A report.html that nstjax did not
+    write is left alone (UserError)."""
     from nstjax import report as html_report
 
     return html_report.write(out, sw.label_metric)

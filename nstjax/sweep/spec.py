@@ -18,12 +18,13 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nstjax.errors import UserError, preview
+from nstjax.errors import UserError, cut, preview
 
 if TYPE_CHECKING:
     from nstjax.config import Config
@@ -188,6 +189,18 @@ def _dims(raw: dict, src: str) -> list[Dim]:
     return dims
 
 
+def check_cells(dims: list[Dim], src: str) -> None:
+    """Refuse a sweep of more than MAX_CELLS cells before any cell is made (one line naming
+    the dims and the limit)."""
+    from nstjax.results import MAX_CELLS
+
+    n = math.prod(len(d) for d in dims)
+    if n > MAX_CELLS:
+        shown = " x ".join(f"{'+'.join(d.keys)} ({len(d)})" for d in dims)
+        raise UserError(f"{src}: axes and zip: {cut(shown, 200)} make {n} cells, more than the "
+                        f"limit of {MAX_CELLS} per sweep; split it into several sweep files")
+
+
 def _shown(v: tuple) -> str:
     return ", ".join(repr(x) for x in v)
 
@@ -284,6 +297,7 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Sweep:
     fixed = config.resolve_paths(_nest(fixed, f"{src}: set"), here)
     over = config.parse_overrides(list(overrides))
     dims = _dims(raw, src)
+    check_cells(dims, src)
     keys = {k for d in dims for k in d.keys}
     for where, d in (("set", fixed), ("override", over)):
         clash = [k for k in _flat_keys(d) if k in keys]
