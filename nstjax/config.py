@@ -24,6 +24,7 @@ from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.r
     _get,
     _resolve,
     _set,
+    apply_overrides,
     merge,
     parse_overrides,
     read_yaml,
@@ -502,7 +503,7 @@ def load(path: str | Path | None, overrides: list[str] = (), base: dict | None =
         path = Path(path)
         raw = merge(raw, resolve_paths(read_yaml(path), path.resolve().parent))
         source = str(path)
-    raw = merge(raw, parse_overrides(list(overrides)))
+    raw = apply_overrides(raw, parse_overrides(list(overrides)))
     return validate(raw, source)
 
 

@@ -29,7 +29,7 @@ from nstjax.errors import UserError
 PAGE = "report.html"
 TERMS = ("total", "content", "style", "tv")
 COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
-          "batch_solve_seconds")
+          "batch_solve_seconds", "batch_compile_seconds")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 CSS = """
@@ -119,14 +119,34 @@ def _history(d: Path) -> dict:
 # ---------------------------------------------------------------- sweeps
 
 
+SHORT = 28  # characters of a value's label in tables and legends; the full text on hover
+
+
+def short(text: str, n: int = SHORT) -> str:
+    """`text` cut to n characters (with an ellipsis)."""
+    return text if len(text) <= n else text[: n - 1].rstrip() + "\u2026"
+
+
 def _dims(sw: results.Sweep) -> list[dict]:
-    """Each dim: keys, value texts, and per cell the index of its value (None if unknown)."""
+    """Each dim: keys, value texts (`texts`: the zip label or the values, cut to SHORT
+    characters; `full`: every key=value), `head` (short key names) and `head_full`, and per
+    cell the index of its value (None if unknown)."""
+    from nstjax.sweep.spec import _PATH_KEYS as PATH_KEYS
+    from nstjax.sweep.spec import short_names, value_text
+
+    names = short_names([k for dim in sw.dims for k in dim.get("keys") or []])
     out = []
     for dim in sw.dims:
         keys, values = list(dim.get("keys") or []), list(dim.get("values") or [])
         labels = dim.get("labels") or []
-        texts = [labels[i] if i < len(labels) and labels[i] else
-                 ", ".join(_value_text(x) for x in v) for i, v in enumerate(values)]
+        full = ["; ".join(f"{k}={_value_text(x)}" for k, x in zip(keys, v)) for v in values]
+        if len(keys) == 1:
+            texts = [(value_text(keys[0], v[0]) if keys[0] in PATH_KEYS else _value_text(v[0]))
+                     if v else "" for v in values]
+        else:
+            texts = ["_".join(value_text(k, x) for k, x in zip(keys, v)) for v in values]
+        texts = [labels[i] if i < len(labels) and labels[i] else short(t)
+                 for i, t in enumerate(texts)]
         canon = [json.dumps(list(v), sort_keys=True) for v in values]
         index = {}
         for c in sw.cells:
@@ -134,7 +154,9 @@ def _dims(sw: results.Sweep) -> list[dict]:
             index[c.name] = canon.index(key) if key in canon else None
         numeric = len(keys) == 1 and not labels and all(
             isinstance(v[0], (int, float)) and not isinstance(v[0], bool) for v in values)
-        out.append({"keys": keys, "values": values, "texts": texts, "index": index,
+        head = "+".join(names.get(k, k) for k in keys) if len(keys) > 1 else " + ".join(keys)
+        out.append({"keys": keys, "values": values, "texts": texts, "full": full,
+                    "head": head, "head_full": " + ".join(keys), "index": index,
                     "numeric": numeric})
     return out
 
@@ -148,20 +170,23 @@ def _cells_table(sw: results.Sweep, dims: list[dict]) -> list[str]:
     metrics = _metric_names(sw)
     extra_terms = sorted({k for c in sw.cells for k in (c.record.get("final_loss") or {})
                           if k not in TERMS})
-    head = (["cell", "group"] + [" + ".join(d["keys"]) for d in dims] + ["status"]
+    head = (["cell", "group"] + [d["head"] for d in dims] + ["status"]
             + [f"metric.{m}" for m in metrics] + list(TERMS) + extra_terms + list(COUNTS))
+    tips = ["", ""] + [d["head_full"] for d in dims]
     left = 3 + len(dims)
     out = ['<div class="scroll"><table class="cells"><thead><tr>'
-           + "".join(f'<th class="{"t" if i < left else ""}">{_esc(h)}</th>'
-                     for i, h in enumerate(head)) + "</tr></thead><tbody>"]
+           + "".join(f'<th class="{"t" if i < left else ""}"'
+                     + (f' title="{_esc(tips[i])}"' if i < len(tips) and tips[i] else "")
+                     + f">{_esc(h)}</th>" for i, h in enumerate(head))
+           + "</tr></thead><tbody>"]
     for c in sw.cells:
         fin = c.record.get("final_loss") or {}
-        vals = [(d["texts"][d["index"][c.name]] if d["index"][c.name] is not None else "")
-                for d in dims]
+        vals = [(d["texts"][d["index"][c.name]], d["full"][d["index"][c.name]])
+                if d["index"][c.name] is not None else ("", "") for d in dims]
         tip = f' title="{_esc(c.error)}"' if c.error else ""
         cells = [f'<td class="t"><a href="{_href(sw.dir, c.dir)}/">{_esc(c.name)}</a></td>',
                  f'<td class="t">{_esc(c.group)}</td>',
-                 *(f'<td class="t">{_esc(v)}</td>' for v in vals),
+                 *(f'<td class="t" title="{_esc(f)}">{_esc(v)}</td>' for v, f in vals),
                  f'<td class="t s-{_esc(c.status)}"{tip}>{_esc(c.status)}</td>']
         nums = ([c.metrics.get(m) for m in metrics] + [fin.get(k) for k in TERMS]
                 + [fin.get(k) for k in extra_terms] + [c.record.get(k) for k in COUNTS])
@@ -204,16 +229,19 @@ def _images(sw: results.Sweep, dims: list[dict], label_metric: str | None) -> li
     for c in sw.cells:
         key = tuple(d["index"][c.name] for d in row_dims)
         rows.setdefault(key, {})[col["index"][c.name]] = c
-    out = ['<div class="scroll"><table class="sheet"><thead><tr><th>'
-           + _esc(" / ".join(" + ".join(d["keys"]) for d in row_dims)) + " \\ "
-           + _esc(" + ".join(col["keys"])) + "</th>"
-           + "".join(f"<th class=\"t\">{_esc(t)}</th>" for t in col["texts"])
+    corner = " / ".join(d["head"] for d in row_dims) + " \\ " + col["head"]
+    corner_full = " / ".join(d["head_full"] for d in row_dims) + " \\ " + col["head_full"]
+    out = [f'<div class="scroll"><table class="sheet"><thead><tr><th title="'
+           f'{_esc(corner_full)}">{_esc(corner)}</th>'
+           + "".join(f'<th class="t" title="{_esc(f)}">{_esc(t)}</th>'
+                     for t, f in zip(col["texts"], col["full"]))
            + "</tr></thead><tbody>"]
     for key in sorted(rows, key=lambda k: [(-1 if i is None else i) for i in k]):
         label = ", ".join(d["texts"][i] for d, i in zip(row_dims, key) if i is not None)
+        full = "\n".join(d["full"][i] for d, i in zip(row_dims, key) if i is not None)
         tds = "".join(f"<td>{_tile(sw, rows[key][j], metric(rows[key][j]))}</td>"
                       if j in rows[key] else "<td></td>" for j in range(len(col["values"])))
-        out.append(f"<tr><th>{_esc(label)}</th>{tds}</tr>")
+        out.append(f'<tr><th title="{_esc(full)}">{_esc(label)}</th>{tds}</tr>')
     out.append("</tbody></table></div>")
     return out
 
@@ -244,12 +272,14 @@ def axis_series(sw: results.Sweep, dims: list[dict], j: int, metric: str) -> lis
         groups.setdefault(key, {}).setdefault(i, []).append(float(c.metrics[metric]))
     series = []
     for key in sorted(groups, key=lambda k: [(-1 if i is None else i) for i in k]):
-        name = ", ".join(f"{'+'.join(dims[k]['keys'])}={dims[k]['texts'][i]}"
+        name = ", ".join(f"{dims[k]['head']}={dims[k]['texts'][i]}"
                          for k, i in zip(others, key) if i is not None) or "all cells"
+        full = "; ".join(dims[k]["full"][i] for k, i in zip(others, key) if i is not None)
         pts = sorted(groups[key].items())
         stats = [mean_std(v) for _, v in pts]
         xs = [float(d["values"][i][0]) if d["numeric"] else float(i) for i, _ in pts]
-        series.append(svg.Series(name, xs, [m for m, _ in stats], [s for _, s in stats]))
+        series.append(svg.Series(name, xs, [m for m, _ in stats], [s for _, s in stats],
+                                 full if full != name else ""))
     if not d["numeric"] and len(series) > 1:  # grouped: side by side around each category
         w = min(0.5, 0.8 / len(series))
         series = [s._replace(xs=[x + (k - (len(series) - 1) / 2) * w for x in s.xs])
@@ -272,11 +302,11 @@ def _axis_charts(sw: results.Sweep, dims: list[dict]) -> list[str]:
             xlog = bool(vals) and svg.want_log(vals)
             ticks = ([(v, svg.fmt(v)) for v in vals] if d["numeric"] and len(vals) <= 8
                      else None if d["numeric"] else list(enumerate(d["texts"])))
-            charts.append(svg.chart(series, title=f"metric.{m}", xlabel=" + ".join(d["keys"]),
+            charts.append(svg.chart(series, title=f"metric.{m}", xlabel=d["head"],
                                     ticks=[(float(t), s) for t, s in ticks] if ticks else None,
                                     xlog=xlog, lines=d["numeric"]))
         if charts:
-            out.append(f"<h3>{_esc(' + '.join(d['keys']))}</h3>")
+            out.append(f"<h3 title=\"{_esc(d['head_full'])}\">{_esc(d['head'])}</h3>")
             out.append('<div class="charts">' + "".join(charts) + "</div>")
     if out and seeds:
         out.insert(0, '<p class="muted">Points: the mean over seeds; bars: the std over seeds '
@@ -337,8 +367,9 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
                         for k, v in counts.items())
             + f"; page written {time.strftime('%Y-%m-%d %H:%M:%S')} (reload to update)</p>",
             "<h2>Axes</h2><dl>"]
-    body += [f"<dt>{_esc(' + '.join(x['keys']))}</dt><dd>{_esc(', '.join(x['texts']))}</dd>"
-             for x in dims]
+    body += [f"<dt title=\"{_esc(x['head_full'])}\">{_esc(x['head'])}</dt><dd>"
+             + ", ".join(f'<span title="{_esc(f)}">{_esc(t)}</span>'
+                         for t, f in zip(x["texts"], x["full"])) + "</dd>" for x in dims]
     body.append("</dl>")
     links = [(n, sw.dir / n) for n in ("summary.csv", "summary_seeds.csv", "contact_sheet.png",
                                         "sweep.json") if (sw.dir / n).is_file()]
@@ -358,6 +389,11 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
     body += ["<h2>Cells</h2>", '<p class="muted">Click a column to sort; a cell\'s name opens '
              "its run directory.</p>", *_cells_table(sw, dims)]
     body += ["<h2>Final images</h2>", *_images(sw, dims, label_metric)]
+    from nstjax.sweep import frontier
+
+    front = frontier.html_section(sw.dir)
+    if front:
+        body += ["<h2>Trade-off frontier</h2>", *front]
     charts = _axis_charts(sw, dims)
     if charts:
         body += ["<h2>Metrics against each axis</h2>", *charts]

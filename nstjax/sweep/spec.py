@@ -296,7 +296,8 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Sweep:
     if not isinstance(name, str):
         raise UserError(f"{src}: name: must be a string")
     return Sweep(name=safe_name(name) or "sweep", source=src,
-                 base=config.merge(config.merge(base, fixed), over), dims=dims, here=here,
+                 base=config.apply_overrides(config.apply_overrides(base, fixed), over),
+                 dims=dims, here=here,
                  batch_size=batch, lanes=lanes, compile_cache=cache,
                  description=str(raw.get("description") or ""), label_metric=label_metric)
 
