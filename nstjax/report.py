@@ -154,7 +154,8 @@ def _dims(sw: results.Sweep) -> list[dict]:
             index[c.name] = canon.index(key) if key in canon else None
         numeric = len(keys) == 1 and not labels and all(
             isinstance(v[0], (int, float)) and not isinstance(v[0], bool) for v in values)
-        head = "+".join(names.get(k, k) for k in keys) if len(keys) > 1 else " + ".join(keys)
+        head = ("pair" if keys == ["content", "style"] else "+".join(names.get(k, k) for k in keys)
+                if len(keys) > 1 else " + ".join(keys))
         out.append({"keys": keys, "values": values, "texts": texts, "full": full,
                     "head": head, "head_full": " + ".join(keys), "index": index,
                     "numeric": numeric})
@@ -287,6 +288,91 @@ def axis_series(sw: results.Sweep, dims: list[dict], j: int, metric: str) -> lis
     return series
 
 
+REPLICATE_KEYS = ("seed", "content", "style")  # dims holding one: replicates, averaged over
+
+
+def replicate_table(sw: results.Sweep, level: float = 0.95) -> tuple[list[str], list[dict]]:
+    """Mean over the replicates (the seed axis and the image pairs: dims holding a key of
+    REPLICATE_KEYS) per combination of the other dims, over the finished cells: for each
+    metric its mean, std (n - 1), t confidence band (`level`) and n. ([], []) without a
+    replicate dim of two or more values. Rows: {"group": {dim head: text}, "n": cells,
+    "metrics": {name: (mean, std, lo, hi, n)}}."""
+    from nstjax.sweep.frontier import t_band
+
+    dims = _dims(sw)
+    reps = [j for j, d in enumerate(dims) if any(k in REPLICATE_KEYS for k in d["keys"])]
+    if not any(len(dims[j]["values"]) > 1 for j in reps):
+        return [], []
+    others = [j for j in range(len(dims)) if j not in reps and len(dims[j]["values"]) > 1]
+    names = _metric_names(sw)
+    by: dict[tuple, list[results.Cell]] = {}
+    for c in sw.cells:
+        if c.status in ("done", "converged"):
+            by.setdefault(tuple(dims[j]["index"][c.name] for j in others), []).append(c)
+    rows = []
+    for key in sorted(by, key=lambda k: [(-1 if i is None else i) for i in k]):
+        cells = by[key]
+        stats = {}
+        for m in names:
+            vs = [float(c.metrics[m]) for c in cells if m in c.metrics]
+            if vs:
+                mean, lo, hi = t_band(vs, level)
+                stats[m] = (mean, mean_std(vs)[1], lo, hi, len(vs))
+        rows.append({"group": {dims[j]["head"]: (dims[j]["texts"][i] if i is not None else "")
+                               for j, i in zip(others, key)},
+                     "n": len(cells), "metrics": stats})
+    return [dims[j]["head"] for j in others], rows
+
+
+def replicate_csv(sw: results.Sweep) -> str | None:
+    """summary_mean.csv: `replicate_table` as CSV (columns <dim>, cells, then per metric
+    metric.<m>.mean/.std/.ci_lo/.ci_hi/.n), or None without replicates."""
+    import csv
+    import io
+
+    heads, rows = replicate_table(sw)
+    if not rows:
+        return None
+    names = _metric_names(sw)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*heads, "cells", *(f"metric.{m}.{s}" for m in names
+                                   for s in ("mean", "std", "ci_lo", "ci_hi", "n"))])
+    for r in rows:
+        vals = []
+        for m in names:
+            st = r["metrics"].get(m)
+            vals += ([f"{v:.9g}" for v in st[:4]] + [str(st[4])]) if st else [""] * 5
+        w.writerow([*(r["group"][h] for h in heads), r["n"], *vals])
+    return buf.getvalue()
+
+
+def _replicate_section(sw: results.Sweep) -> list[str]:
+    heads, rows = replicate_table(sw)
+    if not rows:
+        return []
+    names = _metric_names(sw)
+    out = ['<p class="muted">Each row: the mean over image pairs and seeds of the finished '
+           "cells, with the 95% t band (n - 1); the per-pair values are in the cells table and "
+           "the charts against the pair axis; summary_mean.csv holds the numbers.</p>",
+           '<div class="scroll"><table><thead><tr>'
+           + "".join(f'<th class="t">{_esc(h)}</th>' for h in heads) + "<th>cells</th>"
+           + "".join(f"<th>metric.{_esc(m)}</th>" for m in names) + "</tr></thead><tbody>"]
+    for r in rows:
+        tds = "".join(f'<td class="t">{_esc(r["group"][h])}</td>' for h in heads)
+        tds += f"<td>{r['n']}</td>"
+        for m in names:
+            st = r["metrics"].get(m)
+            if not st:
+                tds += "<td></td>"
+                continue
+            band = (f" [{svg.fmt(st[2])}, {svg.fmt(st[3])}]" if math.isfinite(st[2]) else "")
+            tds += f'<td title="n={st[4]}, std {svg.fmt(st[1])}">{svg.fmt(st[0])}{band}</td>'
+        out.append(f"<tr>{tds}</tr>")
+    out.append("</tbody></table></div>")
+    return out
+
+
 def _axis_charts(sw: results.Sweep, dims: list[dict]) -> list[str]:
     out = []
     seeds = any(d["keys"] == ["seed"] and len(d["values"]) > 1 for d in dims)
@@ -371,8 +457,9 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
              + ", ".join(f'<span title="{_esc(f)}">{_esc(t)}</span>'
                          for t, f in zip(x["texts"], x["full"])) + "</dd>" for x in dims]
     body.append("</dl>")
-    links = [(n, sw.dir / n) for n in ("summary.csv", "summary_seeds.csv", "contact_sheet.png",
-                                        "sweep.json") if (sw.dir / n).is_file()]
+    links = [(n, sw.dir / n) for n in ("summary.csv", "summary_seeds.csv", "summary_mean.csv",
+                                        "frontier.csv", "contact_sheet.png", "sweep.json")
+             if (sw.dir / n).is_file()]
     if links:
         body.append("<p>" + " · ".join(f'<a href="{_href(sw.dir, p)}">{_esc(n)}</a>'
                                        for n, p in links) + "</p>")
@@ -394,6 +481,9 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
     front = frontier.html_section(sw.dir)
     if front:
         body += ["<h2>Trade-off frontier</h2>", *front]
+    reps = _replicate_section(sw)
+    if reps:
+        body += ["<h2>Over image pairs and seeds</h2>", *reps]
     charts = _axis_charts(sw, dims)
     if charts:
         body += ["<h2>Metrics against each axis</h2>", *charts]

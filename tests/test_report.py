@@ -172,3 +172,44 @@ def test_zip_of_many_keys_gets_short_labels_and_full_values_on_hover(tmp_path):
     legends = re.findall(r"<text x=\"\d+\" y=\"\d+\">([^<]*)<title>([^<]*)</title></text>", text)
     assert legends and all(len(t) <= (480 - 64 - 20) // 6 for t, _ in legends)
     assert any(t.endswith("\u2026") and "solver.maxiter=" in full for t, full in legends)
+
+
+def test_mean_over_pairs_and_seeds_against_numpy(tmp_path):
+    """Two kinds x two image pairs x two seeds: per kind, each metric's mean over the four
+    replicates with std (n - 1) and the 95% t band (t = 3.1824 for 3 degrees of freedom), as
+    summary_mean.csv and the page's table show them."""
+    import csv
+    import io
+    import json as _json
+
+    rng = np.random.default_rng(4)
+    pairs = [["/i/a.png", "/i/x.png"], ["/i/b.png", "/i/y.png"]]
+    d = tmp_path / "sw"
+    cells, want = [], {}
+    for kind in ("gram", "mrf"):
+        vs = rng.uniform(0, 1, 4)
+        want[kind] = vs
+        for i, (pair, seed) in enumerate([(p, s) for p in pairs for s in (0, 1)]):
+            name = f"{kind}-{i}"
+            cells.append({"name": name, "index": len(cells), "group": "g", "values": {
+                "loss.kind": kind, "content": pair[0], "style": pair[1], "seed": seed}})
+            (d / "cells" / name).mkdir(parents=True)
+            (d / "cells" / name / "run.json").write_text(_json.dumps(
+                {"status": "done", "metrics": {"swd": float(vs[i])}}))
+    (d / "sweep.json").write_text(_json.dumps({"name": "p", "cells": cells, "dims": [
+        {"keys": ["loss.kind"], "values": [["gram"], ["mrf"]]},
+        {"keys": ["content", "style"], "values": pairs, "labels": ["a~x", "b~y"]},
+        {"keys": ["seed"], "values": [[0], [1]]}]}))
+    sw = results.load_sweep(d)
+    rows = list(csv.DictReader(io.StringIO(report.replicate_csv(sw))))
+    assert [r["loss.kind"] for r in rows] == ["gram", "mrf"]
+    for r in rows:
+        v = want[r["loss.kind"]]
+        half = 3.182446305284263 * v.std(ddof=1) / 2
+        assert float(r["metric.swd.mean"]) == pytest.approx(v.mean(), rel=1e-8)
+        assert float(r["metric.swd.std"]) == pytest.approx(v.std(ddof=1), rel=1e-8)
+        assert float(r["metric.swd.ci_lo"]) == pytest.approx(v.mean() - half, rel=1e-8)
+        assert float(r["metric.swd.ci_hi"]) == pytest.approx(v.mean() + half, rel=1e-8)
+        assert r["metric.swd.n"] == "4" and r["cells"] == "4"
+    page = report.sweep_page(d)
+    assert "Over image pairs and seeds" in page and "<th class=\"t\">pair</th>" not in page

@@ -117,3 +117,36 @@ def test_cell_seconds_are_each_cells_own():
     assert solve == pytest.approx([2.0, 6.0]) and comp == pytest.approx([1.5, 1.5])
     solve, _ = cell_seconds([0, 0, 0], 3.0, 0.0)  # no evaluations recorded: equal shares
     assert solve == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_a_sweep_over_image_pairs_and_seeds(tmp_path):
+    """Two generated pairs (zip) x two seeds run as one batched group: four cell directories,
+    each with its own pair in config.yaml; summary_mean.csv holds the mean over the four of
+    every metric (as numpy over summary.csv) and the page its table."""
+    import csv
+
+    from PIL import Image
+    from sweep_helpers import prepared, write_sweep
+
+    rng = np.random.default_rng(0)
+    for name in ("c1.png", "c2.png", "s1.png", "s2.png"):
+        a = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+        Image.fromarray(a).resize((32, 32), Image.BILINEAR).save(tmp_path / name)
+    p = write_sweep(tmp_path / "pairs.yaml", set={"solver.maxiter": 2},
+                    pairs={"content": ["c1.png", "c2.png"], "style": ["s1.png", "s2.png"],
+                           "mode": "zip"}, axes={"seed": [0, 1]})
+    sw, cells, groups = prepared(p)
+    o = sweep.run_sweep(sw, cells, groups, tmp_path / "out", quiet=True)
+    assert o.exit_code == 0 and len(groups) == 1
+    rows = summary(tmp_path / "out")
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"done"}
+    for r in rows.values():
+        cfg = (tmp_path / "out" / r["dir"] / "config.yaml").read_text()
+        assert r["axis.content"] in cfg and r["axis.style"] in cfg
+    with open(tmp_path / "out" / "summary_mean.csv", newline="") as f:
+        (mean,) = list(csv.DictReader(f))
+    for m in ("metric.structure", "metric.swd"):
+        v = np.array([float(r[m]) for r in rows.values()])
+        assert float(mean[f"{m}.mean"]) == pytest.approx(v.mean(), rel=1e-7)
+        assert mean[f"{m}.n"] == "4"
+    assert "Over image pairs and seeds" in (tmp_path / "out" / "report.html").read_text()

@@ -6,7 +6,10 @@ of truth):
   `metric.<name>` columns (the reference evaluation in each cell's run.json: comparable
   across cells whatever their loss);
 - summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
-  column, per combination of the other axes: the noise floor of the comparison;
+  column, per combination of the other axes (image pairs included: the per-pair breakdown):
+  the noise floor of the comparison;
+- summary_mean.csv (with seeds or image pairs, `pairs:`): per combination of the other axes,
+  each metric's mean over pairs and seeds with its std, 95% t band and n;
 - report.html: one self-contained page with all of it (`nstjax.report`), also rewritten after
   each group while the sweep runs;
 - contact_sheet.png: the final images, labelled (with `sweep.label_metric`, also that metric);
@@ -158,6 +161,13 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
         cols, srows = seed_stats(sw, cells, rows)
         runtime.write_atomic(out / "summary_seeds.csv", _csv(cols, srows))
         paths.append(out / "summary_seeds.csv")
+    from nstjax import report as html_report
+    from nstjax import results
+
+    mean = html_report.replicate_csv(results.load_sweep(out))
+    if mean is not None:
+        runtime.write_atomic(out / "summary_mean.csv", mean)
+        paths.append(out / "summary_mean.csv")
     sheet = contact_sheet(out, sw, cells, rows=rows)
     runtime.write_atomic(out / "contact_sheet.png", sheet)
     paths.append(out / "contact_sheet.png")
