@@ -269,3 +269,28 @@ def test_kinds_sweep_has_every_built_in_kind_on_two_pairs_with_seeds():
                    for seed in (0, 1)}
     assert {c.cfg.loss.style_norm for c in cells} == {"content"}
     assert len({c.cfg.loss.style_to_content_ratio for c in cells}) == 1
+
+
+SHIPWRECK = ROOT.parent / "shared" / "images" / "shipwreck.jpg"
+
+
+@pytest.mark.skipif(not SHIPWRECK.is_file(), reason="The Shipwreck is not beside the repo "
+                    "(../shared/images), where the sweep file expects users to have it")
+def test_kinds_frontier_sweep_spans_kinds_pairs_ratios_and_seeds():
+    """Every built-in kind x 3 pairs (the demo pairs and The Shipwreck) x 5 ratios x 2 seeds,
+    one structure group per kind (ratios, styles and seeds are numbers of one program), the
+    balance meant at 128x96 pixels."""
+    from nstjax import losses, sweep
+
+    sw = sweep.load(ROOT / "configs/sweeps/kinds_frontier.yaml")
+    cells = sweep.expand(sw)
+    assert all(c.cfg is not None for c in cells), [c.error for c in cells if c.cfg is None]
+    kinds = {k for k in losses.kinds() if losses.kind(k).builtin}
+    got = {(c.cfg.loss.kind, Path(c.cfg.styles[0]).name, c.cfg.loss.style_to_content_ratio,
+            c.cfg.seed) for c in cells}
+    ratios = (4.0e5, 1.6e6, 6.4e6, 2.56e7, 1.024e8)
+    assert got == {(k, s, r, seed) for k in kinds
+                   for s in ("starry_night.jpg", "the_scream.jpg", "shipwreck.jpg")
+                   for r in ratios for seed in (0, 1)}
+    assert {c.cfg.loss.reference_pixels for c in cells} == {128 * 96}
+    assert len(sweep.make_groups(sw, cells)) == 4  # one per kind (one content, one shape)
