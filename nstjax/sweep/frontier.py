@@ -218,12 +218,6 @@ class Frontier:
     y_better: Better
 
 
-def _text(v) -> str:
-    from nstjax.sweep.spec import value_text
-
-    return value_text("", v) if not isinstance(v, str) else v.rsplit("/", 1)[-1]
-
-
 def _metric(c, name: str) -> float:
     key = name.removeprefix("metric.")
     v = c.metrics.get(key)
@@ -245,16 +239,25 @@ def points_of(sw, x: str, y: str, ratio_key: str = RATIO_KEY) -> tuple[list[Poin
     if ratio_key not in sw.keys:
         raise UserError(f"{sw.dir}: no axis {ratio_key} (axes: {', '.join(sw.keys) or 'none'});"
                         " a frontier needs the balance as an axis, or name it with --ratio")
-    dims = sw.dims or [{"keys": [k]} for k in sw.keys]
-    unit_keys, group_keys = [], []
-    for d in dims:
-        keys = list(d.get("keys") or [])
-        if ratio_key in keys:
-            continue
-        if any(k in UNIT_KEYS for k in keys):
-            unit_keys += keys
-        else:
-            group_keys += keys
+    from nstjax import report
+
+    if not sw.dims:  # no sweep.json: one dim per axis key
+        sw = type(sw)(sw.dir, sw.cells, sw.name, sw.keys,
+                      [{"keys": [k], "values": [[v] for v in dict.fromkeys(
+                          c.values.get(k) for c in sw.cells)]} for k in sw.keys])
+    dims = report._dims(sw)  # per dim: value texts (zip labels, else short) and cell indexes
+    units = [d for d in dims if ratio_key not in d["keys"]
+             and any(k in UNIT_KEYS for k in d["keys"])]
+    groups = [d for d in dims if ratio_key not in d["keys"] and d not in units]
+
+    def text(ds: list[dict], c, named: bool) -> str:
+        parts = []
+        for d in ds:
+            i = d["index"][c.name]
+            t = d["texts"][i] if i is not None else "?"
+            parts.append(f"{d['head']}={t}" if named else t)
+        return ", ".join(parts)
+
     pts = []
     for c in sw.cells:
         if c.status not in ("done", "converged"):
@@ -262,10 +265,9 @@ def points_of(sw, x: str, y: str, ratio_key: str = RATIO_KEY) -> tuple[list[Poin
         px, py = _metric(c, x), _metric(c, y)
         if not (math.isfinite(px) and math.isfinite(py)):
             continue
-        group = ", ".join(_text(c.values.get(k)) for k in group_keys) or "all"
-        unit = ", ".join(f"{k}={_text(c.values.get(k))}" for k in unit_keys) or "one"
-        pts.append(Point(group, unit, float(c.values[ratio_key]), px, py))
-    return pts, group_keys
+        pts.append(Point(text(groups, c, False) or "all", text(units, c, True) or "one",
+                         float(c.values[ratio_key]), px, py))
+    return pts, [d["head"] for d in groups]
 
 
 def compute(d, x: str = "metric.structure", y: str = "metric.swd", at: float | None = None,
