@@ -162,9 +162,37 @@ def _dims(sw: results.Sweep) -> list[dict]:
     return out
 
 
+# Metrics in the order the page shows them: first those no built-in loss kind minimizes,
+# then content similarity, then the Gram distances (gram's own loss); with what each favours
+# by construction.
+METRIC_ORDER = ("color", "weave", "swd", "structure", "edges", "style", "content")
+METRIC_NOTES = {
+    "color": "sliced Wasserstein distance of pixel colours to the style (lower is better); "
+             "no kind minimizes it",
+    "weave": "local periodicity, the grid artefact (lower is better); no kind minimizes it",
+    "swd": "sliced Wasserstein distance of VGG features to the style's (lower is better); "
+           "leans to sliced_wasserstein, which minimizes a distance of the same family",
+    "structure": "SSIM of the low-pass luminance against the content (higher keeps more of "
+                 "the photo); favours under-stylized results",
+    "edges": "correlation of edge strength with the content (higher keeps more); favours "
+             "under-stylized results",
+    "style": "Gram distance to the style: the gram kind's own loss, so it favours gram",
+    "content": "feature distance to the content: the content term's own loss",
+}
+
+
 def _metric_names(sw: results.Sweep) -> list[str]:
     names = sorted({k for c in sw.cells for k in c.metrics})
-    return sorted(names, key=lambda k: (k not in ("style", "content"), k))
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    return sorted(names, key=lambda k: (rank.get(k.split(".")[0], len(rank)), k))
+
+
+def _metric_notes(sw: results.Sweep) -> list[str]:
+    names = [m for m in _metric_names(sw) if m in METRIC_NOTES]
+    if not names:
+        return []
+    return ["<dl>", *(f"<dt>metric.{_esc(m)}</dt><dd>{_esc(METRIC_NOTES[m])}</dd>"
+                      for m in names), "</dl>"]
 
 
 def _cells_table(sw: results.Sweep, dims: list[dict]) -> list[str]:
@@ -473,6 +501,9 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
         body.append(f"<details><summary>resolved config of cell {_esc(first.name)} (the base "
                     f"with its axis values)</summary><pre>"
                     f"{_esc(_read_text(first.dir / 'config.yaml') or '')}</pre></details>")
+    body += ["<h2>Metrics</h2>", '<p class="muted">Led by the style metrics that no built-in '
+             "loss kind minimizes; a metric a kind minimizes flatters that kind.</p>",
+             *_metric_notes(sw)]
     body += ["<h2>Cells</h2>", '<p class="muted">Click a column to sort; a cell\'s name opens '
              "its run directory.</p>", *_cells_table(sw, dims)]
     body += ["<h2>Final images</h2>", *_images(sw, dims, label_metric)]

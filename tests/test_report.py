@@ -213,3 +213,26 @@ def test_mean_over_pairs_and_seeds_against_numpy(tmp_path):
         assert r["metric.swd.n"] == "4" and r["cells"] == "4"
     page = report.sweep_page(d)
     assert "Over image pairs and seeds" in page and "<th class=\"t\">pair</th>" not in page
+
+
+def test_page_leads_with_metrics_no_kind_minimizes(tmp_path):
+    """The cells table's metric columns start with color, weave and swd (no built-in kind
+    minimizes them) and end with the Gram distances; each metric says what it favours."""
+    import json as _json
+
+    d = tmp_path / "sw"
+    (d / "cells" / "c").mkdir(parents=True)
+    (d / "cells" / "c" / "run.json").write_text(_json.dumps({"status": "done", "metrics": {
+        "style": 1.0, "content": 2.0, "structure": 0.7, "swd": 3.0, "color": 0.1, "weave": 0.2,
+        "style.block1_conv1": 0.5}}))
+    (d / "sweep.json").write_text(_json.dumps({"name": "m", "dims": [{"keys": ["seed"],
+                                                                      "values": [[0]]}],
+                                               "cells": [{"name": "c", "index": 0,
+                                                          "values": {"seed": 0}}]}))
+    page = report.sweep_page(d)
+    head = re.findall(r"<th[^>]*>metric\.([\w.]+)</th>", page)
+    assert head == ["color", "weave", "swd", "structure", "style", "style.block1_conv1",
+                    "content"]
+    notes = dict(re.findall(r"<dt>metric\.(\w+)</dt><dd>([^<]*)</dd>", page))
+    assert "favours gram" in notes["style"] and "no kind minimizes" in notes["color"]
+    assert "sliced_wasserstein" in notes["swd"] and "under-stylized" in notes["structure"]

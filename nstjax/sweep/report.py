@@ -36,7 +36,7 @@ SUMMARY_TAIL = ("status", "error", "total", "content", "style", "tv", "iteration
 TERMS = ("total", "content", "style", "tv")
 COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
           "batch_solve_seconds", "batch_compile_seconds")
-PLOT_METRICS = ("style", "content")
+PLOT_METRICS = ("swd", "color", "weave", "structure", "style")  # no-loss metrics first
 
 
 def _record(out: Path, c: Cell) -> dict:
