@@ -200,7 +200,10 @@ def apply_overrides(raw: dict, over: dict) -> dict:
     """`over` deep-merged into a copy of `raw`; an override's null unsets its key (it takes
     its default again: `solver.learning_rate=null` drops a learning rate a file set), except
     for the keys of NULL_KEEPS, whose null is a value."""
-    out = merge(raw, over)
+    import copy
+
+    over = copy.deepcopy(over)
+    out = merge(raw, copy.deepcopy(over))
 
     def drop(cur: dict, extra: dict, prefix: str) -> None:
         for k, v in extra.items():

@@ -256,7 +256,7 @@ class Recorder:
         self.write_history()
         # watchers get the image on snapshot steps and at the last iteration (final.png)
         due = stem or self.now.last(rows)
-        watch.rows(self.watchers, rows, self.visible(x) if due else None)
+        watch.rows(self.watchers, rows, self.visible(x) if due else None, bool(stem))
         return rows
 
     def checkpoint(self, evals: int, solve_seconds: float, compile_seconds: float) -> None:

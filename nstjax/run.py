@@ -314,7 +314,7 @@ class _Memory(record.Recorder):
         self.history.extend(rows)
         snap = self.now.snapshot(self.cfg.output.save_every, rows)
         due = snap or self.now.last(rows)
-        watch.rows(self.watchers, rows, self.visible(x) if due else None)
+        watch.rows(self.watchers, rows, self.visible(x) if due else None, bool(snap))
         return rows
 
     def close(self, res: solvers.Result, t_start: float, flag: StopFlag,

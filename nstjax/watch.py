@@ -55,6 +55,8 @@ class Callback:
     """Calls `fn(Progress)` once per history row; the image comes with a chunk's last row when
     a snapshot is due. An exception from `fn` ends the run as failed and is re-raised."""
 
+    last_image = True  # the final image with the last row (see `rows`)
+
     def __init__(self, fn: Callable[[Progress], object]):
         if not callable(fn):
             from nstjax.errors import UserError
@@ -91,12 +93,14 @@ def picture(x) -> np.ndarray:
     return image.deprocess(np.asarray(x))
 
 
-def rows(watchers: list[Watcher], rows: list[dict], x=None) -> None:
-    """Tell every watcher about new history rows (`x`: the visible image on snapshot steps)."""
+def rows(watchers: list[Watcher], rows: list[dict], x=None, snapshot: bool = True) -> None:
+    """Tell every watcher about new history rows (`x`: the visible image on snapshot steps,
+    and at the last iteration with `snapshot` False: then only watchers whose `last_image` is
+    true get it, the others get the final image at `close`)."""
     if watchers and rows:
         img = None if x is None else picture(x)
         for w in watchers:
-            w.rows(rows, img)
+            w.rows(rows, img if snapshot or getattr(w, "last_image", False) else None)
 
 
 def close(watchers: list[Watcher], record: dict, x=None) -> None:
