@@ -77,13 +77,14 @@ def _expanded(node: yaml.Node, memo: dict[int, int], active: set[int], depth: in
     return total
 
 
-# YAML 1.2 numbers: `1e-5` (no dot) is a float, as in JSON, not the string YAML 1.1 makes it;
-# every key reads it alike (the schema's fields, loss.options, sweep axes).
+# YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings: no dot (`1e-5`) or an unsigned
+# exponent (`9.0e5`). Configs, loss.options, sweep axes and override values all read them as
+# floats. The resolver table is copied first so PyYAML's own SafeLoader is left as it is.
 _BoundedLoader.yaml_implicit_resolvers = {
     k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12,
+                                     list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:
@@ -197,6 +198,30 @@ def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+NULL_KEEPS = ("content",)  # keys whose null is a value (content: null: texture synthesis)
+
+
+def apply_overrides(raw: dict, over: dict) -> dict:
+    """`over` deep-merged into a copy of `raw`; an override's null unsets its key (it takes
+    its default again: `solver.learning_rate=null` drops a learning rate a file set), except
+    for the keys of NULL_KEEPS, whose null is a value."""
+    import copy
+
+    over = copy.deepcopy(over)
+    out = merge(raw, copy.deepcopy(over))
+
+    def drop(cur: dict, extra: dict, prefix: str) -> None:
+        for k, v in extra.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and isinstance(cur.get(k), dict):
+                drop(cur[k], v, key + ".")
+            elif v is None and key not in NULL_KEEPS:
+                cur.pop(k, None)
+
+    drop(out, over, "")
     return out
 
 

@@ -43,6 +43,13 @@ def _run(a) -> int:
 
 
     cfg = config.load(a.config, a.overrides)
+    if a.dry_run:
+        import jax
+
+        from nstjax.sweep import plan
+
+        print(plan.run_dry_run(cfg, a.config, jax.local_devices()))
+        return 0
     _cache(a)
     r = run.run(cfg, a.out, quiet=a.quiet, parent=a.runs_dir)
     return _report(r, cfg)
@@ -140,6 +147,8 @@ def parser():
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.maxiter=50")
     r.add_argument("--out", help="run directory (must not exist or be empty)")
     r.add_argument("--runs-dir", default="runs", help="parent of new run directories")
+    r.add_argument("--dry-run", action="store_true", help="validate the config and print the "
+                   "time and device memory to expect; run nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--no-compile-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache")
@@ -197,7 +206,9 @@ def parser():
 
     # Subcommands whose module owns its arguments: add_arguments(parser) and main(args) -> int.
     for name, mod, text in (("sweep", "nstjax.sweep", "a sweep of runs, compiled once per group"),
-                            ("bench", "nstjax.race", "time evaluations; --race: time to a loss")):
+                            ("bench", "nstjax.race", "time evaluations; --race: time to a loss"),
+                            ("frontier", "nstjax.sweep.frontier", "trade-off curves of a sweep: "
+                             "style at equal structure per group, with CIs")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

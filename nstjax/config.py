@@ -24,6 +24,7 @@ from nstjax.cfgfile import (  # noqa: F401  (re-exported: config.merge, config.r
     _get,
     _resolve,
     _set,
+    apply_overrides,
     merge,
     parse_overrides,
     read_yaml,
@@ -127,6 +128,11 @@ class LossCfg(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, max_length=64, description="the loss kind's own settings, "
         "checked by the kind; config.yaml records them all, defaults filled in")
+    reference_pixels: int | None = Field(
+        default=None, ge=1, le=1 << 40, description="the pixel count (H x W) at which "
+        "style_to_content_ratio and tv_weight are meant: at any image size they are rescaled "
+        "so the loss terms keep that balance (losses.size_balanced); null: applied as given "
+        "(their balance shifts with the pixel count)")
     style_norm: Literal["none", "content", "layers"] = Field(
         default="none", description="content: each style layer's term divided by its value at "
         "the content image (the initial image without one), so ratios compare across kinds; "
@@ -532,7 +538,7 @@ def load(path: str | Path | None, overrides: list[str] = (), base: dict | None =
         path = Path(path)
         raw = merge(raw, resolve_paths(read_yaml(path), path.resolve().parent))
         source = str(path)
-    raw = merge(raw, parse_overrides(list(overrides)))
+    raw = apply_overrides(raw, parse_overrides(list(overrides)))
     return validate(raw, source)
 
 

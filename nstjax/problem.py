@@ -350,6 +350,13 @@ def build(cfg: Config, params: dict | None = None, winfo: dict | None = None) ->
         g = float(np.exp(np.mean(np.log(list(e.values()))))) if cfg.loss.style_norm == "layers" \
             else 1.0
         lw["style"] = {n: v * jnp.float32(g / e[n]) for n, v in lw["style"].items()}
+    ref_px = cfg.loss.reference_pixels
+    if ref_px:
+        ratio, tv = losses.size_balanced(cfg.loss.style_to_content_ratio, cfg.loss.tv_weight,
+                                         h * w, ref_px, spec.normalization, cfg.loss.style_norm)
+        lw["ratio"], lw["tv"] = jnp.float32(ratio), jnp.float32(tv)
+        info["balance"] = {"pixels": h * w, "reference_pixels": ref_px,
+                           "style_to_content_ratio": ratio, "tv_weight": tv}
     if controls_used(cfg):
         info.update(style_size=list(swh), styles=len(cfg.styles),
                     style_blend=blend_weights(cfg).round(6).tolist())

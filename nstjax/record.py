@@ -194,6 +194,10 @@ class Stage(NamedTuple):
         return f"{self.prefix}iter_{k:06d}" if every and k and k % every == 0 \
             and k < self.total else None
 
+    def last(self, rows: list[dict]) -> bool:
+        """Whether `rows` end at the stage's last iteration (its image is the final one)."""
+        return bool(rows) and self.total > 0 and rows[-1]["iter"] - self.base >= self.total
+
 
 class Recorder:
     """Writes one run directory (see the module docstring for the API)."""
@@ -270,7 +274,9 @@ class Recorder:
         write_atomic(self.d / "last.npy", npy_bytes(x))
         self.history.extend(rows)
         self.write_history()
-        watch.rows(self.watchers, rows, self.visible(x) if stem else None)
+        # watchers get the image on snapshot steps and at the last iteration (final.png)
+        due = stem or self.now.last(rows)
+        watch.rows(self.watchers, rows, self.visible(x) if due else None, bool(stem))
         return rows
 
     def checkpoint(self, evals: int, solve_seconds: float, compile_seconds: float) -> None:

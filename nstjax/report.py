@@ -29,7 +29,7 @@ from nstjax.errors import UserError
 PAGE = "report.html"
 TERMS = ("total", "content", "style", "tv")
 COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
-          "batch_solve_seconds")
+          "batch_solve_seconds", "batch_compile_seconds")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 CSS = """
@@ -143,14 +143,34 @@ def _history(d: Path) -> dict:
 # ---------------------------------------------------------------- sweeps
 
 
+SHORT = 28  # characters of a value's label in tables and legends; the full text on hover
+
+
+def short(text: str, n: int = SHORT) -> str:
+    """`text` cut to n characters (with an ellipsis)."""
+    return text if len(text) <= n else text[: n - 1].rstrip() + "\u2026"
+
+
 def _dims(sw: results.Sweep) -> list[dict]:
-    """Each dim: keys, value texts, and per cell the index of its value (None if unknown)."""
+    """Each dim: keys, value texts (`texts`: the zip label or the values, cut to SHORT
+    characters; `full`: every key=value), `head` (short key names) and `head_full`, and per
+    cell the index of its value (None if unknown)."""
+    from nstjax.sweep.spec import _PATH_KEYS as PATH_KEYS
+    from nstjax.sweep.spec import short_names, value_text
+
+    names = short_names([k for dim in sw.dims for k in dim.get("keys") or []])
     out = []
     for dim in sw.dims:
         keys, values = list(dim.get("keys") or []), list(dim.get("values") or [])
         labels = dim.get("labels") or []
-        texts = [labels[i] if i < len(labels) and labels[i] else
-                 ", ".join(_value_text(x) for x in v) for i, v in enumerate(values)]
+        full = ["; ".join(f"{k}={_value_text(x)}" for k, x in zip(keys, v)) for v in values]
+        if len(keys) == 1:
+            texts = [(value_text(keys[0], v[0]) if keys[0] in PATH_KEYS else _value_text(v[0]))
+                     if v else "" for v in values]
+        else:
+            texts = ["_".join(value_text(k, x) for k, x in zip(keys, v)) for v in values]
+        texts = [labels[i] if i < len(labels) and labels[i] else short(t)
+                 for i, t in enumerate(texts)]
         canon = [json.dumps(list(v), sort_keys=True) for v in values]
         index = {}
         for c in sw.cells:
@@ -158,36 +178,70 @@ def _dims(sw: results.Sweep) -> list[dict]:
             index[c.name] = canon.index(key) if key in canon else None
         numeric = len(keys) == 1 and not labels and all(
             isinstance(v[0], (int, float)) and not isinstance(v[0], bool) for v in values)
-        out.append({"keys": keys, "values": values, "texts": texts, "index": index,
+        head = ("pair" if keys == ["content", "style"] else "+".join(names.get(k, k) for k in keys)
+                if len(keys) > 1 else " + ".join(keys))
+        out.append({"keys": keys, "values": values, "texts": texts, "full": full,
+                    "head": head, "head_full": " + ".join(keys), "index": index,
                     "numeric": numeric})
     return out
 
 
+# Metrics in the order the page shows them: first those no built-in loss kind minimizes,
+# then content similarity, then the Gram distances (gram's own loss); with what each favours
+# by construction.
+METRIC_ORDER = ("color", "weave", "swd", "structure", "edges", "style", "content")
+METRIC_NOTES = {
+    "color": "sliced Wasserstein distance of pixel colours to the style (lower is better); "
+             "no kind minimizes it",
+    "weave": "local periodicity, the grid artefact (lower is better); no kind minimizes it",
+    "swd": "sliced Wasserstein distance of VGG features to the style's (lower is better); "
+           "leans to sliced_wasserstein, which minimizes a distance of the same family",
+    "structure": "SSIM of the low-pass luminance against the content (higher keeps more of "
+                 "the photo); favours under-stylized results",
+    "edges": "correlation of edge strength with the content (higher keeps more); favours "
+             "under-stylized results",
+    "style": "Gram distance to the style: the gram kind's own loss, so it favours gram",
+    "content": "feature distance to the content: the content term's own loss",
+}
+
+
 def _metric_names(sw: results.Sweep) -> list[str]:
     names = sorted({k for c in sw.cells for k in c.metrics})
-    return sorted(names, key=lambda k: (k not in ("style", "content"), k))
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    return sorted(names, key=lambda k: (rank.get(k.split(".")[0], len(rank)), k))
+
+
+def _metric_notes(sw: results.Sweep) -> list[str]:
+    names = [m for m in _metric_names(sw) if m in METRIC_NOTES]
+    if not names:
+        return []
+    return ["<dl>", *(f"<dt>metric.{_esc(m)}</dt><dd>{_esc(METRIC_NOTES[m])}</dd>"
+                      for m in names), "</dl>"]
 
 
 def _cells_table(sw: results.Sweep, dims: list[dict]) -> list[str]:
     metrics = _metric_names(sw)
     extra_terms = sorted({k for c in sw.cells for k in (c.record.get("final_loss") or {})
                           if k not in TERMS})
-    head = (["cell", "group"] + [" + ".join(d["keys"]) for d in dims] + ["status"]
+    head = (["cell", "group"] + [d["head"] for d in dims] + ["status"]
             + [f"metric.{m}" for m in metrics] + list(TERMS) + extra_terms + list(COUNTS))
+    tips = ["", ""] + [d["head_full"] for d in dims]
     left = 3 + len(dims)
     out = ['<div class="scroll"><table class="cells"><thead><tr>'
-           + "".join(f'<th class="{"t" if i < left else ""}">{_esc(h)}</th>'
-                     for i, h in enumerate(head)) + "</tr></thead><tbody>"]
+           + "".join(f'<th class="{"t" if i < left else ""}"'
+                     + (f' title="{_esc(tips[i])}"' if i < len(tips) and tips[i] else "")
+                     + f">{_esc(h)}</th>" for i, h in enumerate(head))
+           + "</tr></thead><tbody>"]
     for c in sw.cells:
         fin = c.record.get("final_loss") or {}
-        vals = [(d["texts"][d["index"][c.name]] if d["index"][c.name] is not None else "")
-                for d in dims]
+        vals = [(d["texts"][d["index"][c.name]], d["full"][d["index"][c.name]])
+                if d["index"][c.name] is not None else ("", "") for d in dims]
         tip = f' title="{_esc(c.error)}"' if c.error else ""
         name = (f'<a href="{_href(sw.dir, c.dir)}/">{_esc(c.name)}</a>' if c.dir.is_dir()
                 else _esc(c.name))  # a deleted cell directory is not linked
         cells = [f'<td class="t">{name}</td>',
                  f'<td class="t">{_esc(c.group)}</td>',
-                 *(f'<td class="t">{_esc(v)}</td>' for v in vals),
+                 *(f'<td class="t" title="{_esc(f)}">{_esc(v)}</td>' for v, f in vals),
                  f'<td class="t s-{_esc(c.status)}"{tip}>{_esc(c.status)}</td>']
         nums = ([c.metrics.get(m) for m in metrics] + [fin.get(k) for k in TERMS]
                 + [fin.get(k) for k in extra_terms] + [c.record.get(k) for k in COUNTS])
@@ -230,16 +284,19 @@ def _images(sw: results.Sweep, dims: list[dict], label_metric: str | None) -> li
     for c in sw.cells:
         key = tuple(d["index"][c.name] for d in row_dims)
         rows.setdefault(key, {})[col["index"][c.name]] = c
-    out = ['<div class="scroll"><table class="sheet"><thead><tr><th>'
-           + _esc(" / ".join(" + ".join(d["keys"]) for d in row_dims)) + " \\ "
-           + _esc(" + ".join(col["keys"])) + "</th>"
-           + "".join(f"<th class=\"t\">{_esc(t)}</th>" for t in col["texts"])
+    corner = " / ".join(d["head"] for d in row_dims) + " \\ " + col["head"]
+    corner_full = " / ".join(d["head_full"] for d in row_dims) + " \\ " + col["head_full"]
+    out = [f'<div class="scroll"><table class="sheet"><thead><tr><th title="'
+           f'{_esc(corner_full)}">{_esc(corner)}</th>'
+           + "".join(f'<th class="t" title="{_esc(f)}">{_esc(t)}</th>'
+                     for t, f in zip(col["texts"], col["full"]))
            + "</tr></thead><tbody>"]
     for key in sorted(rows, key=lambda k: [(-1 if i is None else i) for i in k]):
         label = ", ".join(d["texts"][i] for d, i in zip(row_dims, key) if i is not None)
+        full = "\n".join(d["full"][i] for d, i in zip(row_dims, key) if i is not None)
         tds = "".join(f"<td>{_tile(sw, rows[key][j], metric(rows[key][j]))}</td>"
                       if j in rows[key] else "<td></td>" for j in range(len(col["values"])))
-        out.append(f"<tr><th>{_esc(label)}</th>{tds}</tr>")
+        out.append(f'<tr><th title="{_esc(full)}">{_esc(label)}</th>{tds}</tr>')
     out.append("</tbody></table></div>")
     return out
 
@@ -274,17 +331,104 @@ def axis_series(sw: results.Sweep, dims: list[dict], j: int, metric: str) -> lis
         groups.setdefault(key, {}).setdefault(i, []).append(float(c.metrics[metric]))
     series = []
     for key in sorted(groups, key=lambda k: [(-1 if i is None else i) for i in k]):
-        name = ", ".join(f"{'+'.join(dims[k]['keys'])}={dims[k]['texts'][i]}"
+        name = ", ".join(f"{dims[k]['head']}={dims[k]['texts'][i]}"
                          for k, i in zip(others, key) if i is not None) or "all cells"
+        full = "; ".join(dims[k]["full"][i] for k, i in zip(others, key) if i is not None)
         pts = sorted(groups[key].items())
         stats = [mean_std(v) for _, v in pts]
         xs = [float(d["values"][i][0]) if d["numeric"] else float(i) for i, _ in pts]
-        series.append(svg.Series(name, xs, [m for m, _ in stats], [s for _, s in stats]))
+        series.append(svg.Series(name, xs, [m for m, _ in stats], [s for _, s in stats],
+                                 full if full != name else ""))
     if not d["numeric"] and len(series) > 1:  # grouped: side by side around each category
         w = min(0.5, 0.8 / len(series))
         series = [s._replace(xs=[x + (k - (len(series) - 1) / 2) * w for x in s.xs])
                   for k, s in enumerate(series)]
     return series
+
+
+REPLICATE_KEYS = ("seed", "content", "style")  # dims holding one: replicates, averaged over
+
+
+def replicate_table(sw: results.Sweep, level: float = 0.95) -> tuple[list[str], list[dict]]:
+    """Mean over the replicates (the seed axis and the image pairs: dims holding a key of
+    REPLICATE_KEYS) per combination of the other dims, over the finished cells: for each
+    metric its mean, std (n - 1), t confidence band (`level`) and n. ([], []) without a
+    replicate dim of two or more values. Rows: {"group": {dim head: text}, "n": cells,
+    "metrics": {name: (mean, std, lo, hi, n)}}."""
+    from nstjax.sweep.frontier import t_band
+
+    dims = _dims(sw)
+    reps = [j for j, d in enumerate(dims) if any(k in REPLICATE_KEYS for k in d["keys"])]
+    if not any(len(dims[j]["values"]) > 1 for j in reps):
+        return [], []
+    others = [j for j in range(len(dims)) if j not in reps and len(dims[j]["values"]) > 1]
+    names = _metric_names(sw)
+    by: dict[tuple, list[results.Cell]] = {}
+    for c in sw.cells:
+        if c.status in ("done", "converged"):
+            by.setdefault(tuple(dims[j]["index"][c.name] for j in others), []).append(c)
+    rows = []
+    for key in sorted(by, key=lambda k: [(-1 if i is None else i) for i in k]):
+        cells = by[key]
+        stats = {}
+        for m in names:
+            vs = [float(c.metrics[m]) for c in cells if m in c.metrics]
+            if vs:
+                mean, lo, hi = t_band(vs, level)
+                stats[m] = (mean, mean_std(vs)[1], lo, hi, len(vs))
+        rows.append({"group": {dims[j]["head"]: (dims[j]["texts"][i] if i is not None else "")
+                               for j, i in zip(others, key)},
+                     "n": len(cells), "metrics": stats})
+    return [dims[j]["head"] for j in others], rows
+
+
+def replicate_csv(sw: results.Sweep) -> str | None:
+    """summary_mean.csv: `replicate_table` as CSV (columns <dim>, cells, then per metric
+    metric.<m>.mean/.std/.ci_lo/.ci_hi/.n), or None without replicates."""
+    import csv
+    import io
+
+    heads, rows = replicate_table(sw)
+    if not rows:
+        return None
+    names = _metric_names(sw)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*heads, "cells", *(f"metric.{m}.{s}" for m in names
+                                   for s in ("mean", "std", "ci_lo", "ci_hi", "n"))])
+    for r in rows:
+        vals = []
+        for m in names:
+            st = r["metrics"].get(m)
+            vals += ([f"{v:.9g}" for v in st[:4]] + [str(st[4])]) if st else [""] * 5
+        w.writerow([*(r["group"][h] for h in heads), r["n"], *vals])
+    return buf.getvalue()
+
+
+def _replicate_section(sw: results.Sweep) -> list[str]:
+    heads, rows = replicate_table(sw)
+    if not rows:
+        return []
+    names = _metric_names(sw)
+    out = ['<p class="muted">Each row: the mean over image pairs and seeds of the finished '
+           "cells, with the 95% t band (n - 1); the per-pair values are in the cells table and "
+           "the charts against the pair axis; summary_mean.csv holds the numbers.</p>",
+           '<div class="scroll"><table><thead><tr>'
+           + "".join(f'<th class="t">{_esc(h)}</th>' for h in heads) + "<th>cells</th>"
+           + "".join(f"<th>metric.{_esc(m)}</th>" for m in names) + "</tr></thead><tbody>"]
+    for r in rows:
+        tds = "".join(f'<td class="t">{_esc(r["group"][h])}</td>' for h in heads)
+        tds += f"<td>{r['n']}</td>"
+        for m in names:
+            st = r["metrics"].get(m)
+            if not st:
+                tds += "<td></td>"
+                continue
+            band = (f" [{svg.fmt(st[2])}, {svg.fmt(st[3])}]" if math.isfinite(st[2]) else "")
+            tds += f'<td title="n={st[4]}, std {svg.fmt(st[1])}">{svg.fmt(st[0])}{band}</td>'
+        out.append(f"<tr>{tds}</tr>")
+    out.append("</tbody></table></div>")
+    return out
 
 
 def _axis_charts(sw: results.Sweep, dims: list[dict]) -> list[str]:
@@ -302,11 +446,11 @@ def _axis_charts(sw: results.Sweep, dims: list[dict]) -> list[str]:
             xlog = bool(vals) and svg.want_log(vals)
             ticks = ([(v, svg.fmt(v)) for v in vals] if d["numeric"] and len(vals) <= 8
                      else None if d["numeric"] else list(enumerate(d["texts"])))
-            charts.append(svg.chart(series, title=f"metric.{m}", xlabel=" + ".join(d["keys"]),
+            charts.append(svg.chart(series, title=f"metric.{m}", xlabel=d["head"],
                                     ticks=[(float(t), s) for t, s in ticks] if ticks else None,
                                     xlog=xlog, lines=d["numeric"]))
         if charts:
-            out.append(f"<h3>{_esc(' + '.join(d['keys']))}</h3>")
+            out.append(f"<h3 title=\"{_esc(d['head_full'])}\">{_esc(d['head'])}</h3>")
             out.append('<div class="charts">' + "".join(charts) + "</div>")
     if out and seeds:
         out.insert(0, '<p class="muted">Points: the mean over seeds; bars: the std over seeds '
@@ -371,11 +515,13 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
                         for k, v in counts.items())
             + f"; page written {time.strftime('%Y-%m-%d %H:%M:%S')} (reload to update)</p>",
             "<h2>Axes</h2><dl>"]
-    body += [f"<dt>{_esc(' + '.join(x['keys']))}</dt><dd>{_esc(', '.join(x['texts']))}</dd>"
-             for x in dims]
+    body += [f"<dt title=\"{_esc(x['head_full'])}\">{_esc(x['head'])}</dt><dd>"
+             + ", ".join(f'<span title="{_esc(f)}">{_esc(t)}</span>'
+                         for t, f in zip(x["texts"], x["full"])) + "</dd>" for x in dims]
     body.append("</dl>")
-    links = [(n, sw.dir / n) for n in ("summary.csv", "summary_seeds.csv", "contact_sheet.png",
-                                        "sweep.json") if (sw.dir / n).is_file()]
+    links = [(n, sw.dir / n) for n in ("summary.csv", "summary_seeds.csv", "summary_mean.csv",
+                                        "frontier.csv", "contact_sheet.png", "sweep.json")
+             if (sw.dir / n).is_file()]
     if links:
         body.append("<p>" + " · ".join(f'<a href="{_href(sw.dir, p)}">{_esc(n)}</a>'
                                        for n, p in links) + "</p>")
@@ -392,9 +538,20 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
         body.append(f"<details><summary>resolved config of cell {_esc(first.name)} (the base "
                     f"with its axis values)</summary><pre>"
                     f"{_esc(_read_text(first.dir / 'config.yaml') or '')}</pre></details>")
+    body += ["<h2>Metrics</h2>", '<p class="muted">Led by the style metrics that no built-in '
+             "loss kind minimizes; a metric a kind minimizes flatters that kind.</p>",
+             *_metric_notes(sw)]
     body += ["<h2>Cells</h2>", '<p class="muted">Click a column to sort; a cell\'s name opens '
              "its run directory.</p>", *_cells_table(sw, dims)]
     body += ["<h2>Final images</h2>", *_images(sw, dims, label_metric)]
+    from nstjax.sweep import frontier
+
+    front = frontier.html_section(sw.dir)
+    if front:
+        body += ["<h2>Trade-off frontier</h2>", *front]
+    reps = _replicate_section(sw)
+    if reps:
+        body += ["<h2>Over image pairs and seeds</h2>", *reps]
     charts = _axis_charts(sw, dims)
     if charts:
         body += ["<h2>Metrics against each axis</h2>", *charts]

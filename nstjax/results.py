@@ -6,7 +6,7 @@
     sw = results.load_sweep("runs/sweep-ratio")
     for c in sw.cells:
         print(c.values["loss.style_to_content_ratio"], c.status, c.metrics.get("style"))
-    df = sw.to_pandas()             # one row per cell: axis values, losses, metric.* columns
+    df = sw.to_pandas()             # one row per cell: axis.<key>, losses, metric.* columns
 
 Nothing here needs the sweep file, the images or the weights. Axis values keep their YAML types
 (15 stays an int, 15.5 a float, [0.5, 0.5] a list).
@@ -34,8 +34,9 @@ class ResultsError(UserError):
 MAX_CELLS = 10_000  # cells of one sweep (the product of its dims' lengths): more is a mistake
 LOSS_KEYS = ("total", "content", "style", "tv")
 RECORD_KEYS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
-               "batch_solve_seconds")
+               "batch_solve_seconds", "batch_compile_seconds")
 _INT_COLUMNS = ("iter", "scale")
+AXIS = "axis."  # prefix of the axis columns in rows() and summary.csv
 
 
 @dataclass
@@ -89,10 +90,12 @@ class Cell:
         return load_run(self.dir)
 
     def row(self) -> dict[str, Any]:
-        """A flat row: cell, group, dir (the cell's run directory), axis values, labels,
+        """A flat row: cell, group, dir (the cell's run directory), axis values (columns
+        `axis.<key>`, as in summary.csv: an axis never shadows a loss term or metric), labels,
         status, final losses, counts, `metric.<name>` columns."""
         fin = self.record.get("final_loss") or {}
-        return {"cell": self.name, "group": self.group, "dir": str(self.dir), **self.values,
+        return {"cell": self.name, "group": self.group, "dir": str(self.dir),
+                **{AXIS + k: v for k, v in self.values.items()},
                 **self.labels,
                 "status": self.status, "error": self.error,
                 **{k: _float(fin.get(k)) for k in LOSS_KEYS},
@@ -297,6 +300,17 @@ def _typed(text: str) -> Any:
         return text
 
 
+def _number_from_config(v: Any, found: bool, in_cfg: Any) -> Any:
+    """A sweep.json value written as text by an older YAML reader (`9.0e5`) taken as the
+    number the cell's resolved config holds for it."""
+    if (isinstance(v, str) and found and isinstance(in_cfg, (int, float))
+            and not isinstance(in_cfg, bool)):
+        parsed = _typed(v)
+        if isinstance(parsed, (int, float)) and float(parsed) == float(in_cfg):
+            return in_cfg
+    return v
+
+
 def _metrics_from(row: dict[str, str]) -> dict[str, float]:
     out = {}
     for k, v in row.items():
@@ -348,11 +362,19 @@ def load_sweep(dir: str | Path) -> Sweep:
     dims = plan.get("dims") or []
     if dims:
         keys = [k for dim in dims for k in dim.get("keys", ())]
-    else:  # the axis columns of summary.csv: between `group`/`dir` and the first label/status
+    else:  # the axis columns of summary.csv: `axis.<key>` (older files: between
+        # `group`/`dir` and the first label/status column)
         head = list(next(iter(summary.values()), {}))
-        fixed = {"cell", "group", "dir"}
-        keys = list(itertools.takewhile(lambda k: not k.startswith("label") and k != "status",
-                                        (k for k in head if k not in fixed)))
+        if any(k.startswith(AXIS) for k in head):
+            cols = [k for k in head if k.startswith(AXIS)]
+        else:
+            fixed = {"cell", "group", "dir"}
+            cols = list(itertools.takewhile(
+                lambda k: not k.startswith("label") and k != "status",
+                (k for k in head if k not in fixed)))
+        keys = [k.removeprefix(AXIS) for k in cols]
+        summary = {n: {**r, **{k.removeprefix(AXIS): r[k] for k in cols}}
+                   for n, r in summary.items()}
     entries = plan.get("cells") or [{"name": n, "index": i, "group": r.get("group", ""),
                                      "dir": r.get("dir") or None}
                                     for i, (n, r) in enumerate(summary.items())]
@@ -366,12 +388,14 @@ def load_sweep(dir: str | Path) -> Sweep:
         except FileNotFoundError:
             record = {}
         values = e.get("values")
+        cfg = _yaml(cdir / "config.yaml")
         if values is None:  # no sweep.json: the cell's resolved config, else the CSV text
-            cfg = _yaml(cdir / "config.yaml")
             values = {}
             for k in keys:
                 found, v = _get(cfg, k)
                 values[k] = v if found else _typed(srow.get(k, ""))
+        else:
+            values = {k: _number_from_config(v, *_get(cfg, k)) for k, v in values.items()}
         labels = (_cell_labels(dims, int(e.get("index", 0))) if dims else
                   {k: v for k, v in srow.items() if k and k.startswith("label")})
         metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items()

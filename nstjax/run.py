@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from nstjax import image, multiscale, record, solvers, tblog, watch
-from nstjax.config import Config, merge, parse_overrides, read_yaml, validate
+from nstjax.config import Config, apply_overrides, parse_overrides, read_yaml, validate
 from nstjax.errors import UserError, one_line
 from nstjax.problem import Problem, build
 from nstjax.record import (
@@ -205,7 +205,8 @@ def _resumable(d: Path, overrides: list[str]) -> tuple[dict, Config]:
             raise UserError(f"resume: {key} cannot change when resuming, only solver.* and "
                             "output.* settings can; start a new run instead")
     cfg_path = d / "config.yaml"
-    cfg = validate(merge(read_yaml(cfg_path), parse_overrides(list(overrides))), str(cfg_path))
+    cfg = validate(apply_overrides(read_yaml(cfg_path), parse_overrides(list(overrides))),
+                   str(cfg_path))
     if cfg.multiscale.count:
         raise UserError(f"{d}: a multi-scale run cannot be resumed; start a new run instead")
     return rec, cfg
@@ -312,7 +313,8 @@ class _Memory(record.Recorder):
         self.x = np.asarray(x)
         self.history.extend(rows)
         snap = self.now.snapshot(self.cfg.output.save_every, rows)
-        watch.rows(self.watchers, rows, self.visible(x) if snap else None)
+        due = snap or self.now.last(rows)
+        watch.rows(self.watchers, rows, self.visible(x) if due else None, bool(snap))
         return rows
 
     def close(self, res: solvers.Result, t_start: float, flag: StopFlag,
@@ -364,7 +366,7 @@ def _config(cfg_or_path: Config | str | Path, overrides) -> Config:
     if isinstance(cfg_or_path, Config):
         if not overrides:
             return cfg_or_path
-        raw = merge(cfg_or_path.model_dump(), parse_overrides(list(overrides)))
+        raw = apply_overrides(cfg_or_path.model_dump(), parse_overrides(list(overrides)))
         return validate(raw, "overrides")
     return config.load(cfg_or_path, list(overrides))
 

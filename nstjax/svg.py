@@ -18,10 +18,16 @@ class Series(NamedTuple):
     xs: list[float]
     ys: list[float]
     errs: list[float] | None = None
+    title: str = ""  # the full name, shown on hover where the legend shows `name` cut short
 
 
 def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _cut(text: str, n: int) -> str:
+    """`text` in at most n characters (an ellipsis where cut): a legend fits its chart."""
+    return text if len(text) <= n else text[: max(n - 1, 1)] + "\u2026"
 
 
 def fmt(v: float) -> str:
@@ -163,7 +169,8 @@ def chart(series: list[Series], *, title: str = "", xlabel: str = "", ylabel: st
             y = h - 16 * (legend_rows - i) + 4
             out.append(f'<rect x="{left}" y="{y - 9}" width="10" height="10" '
                        f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{left + 16}" '
-                       f'y="{y}">{_esc(s.name)}</text>')
+                       f'y="{y}">{_esc(_cut(s.name, (width - left - 20) // 6))}'
+                       f'<title>{_esc(s.title or s.name)}</title></text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -185,7 +192,7 @@ def _series(s: Series, color: str, sx: _Scale, sy: _Scale, lines: bool) -> list[
             out.append(f'<path d="M{px:.1f},{y0:.1f}V{y1:.1f}M{px - 4:.1f},{y0:.1f}'
                        f'h8M{px - 4:.1f},{y1:.1f}h8" stroke="{color}" fill="none"/>')
         if dots:
-            tip = f"{s.name}: {fmt(y)}" + (f" ± {fmt(e)}" if e else "")
+            tip = f"{s.title or s.name}: {fmt(y)}" + (f" ± {fmt(e)}" if e else "")
             out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{color}">'
                        f'<title>{_esc(tip)}</title></circle>')
     return out

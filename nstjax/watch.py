@@ -26,7 +26,9 @@ class Progress(NamedTuple):
     scales); scale: the scale index of a multi-scale run, else None; losses: total, content,
     style, tv and every further term of the objective (e.g. `style/<layer>`), as floats;
     seconds: solve seconds since the start; image: the current image as uint8 RGB (H, W, 3)
-    on snapshot steps (every `output.save_every` iterations), else None.
+    on snapshot steps (every `output.save_every` iterations) and at the last iteration (the
+    final image, whatever save_every), else None. A run that stops before its last iteration
+    (converged, interrupted) ends with its last row once more, carrying the final image.
     """
 
     iteration: int
@@ -54,6 +56,8 @@ class Callback:
     a snapshot is due. An exception from `fn`, SystemExit included, ends the run as failed and
     is re-raised; KeyboardInterrupt ends it interrupted (`record.guarded`)."""
 
+    last_image = True  # the final image with the last row (see `rows`)
+
     def __init__(self, fn: Callable[[Progress], object]):
         if not callable(fn):
             from nstjax.errors import UserError
@@ -61,13 +65,17 @@ class Callback:
             raise UserError(f"on_progress: takes a function of one Progress, not a "
                             f"{type(fn).__name__}")
         self.fn = fn
+        self.last: Progress | None = None
 
     def rows(self, rows: list[dict], image: np.ndarray | None) -> None:
         for i, r in enumerate(rows):
-            self.fn(progress_of(r, image if i == len(rows) - 1 else None))
+            self.last = progress_of(r, image if i == len(rows) - 1 else None)
+            self.fn(self.last)
 
     def close(self, record: dict, image: np.ndarray | None) -> None:
-        pass
+        """The final image, if the last row came without it (a run that stopped early)."""
+        if self.last is not None and self.last.image is None and image is not None:
+            self.fn(self.last._replace(image=image))
 
 
 def for_run(d: Path, cfg: Config) -> list[Watcher]:
@@ -86,12 +94,14 @@ def picture(x) -> np.ndarray:
     return image.deprocess(np.asarray(x))
 
 
-def rows(watchers: list[Watcher], rows: list[dict], x=None) -> None:
-    """Tell every watcher about new history rows (`x`: the visible image on snapshot steps)."""
+def rows(watchers: list[Watcher], rows: list[dict], x=None, snapshot: bool = True) -> None:
+    """Tell every watcher about new history rows (`x`: the visible image on snapshot steps,
+    and at the last iteration with `snapshot` False: then only watchers whose `last_image` is
+    true get it, the others get the final image at `close`)."""
     if watchers and rows:
         img = None if x is None else picture(x)
         for w in watchers:
-            w.rows(rows, img)
+            w.rows(rows, img if snapshot or getattr(w, "last_image", False) else None)
 
 
 def close(watchers: list[Watcher], record: dict, x=None) -> None:

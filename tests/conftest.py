@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+import nstjax  # noqa: F401 - bound now, from the tree under test, before a test changes cwd
+
 # Implicit rank promotion is an easy source of silent shape bugs. "raise" is too strict for
 # nstjax: vgg16._conv adds the (c,) bias to (N, h, w, c) activations, a legitimate broadcast,
 # so surface promotions as warnings instead.

@@ -187,3 +187,24 @@ def test_metrics_bad_input_is_one_line_exit_2(env, capsys, args, what):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("nstjax: error: ") and err.count("\n") == 1 and what in err
+
+
+def test_run_dry_run_validates_and_estimates_without_running(env, capsys):
+    """`run --dry-run`: the validated problem, a time estimate, and the device memory of the
+    sweep planner's model, written out here for 32x32 and one VGG layer (3 -> 64 channels):
+    solver state 4 B x (2 x history 10 + 16) x 32x32x3, activations 4 B x 1.5 x 4 x 32x32x64,
+    weights 4 B x (9 x 3 x 64 + 64); no run directory; a bad key exits 2 with one line."""
+    import re
+
+    assert cli.main(["run", "ok.yaml", "--dry-run", "--out", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "ok.yaml: valid" in out and "image 32x32" in out and "adam 6 it" in out
+    est = re.search(r"~(\d+) s compiling \+ ~(\d+) s solving", out)
+    assert est and int(est[1]) >= 1
+    state, acts, weights = 4 * 36 * 32 * 32 * 3, 4 * 1.5 * 4 * 32 * 32 * 64, 4 * (9 * 3 * 64 + 64)
+    mib = float(re.search(r"memory: ~([\d.]+) MiB", out)[1])
+    assert mib == pytest.approx((state + acts + weights) / 2**20, rel=5e-3)
+    assert not (env / "r").exists() and not (env / "runs").exists()
+    assert cli.main(["run", "ok.yaml", "--dry-run", "solver.maxiterr=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "solver.maxiter" in err

@@ -12,6 +12,8 @@ from nstjax import config as C
 from nstjax import solvers
 from nstjax.errors import UserError
 
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
 MINIMAL = "content: a.png\nstyle: b.png\n"
 
 
@@ -426,3 +428,26 @@ def test_importing_the_config_schema_does_not_import_jax():
                        cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_null_override_unsets_a_key_back_to_its_default(tmp_path):
+    """`KEY=null` drops what the file set: a paper config's solver.learning_rate no longer
+    blocks solver.name=lbfgs (which refuses a learning rate); an empty content stays a value
+    (texture synthesis; a path key takes raw text); a sweep's `set:` null unsets a key too."""
+    p = tmp_path / "paper.yaml"
+    p.write_text(f"content: {DEMO / 'content.png'}\nstyle: {DEMO / 'style.png'}\n"
+                 "solver: {name: adam, learning_rate: 2.0, maxiter: 7}\nloss: {tv_weight: 3.5}\n")
+    with pytest.raises(UserError):
+        C.load(p, ["solver.name=lbfgs"])
+    cfg = C.load(p, ["solver.name=lbfgs", "solver.learning_rate=null", "loss.tv_weight=null"])
+    default = C.Config.model_fields["solver"].default_factory().learning_rate
+    assert cfg.solver.name == "lbfgs" and cfg.solver.maxiter == 7
+    assert cfg.solver.learning_rate == default == 5.0 and cfg.loss.tv_weight == 0.0
+    assert C.load(p, ["content="]).content is None  # a path key: empty text is its null
+    from nstjax import sweep
+
+    sp = tmp_path / "s.yaml"
+    sp.write_text(f"base: {p}\nset: {{solver.learning_rate: null, solver.name: lbfgs}}\n"
+                  "axes: {seed: [0, 1]}\n")
+    cells = sweep.expand(sweep.load(sp))
+    assert [c.cfg.solver.learning_rate for c in cells] == [5.0, 5.0]

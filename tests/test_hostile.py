@@ -116,7 +116,7 @@ FLOAT_KEYS = ["style_blend", "style_scale", "loss.content_weights", "loss.style_
 INT_KEYS = ["seed", "image.size", "image.max_pixels", "solver.maxiter", "solver.history_size",
             "solver.maxls", "solver.rounds", "solver.maxfun", "solver.maxevals",
             "output.save_every", "output.progress_every", "multiscale.sizes", "multiscale.steps",
-            "multiscale.maxiter", "eval.projections", "eval.seed"]
+            "multiscale.maxiter", "eval.projections", "eval.seed", "loss.reference_pixels"]
 
 
 def test_the_lists_are_every_float_and_int_field():

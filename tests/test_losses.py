@@ -530,3 +530,51 @@ def test_demo_plugin_centered_gram(vgg_params, images, np_feats):
         close(terms[f"style/{n}"], ref, 1e-4)
     content = k_content_loss(np_feats[0]["block4_conv2"], np_feats[1]["block4_conv2"])
     close(terms["total"], float(terms["style"]) + content / 2.0 + 1e-5 * np_tv(images[0]), 1e-4)
+
+
+@pytest.mark.parametrize("norm", ["seed", "gatys"])
+def test_size_exponents_on_tiled_features(norm):
+    """Features tiled 2x2 have the same per-position statistics at 4x the pixels: the style
+    term scales by 4^s, the content term by 4^c (s, c from size_exponents), exactly; and
+    size_balanced's ratio and tv keep style : content / ratio : tv x TV at the reference."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(1, 6, 5, 8)).astype(np.float32)
+    p = rng.normal(size=(1, 6, 5, 8)).astype(np.float32)
+    a = np.asarray(losses.gram(jnp.asarray(rng.normal(size=(1, 6, 5, 8)), jnp.float32), norm))
+    big_f, big_p = np.tile(f, (1, 2, 2, 1)), np.tile(p, (1, 2, 2, 1))
+    big_a = a * (4.0 if norm == "gatys" else 1.0)  # a summed Gram grows with the positions
+    s, c, t = losses.size_exponents(norm)
+    one = jnp.float32(1.0)
+    st = float(losses.style_loss([jnp.asarray(f)], [jnp.asarray(a)], [one], norm))
+    st4 = float(losses.style_loss([jnp.asarray(big_f)], [jnp.asarray(big_a)], [one], norm))
+    ct = float(losses.content_loss(jnp.asarray(f), jnp.asarray(p), norm))
+    ct4 = float(losses.content_loss(jnp.asarray(big_f), jnp.asarray(big_p), norm))
+    assert st4 / st == pytest.approx(4.0**s, rel=1e-5)
+    assert ct4 / ct == pytest.approx(4.0**c, rel=1e-5)
+    assert t == 0
+    ratio, tv = losses.size_balanced(1000.0, 0.5, 4 * 30, 30, norm)
+    # at 4x the pixels: style / (content / ratio) as at the reference
+    assert st4 / (ct4 / ratio) == pytest.approx(st / (ct / 1000.0), rel=1e-5)
+    assert tv == pytest.approx(0.5 * 4.0 ** (s - t))
+    assert losses.size_exponents("seed", "content") == (0, 0, 0)
+
+
+def test_reference_pixels_rescales_the_problems_weights(tmp_path):
+    """A config with loss.reference_pixels: the problem's ratio and tv weight at 32x32 are the
+    given ones times (1024 / ref) and (ref / 1024) (seed normalization), recorded in info."""
+    from conftest import TINY
+
+    from nstjax import config, problem
+
+    cfg = config.validate({**TINY, "loss": {**TINY["loss"], "style_to_content_ratio": 100.0,
+                                            "tv_weight": 2.0, "reference_pixels": 4096}})
+    pr = problem.build(cfg)
+    k = 1024 / 4096
+    assert float(pr.weights["ratio"]) == pytest.approx(100.0 * k, rel=1e-6)
+    assert float(pr.weights["tv"]) == pytest.approx(2.0 / k, rel=1e-6)
+    assert pr.info["balance"] == {"pixels": 1024, "reference_pixels": 4096,
+                                  "style_to_content_ratio": pytest.approx(25.0),
+                                  "tv_weight": pytest.approx(8.0)}
+    plain = problem.build(config.validate({**TINY, "loss": {**TINY["loss"],
+                                                            "style_to_content_ratio": 100.0}}))
+    assert float(plain.weights["ratio"]) == 100.0 and "balance" not in plain.info

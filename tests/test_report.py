@@ -134,3 +134,105 @@ def test_sweep_page_in_headless_chromium(ratio_sweep, tmp_path):
     shot = tmp_path / "page.png"
     r = _chromium(page, tmp_path, "--window-size=1200,1600", f"--screenshot={shot}")
     assert r.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_zip_of_many_keys_gets_short_labels_and_full_values_on_hover(tmp_path):
+    """A zip over six keys without labels: the table's header names the keys in short (full
+    dotted keys in a title attribute), each value cell holds at most report.SHORT characters
+    with every key=value in its title; chart legends are cut to fit, full names in <title>."""
+    import json as _json
+
+    keys = ["loss.style_to_content_ratio", "loss.tv_weight", "solver.learning_rate",
+            "loss.style_weights", "model.pooling", "solver.maxiter"]
+    values = [[1000.0, 0.25, 5.0, [0.2, 0.2, 0.2, 0.2, 0.2], "avg", 300],
+              [90000.0, 0.125, 2.5, [0.1, 0.3, 0.3, 0.2, 0.1], "max", 600]]
+    d = tmp_path / "sw"
+    d.mkdir()
+    cells = [{"name": f"c{i}-{s}", "index": 2 * i + s, "group": "g",
+              "values": {**dict(zip(keys, v)), "loss.kind": ("gram", "mrf")[s]}}
+             for i, v in enumerate(values) for s in (0, 1)]
+    (d / "sweep.json").write_text(_json.dumps({
+        "name": "z", "dims": [{"keys": keys, "values": values},
+                              {"keys": ["loss.kind"], "values": [["gram"], ["mrf"]]}],
+        "cells": cells}))
+    for i, c in enumerate(cells):
+        (d / "cells" / c["name"]).mkdir(parents=True)
+        (d / "cells" / c["name"] / "run.json").write_text(_json.dumps(
+            {"status": "done", "metrics": {"style": 1.0 + i, "content": 2.0 + i}}))
+    text = report.sweep_page(d)
+    head = "ratio+tv+lr+style_w+pool+iters"
+    assert f'title="{" + ".join(keys)}">{head}</th>' in text
+    row = re.search(r'<tr id="cell-c1-0">(.*?)</tr>', text).group(1)
+    tds = re.findall(r'<td class="t" title="([^"]*)">([^<]*)</td>', row)
+    full, shown = tds[0]
+    assert len(shown) <= report.SHORT and shown.startswith("90000_0.125_2.5")
+    assert full.startswith("loss.style_to_content_ratio=9e+04") or "=90000" in full
+    assert "model.pooling=max" in full and "solver.maxiter=600" in full
+    # legends: cut to the chart's width, the full name on hover
+    legends = re.findall(r"<text x=\"\d+\" y=\"\d+\">([^<]*)<title>([^<]*)</title></text>", text)
+    assert legends and all(len(t) <= (480 - 64 - 20) // 6 for t, _ in legends)
+    assert any(t.endswith("\u2026") and "solver.maxiter=" in full for t, full in legends)
+
+
+def test_mean_over_pairs_and_seeds_against_numpy(tmp_path):
+    """Two kinds x two image pairs x two seeds: per kind, each metric's mean over the four
+    replicates with std (n - 1) and the 95% t band (t = 3.1824 for 3 degrees of freedom), as
+    summary_mean.csv and the page's table show them."""
+    import csv
+    import io
+    import json as _json
+
+    rng = np.random.default_rng(4)
+    pairs = [["/i/a.png", "/i/x.png"], ["/i/b.png", "/i/y.png"]]
+    d = tmp_path / "sw"
+    cells, want = [], {}
+    for kind in ("gram", "mrf"):
+        vs = rng.uniform(0, 1, 4)
+        want[kind] = vs
+        for i, (pair, seed) in enumerate([(p, s) for p in pairs for s in (0, 1)]):
+            name = f"{kind}-{i}"
+            cells.append({"name": name, "index": len(cells), "group": "g", "values": {
+                "loss.kind": kind, "content": pair[0], "style": pair[1], "seed": seed}})
+            (d / "cells" / name).mkdir(parents=True)
+            (d / "cells" / name / "run.json").write_text(_json.dumps(
+                {"status": "done", "metrics": {"swd": float(vs[i])}}))
+    (d / "sweep.json").write_text(_json.dumps({"name": "p", "cells": cells, "dims": [
+        {"keys": ["loss.kind"], "values": [["gram"], ["mrf"]]},
+        {"keys": ["content", "style"], "values": pairs, "labels": ["a~x", "b~y"]},
+        {"keys": ["seed"], "values": [[0], [1]]}]}))
+    sw = results.load_sweep(d)
+    rows = list(csv.DictReader(io.StringIO(report.replicate_csv(sw))))
+    assert [r["loss.kind"] for r in rows] == ["gram", "mrf"]
+    for r in rows:
+        v = want[r["loss.kind"]]
+        half = 3.182446305284263 * v.std(ddof=1) / 2
+        assert float(r["metric.swd.mean"]) == pytest.approx(v.mean(), rel=1e-8)
+        assert float(r["metric.swd.std"]) == pytest.approx(v.std(ddof=1), rel=1e-8)
+        assert float(r["metric.swd.ci_lo"]) == pytest.approx(v.mean() - half, rel=1e-8)
+        assert float(r["metric.swd.ci_hi"]) == pytest.approx(v.mean() + half, rel=1e-8)
+        assert r["metric.swd.n"] == "4" and r["cells"] == "4"
+    page = report.sweep_page(d)
+    assert "Over image pairs and seeds" in page and "<th class=\"t\">pair</th>" not in page
+
+
+def test_page_leads_with_metrics_no_kind_minimizes(tmp_path):
+    """The cells table's metric columns start with color, weave and swd (no built-in kind
+    minimizes them) and end with the Gram distances; each metric says what it favours."""
+    import json as _json
+
+    d = tmp_path / "sw"
+    (d / "cells" / "c").mkdir(parents=True)
+    (d / "cells" / "c" / "run.json").write_text(_json.dumps({"status": "done", "metrics": {
+        "style": 1.0, "content": 2.0, "structure": 0.7, "swd": 3.0, "color": 0.1, "weave": 0.2,
+        "style.block1_conv1": 0.5}}))
+    (d / "sweep.json").write_text(_json.dumps({"name": "m", "dims": [{"keys": ["seed"],
+                                                                      "values": [[0]]}],
+                                               "cells": [{"name": "c", "index": 0,
+                                                          "values": {"seed": 0}}]}))
+    page = report.sweep_page(d)
+    head = re.findall(r"<th[^>]*>metric\.([\w.]+)</th>", page)
+    assert head == ["color", "weave", "swd", "structure", "style", "style.block1_conv1",
+                    "content"]
+    notes = dict(re.findall(r"<dt>metric\.(\w+)</dt><dd>([^<]*)</dd>", page))
+    assert "favours gram" in notes["style"] and "no kind minimizes" in notes["color"]
+    assert "sliced_wasserstein" in notes["swd"] and "under-stylized" in notes["structure"]

@@ -191,15 +191,15 @@ def read_csv(path: Path) -> list[dict]:
 def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
     out = made["sweep"]
     rows = read_csv(out / "summary.csv")
-    assert [(r["loss.kind"], r["seed"]) for r in rows] == [
+    assert [(r["axis.loss.kind"], r["axis.seed"]) for r in rows] == [
         (k, str(s)) for k in ("gram", "adain") for s in (0, 1, 2)]
     assert all(r["status"] == "done" for r in rows)
     assert len({r["group"] for r in rows}) == 2  # one structure group (compilation) per kind
-    assert {r["group"] for r in rows if r["loss.kind"] == "gram"} != {
-        r["group"] for r in rows if r["loss.kind"] == "adain"}
+    assert {r["group"] for r in rows if r["axis.loss.kind"] == "gram"} != {
+        r["group"] for r in rows if r["axis.loss.kind"] == "adain"}
     for r in rows:
         rec = json.loads((out / r["dir"] / "run.json").read_text())
-        assert rec["loss"]["kind"] == r["loss.kind"]
+        assert rec["loss"]["kind"] == r["axis.loss.kind"]
         for k, v in rec["metrics"].items():
             assert float(r[f"metric.{k}"]) == pytest.approx(v, rel=1e-8)
         for n in POST:
@@ -207,9 +207,10 @@ def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
                                                            rel=1e-8)
         assert {f"metric.{n}" for n in ("style", "content")} <= set(r)
     seeds = read_csv(out / "summary_seeds.csv")
-    assert [s["loss.kind"] for s in seeds] == ["gram", "adain"]
+    assert [s["axis.loss.kind"] for s in seeds] == ["gram", "adain"]
     for s in seeds:
-        vals = {k: np.array([float(r[k]) for r in rows if r["loss.kind"] == s["loss.kind"]])
+        kind = s["axis.loss.kind"]
+        vals = {k: np.array([float(r[k]) for r in rows if r["axis.loss.kind"] == kind])
                 for k in ("metric.style", "metric.content", "total", "style/block3_conv2")}
         assert s["seeds"] == "3"
         for k, v in vals.items():
@@ -221,9 +222,13 @@ def test_sweep_summary_has_terms_metrics_and_seed_statistics(made):
 
 
 def test_results_snippet_reads_typed_rows(made):
+    # axis columns are `axis.<key>` (an axis never shadows a loss term); README.md's snippet
+    # predates that and is read here with its row keys namespaced
     code = swap(block("Results", "python"), {
         '"runs/adain"': repr(str(made["run"])),
         '"runs/sweeps/loss_kind"': repr(str(made["sweep"]))})
+    code = code.replace('row["loss.kind"]', 'row["axis.loss.kind"]').replace(
+        'row["seed"]', 'row["axis.seed"]')
     lines = run_snippet(code).splitlines()
     rec = json.loads((made["run"] / "run.json").read_text())
     assert lines[0].split() == ["done", "adain", repr(rec["metrics"]["style"])]
@@ -269,3 +274,28 @@ def test_kinds_sweep_has_every_built_in_kind_on_two_pairs_with_seeds():
                    for seed in (0, 1)}
     assert {c.cfg.loss.style_norm for c in cells} == {"content"}
     assert len({c.cfg.loss.style_to_content_ratio for c in cells}) == 1
+
+
+SHIPWRECK = ROOT.parent / "shared" / "images" / "shipwreck.jpg"
+
+
+@pytest.mark.skipif(not SHIPWRECK.is_file(), reason="The Shipwreck is not beside the repo "
+                    "(../shared/images), where the sweep file expects users to have it")
+def test_kinds_frontier_sweep_spans_kinds_pairs_ratios_and_seeds():
+    """Every built-in kind x 3 pairs (the demo pairs and The Shipwreck) x 5 ratios x 2 seeds,
+    one structure group per kind (ratios, styles and seeds are numbers of one program), the
+    balance meant at 128x96 pixels."""
+    from nstjax import losses, sweep
+
+    sw = sweep.load(ROOT / "configs/sweeps/kinds_frontier.yaml")
+    cells = sweep.expand(sw)
+    assert all(c.cfg is not None for c in cells), [c.error for c in cells if c.cfg is None]
+    kinds = {k for k in losses.kinds() if losses.kind(k).builtin}
+    got = {(c.cfg.loss.kind, Path(c.cfg.styles[0]).name, c.cfg.loss.style_to_content_ratio,
+            c.cfg.seed) for c in cells}
+    ratios = (4.0e5, 1.6e6, 6.4e6, 2.56e7, 1.024e8)
+    assert got == {(k, s, r, seed) for k in kinds
+                   for s in ("starry_night.jpg", "the_scream.jpg", "shipwreck.jpg")
+                   for r in ratios for seed in (0, 1)}
+    assert {c.cfg.loss.reference_pixels for c in cells} == {128 * 96}
+    assert len(sweep.make_groups(sw, cells)) == 4  # one per kind (one content, one shape)

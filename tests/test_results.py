@@ -184,7 +184,7 @@ def test_to_pandas_is_optional(tmp_path, monkeypatch):
     fake.DataFrame = lambda rows: ("frame", rows)
     monkeypatch.setitem(sys.modules, "pandas", fake)
     kind, rows = sw.to_pandas()
-    assert kind == "frame" and rows[0]["cell"] == "c" and rows[0]["k"] == 1
+    assert kind == "frame" and rows[0]["cell"] == "c" and rows[0]["axis.k"] == 1
     assert rows[0]["dir"] == str(d / "cells" / "c")  # as summary.csv's dir, from here
 
 
@@ -310,3 +310,48 @@ def test_load_sweep_refuses_string_dims(tmp_path):
     (d / "sweep.json").write_text(json.dumps({"name": "s", "dims": "ab", "cells": []}))
     with pytest.raises(results.ResultsError, match="sweep.json: field 'dims'"):
         results.load_sweep(d)
+
+
+def test_an_axis_named_like_a_loss_term_keeps_both_columns(tmp_path):
+    """A `style` axis (style images) and the style loss term: rows() and summary.csv name the
+    axis `axis.style`, so neither hides the other (before, rows()['style'] was the loss)."""
+    d = tmp_path / "sw"
+    _write(d, "sweep.json", json.dumps({
+        "name": "x", "dims": [{"keys": ["style"], "values": [["/imgs/a.png"]]}],
+        "cells": [{"name": "c", "index": 0, "values": {"style": "/imgs/a.png"}}]}))
+    _write(d / "cells" / "c", "run.json", json.dumps({
+        "status": "done", "final_loss": {"total": 3.0, "content": 1.0, "style": 2.0, "tv": 0.0},
+        "metrics": {"style": 7.0}}))
+    row = results.load_sweep(d).rows()[0]
+    assert row["axis.style"] == "/imgs/a.png" and row["style"] == 2.0
+    assert row["metric.style"] == 7.0
+
+
+def test_axis_values_keep_yaml_12_floats(tmp_path):
+    """`1e-5` and `9.0e5` are floats in a sweep file (PyYAML alone reads them as strings), as
+    the cells' configs hold; an older sweep.json holding "9.0e5" reads back as the config's
+    number, a summary.csv field `1e-05` as a float."""
+    from sweep_helpers import write_sweep
+
+    from nstjax import sweep
+
+    p = write_sweep(tmp_path / "s.yaml", axes={"loss.tv_weight": [0.0]})
+    p.write_text(p.read_text().replace("loss.tv_weight:\n  - 0.0",
+                                       "loss.tv_weight: [1e-5, 9.0e5, 2]"))
+    sw = sweep.load(p)
+    vals = [v[0] for v in sw.dims[0].values]
+    assert vals == [1e-5, 9.0e5, 2] and [type(v) for v in vals] == [float, float, int]
+    cells = sweep.expand(sw)
+    assert [c.cfg.loss.tv_weight for c in cells] == [1e-5, 9.0e5, 2.0]
+
+    d = tmp_path / "old"
+    _write(d, "sweep.json", json.dumps({
+        "name": "x", "dims": [{"keys": ["loss.tv_weight"], "values": [["9.0e5"]]}],
+        "cells": [{"name": "c", "index": 0, "values": {"loss.tv_weight": "9.0e5"}}]}))
+    _write(d / "cells" / "c", "config.yaml", yaml.safe_dump({"loss": {"tv_weight": 9.0e5}}))
+    v = results.load_sweep(d).cells[0].values["loss.tv_weight"]
+    assert v == 9.0e5 and type(v) is float
+    e = tmp_path / "csv"
+    _write(e, "summary.csv", "cell,group,dir,axis.loss.tv_weight,status\nc,g0,cells/c,1e-05,done\n")
+    sw2 = results.load_sweep(e)
+    assert sw2.keys == ["loss.tv_weight"] and sw2.cells[0].values == {"loss.tv_weight": 1e-5}

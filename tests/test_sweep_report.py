@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from sweep_helpers import copy_of, summary, tree
 from sweep_helpers import ratio_sweep as _ratio_sweep
@@ -25,11 +26,17 @@ def test_summary_contact_sheet_and_plots(ratio_sweep):
     rows = summary(out)
     assert list(rows) == ["ratio-1", "ratio-5", "ratio-15"]
     r = rows["ratio-5"]
-    assert r["loss.style_to_content_ratio"] == "5" and r["status"] == "done"
+    assert r["axis.loss.style_to_content_ratio"] == "5" and r["status"] == "done"
     assert r["group"] == "g0" and int(r["iterations"]) == 6 and int(r["evaluations"]) >= 6
     assert float(r["total"]) > 0 and float(r["solve_seconds"]) > 0
-    compile_s = [float(rows[c]["compile_seconds"]) for c in rows]
-    assert compile_s[0] > 0 and compile_s[1:] == [0, 0]  # one compilation, reused
+    # one compilation, reused by later batches; each batch's compile seconds shared out
+    # equally among its cells (a cell's own share, not all on the first cell)
+    batch_c = [float(rows[c]["batch_compile_seconds"]) for c in rows]
+    assert len({b for b in batch_c if b > 0}) == 1
+    for r in rows.values():
+        n = json.loads((out / r["dir"] / "run.json").read_text())["batch_cells"]
+        assert float(r["compile_seconds"]) == pytest.approx(float(r["batch_compile_seconds"]) / n,
+                                                            rel=1e-3, abs=2e-4)
     assert Image.open(out / "contact_sheet.png").size[0] > 3 * 100
     assert Image.open(out / "plots" / "g0.png").size[0] > 300
     plan = json.loads((out / "sweep.json").read_text())
@@ -37,12 +44,18 @@ def test_summary_contact_sheet_and_plots(ratio_sweep):
 
 
 def test_cell_seconds_add_up_to_the_batch(ratio_sweep):
-    """Three cells in one batch (lanes 3): each cell's solve_seconds is a third of the batch's
-    (batch_solve_seconds, the same on every cell), so the column sums to the batch's time."""
+    """Three cells in one batch (lanes 3): each cell's solve_seconds is its own share of the
+    batch's (batch_solve_seconds, the same on every cell), in proportion to its evaluations,
+    so the column sums to the batch's time."""
     _, _, outs = ratio_sweep
     rows = summary(outs[3].out)
     batch = {float(r["batch_solve_seconds"]) for r in rows.values()}
-    assert len(batch) == 1 and batch.pop() > 0
+    assert len(batch) == 1
+    b = batch.pop()
+    assert b > 0
+    evals = np.array([float(r["evaluations"]) for r in rows.values()])
+    own = np.array([float(r["solve_seconds"]) for r in rows.values()])
+    assert own == pytest.approx(b * evals / evals.sum(), rel=1e-3, abs=2e-4)
     total = sum(float(r["solve_seconds"]) for r in rows.values())
     # the records round seconds to 0.1 ms (three cells and the batch: up to 2e-4 in all); on a
     # fast machine the batch takes ~0.1 s, so the rounding alone can exceed rel=1e-3 of it
@@ -93,3 +106,47 @@ def test_metric_columns_axis_plot_and_metric_labels(ratio_sweep, tmp_path):
     assert labelled.width == plain.width and labelled.height == plain.height + 16
     assert report.metric_text("style", "12345.6") == "style=1.23e+04"
     assert report.metric_text("style", "") == "style=?"
+
+
+def test_cell_seconds_are_each_cells_own():
+    """A cell that stopped after 10 of the batch's 40 evaluations is charged a quarter of the
+    solve time, not an equal share; compile time in equal shares; both sum to the batch."""
+    from nstjax.sweep.execute import cell_seconds
+
+    solve, comp = cell_seconds(np.array([10, 30]), 8.0, 3.0)
+    assert solve == pytest.approx([2.0, 6.0]) and comp == pytest.approx([1.5, 1.5])
+    solve, _ = cell_seconds([0, 0, 0], 3.0, 0.0)  # no evaluations recorded: equal shares
+    assert solve == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_a_sweep_over_image_pairs_and_seeds(tmp_path):
+    """Two generated pairs (zip) x two seeds run as one batched group: four cell directories,
+    each with its own pair in config.yaml; summary_mean.csv holds the mean over the four of
+    every metric (as numpy over summary.csv) and the page its table."""
+    import csv
+
+    from PIL import Image
+    from sweep_helpers import prepared, write_sweep
+
+    rng = np.random.default_rng(0)
+    for name in ("c1.png", "c2.png", "s1.png", "s2.png"):
+        a = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+        Image.fromarray(a).resize((32, 32), Image.BILINEAR).save(tmp_path / name)
+    p = write_sweep(tmp_path / "pairs.yaml", set={"solver.maxiter": 2},
+                    pairs={"content": ["c1.png", "c2.png"], "style": ["s1.png", "s2.png"],
+                           "mode": "zip"}, axes={"seed": [0, 1]})
+    sw, cells, groups = prepared(p)
+    o = sweep.run_sweep(sw, cells, groups, tmp_path / "out", quiet=True)
+    assert o.exit_code == 0 and len(groups) == 1
+    rows = summary(tmp_path / "out")
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"done"}
+    for r in rows.values():
+        cfg = (tmp_path / "out" / r["dir"] / "config.yaml").read_text()
+        assert r["axis.content"] in cfg and r["axis.style"] in cfg
+    with open(tmp_path / "out" / "summary_mean.csv", newline="") as f:
+        (mean,) = list(csv.DictReader(f))
+    for m in ("metric.structure", "metric.swd"):
+        v = np.array([float(r[m]) for r in rows.values()])
+        assert float(mean[f"{m}.mean"]) == pytest.approx(v.mean(), rel=1e-7)
+        assert mean[f"{m}.n"] == "4"
+    assert "Over image pairs and seeds" in (tmp_path / "out" / "report.html").read_text()

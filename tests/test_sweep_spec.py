@@ -172,3 +172,56 @@ def test_a_solver_axis_drops_the_base_keys_its_solver_ignores(tmp_path):
     assert [c.cfg is not None for c in cells] == [True, True, False, False]
     assert all("solver.learning_rate" in c.error and "scipy_lbfgsb" in c.error
                for c in cells[2:])
+
+
+def _images(d, names, seed=0):
+    """Small generated RGB images (random smooth patterns), one per name."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        a = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+        Image.fromarray(a).resize((40, 32), Image.BILINEAR).save(d / n)
+    return [d / n for n in names]
+
+
+def test_pairs_cross_and_zip_from_lists_and_globs(tmp_path):
+    """`pairs:` makes one dim of (content, style): globs (sorted) and paths relative to the
+    sweep file, crossed (every content with every style) or zipped (i-th with i-th), labelled
+    content~style; each cell's config holds its pair."""
+    c1, c2, c3 = _images(tmp_path / "photos", ["a.png", "b.png", "c.jpg"])
+    s1, s2 = _images(tmp_path / "art", ["x.png", "y.png"], seed=1)
+    p = write_sweep(tmp_path / "s.yaml", pairs={"content": ["photos/*.png", "photos/c.jpg"],
+                                                "style": "art/*.png"},
+                    axes={"seed": [0, 1]})
+    sw = sweep.load(p)
+    assert sw.dims[0].keys == ("content", "style")
+    assert sw.dims[0].labels == ("a~x", "a~y", "b~x", "b~y", "c~x", "c~y")
+    cells = sweep.expand(sw)
+    assert len(cells) == 12 and cells[0].name == "pair-a-x__seed-0"
+    got = {(c.cfg.content, c.cfg.style, c.cfg.seed) for c in cells}
+    assert got == {(str(c), str(s), k) for c in (c1, c2, c3) for s in (s1, s2) for k in (0, 1)}
+    p = write_sweep(tmp_path / "z.yaml", pairs={"content": ["photos/a.png", "photos/b.png"],
+                                                "style": ["art/y.png", "art/x.png"],
+                                                "mode": "zip"})
+    sw = sweep.load(p)
+    assert sw.dims[0].values == ((str(c1), str(s2)), (str(c2), str(s1)))
+
+
+@pytest.mark.parametrize(("pairs", "what"), [
+    ({"content": "photos/*.gif", "style": "art/x.png"}, "pairs.content: photos/*.gif matches no"),
+    ({"content": "photos/a.png", "style": "art/none.png"}, "pairs.style: art/none.png: no such"),
+    ({"content": ["photos/a.png", "photos/b.png"], "style": "art/x.png", "mode": "zip"},
+     "content has 2 image(s) and style 1"),
+    ({"content": "photos/a.png", "style": "art/x.png", "mode": "both"}, "pairs.mode: must be"),
+    ({"content": "photos/a.png"}, "pairs: must map content and style"),
+])
+def test_bad_pairs_are_one_line_naming_the_key(tmp_path, capsys, pairs, what):
+    _images(tmp_path / "photos", ["a.png", "b.png"])
+    _images(tmp_path / "art", ["x.png"])
+    p = write_sweep(tmp_path / "s.yaml", pairs=pairs)
+    assert cli.main(["sweep", str(p), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and what in err and "s.yaml" in err

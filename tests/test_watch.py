@@ -28,8 +28,10 @@ def test_in_memory_rows_equal_the_history(env):
     np.testing.assert_array_equal([p.seconds for p in got], r.history["seconds"])
     assert {p.scale for p in got} == {None}
     shots = [p for p in got if p.image is not None]
-    assert [p.iteration for p in shots] == [2, 4]  # final.png is the last one, not a snapshot
+    # snapshots at 2 and 4, and the final image at the last iteration (save_every divides it)
+    assert [p.iteration for p in shots] == [2, 4, 6]
     assert all(p.image.dtype == np.uint8 and p.image.shape == (32, 32, 3) for p in shots)
+    np.testing.assert_array_equal(shots[-1].image, np.asarray(r.image.convert("RGB")))
 
 
 def test_with_out_images_equal_the_snapshots(env):
@@ -39,9 +41,11 @@ def test_with_out_images_equal_the_snapshots(env):
     assert [p.iteration for p in got] == [int(x["iter"]) for x in rows]
     np.testing.assert_allclose([p.losses["total"] for p in got], [x["total"] for x in rows],
                                rtol=1e-7)
+    assert got[-1].image is not None and got[-1].iteration == 6
     for p in got:
         if p.image is not None:
-            want = np.asarray(Image.open(r.dir / f"iter_{p.iteration:06d}.png").convert("RGB"))
+            name = "final" if p.iteration == 6 else f"iter_{p.iteration:06d}"
+            want = np.asarray(Image.open(r.dir / f"{name}.png").convert("RGB"))
             np.testing.assert_array_equal(p.image, want)
 
 
@@ -86,6 +90,7 @@ def test_readme_wandb_example(env, monkeypatch):
     exec(_snippet("Progress callbacks (notebooks, W&B)"), {})  # noqa: S102 - the docs' code
     steps = [s for _, s in logged[:-2]]
     assert steps == list(range(31))
-    assert [s for d, s in logged if "image" in d] == [10, 20]
+    # snapshots at 10 and 20, the final image with the last row (30)
+    assert [s for d, s in logged if "image" in d] == [10, 20, 30]
     assert logged[5][0]["loss/total"] > logged[25][0]["loss/total"]
     assert logged[-2][0]["final"] == ("image", (32, 32, 3)) and logged[-1][1] == -1

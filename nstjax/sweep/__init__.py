@@ -48,6 +48,10 @@ sweep file format (YAML):
   description: style/content ratio  # optional
   base: ../quickstart.yaml          # a config path (relative to this file) or an inline config
   set: {solver.maxiter: 50}         # fixed overrides for every cell (optional)
+  pairs:                            # image pairs (optional), the first dim: content~style
+    content: [photos/*.jpg]         # paths or globs, relative to this file
+    style: [a.jpg, b.jpg]
+    mode: cross                     # every content with every style; zip: i-th with i-th
   axes:                             # the cells are the product of the axes, in this order
     loss.style_to_content_ratio: [1, 5, 15]
     seed: [0, 1]

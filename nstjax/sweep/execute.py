@@ -43,6 +43,18 @@ class BatchCost(NamedTuple):
     evals: int = 0  # the most any cell of the batch made
 
 
+def cell_seconds(evals, solve_s: float, compile_s: float) -> tuple[list[float], list[float]]:
+    """Each cell's own seconds of a batch it shared: the solve time in proportion to the
+    cell's loss evaluations (a cell that stopped early was charged for fewer), the compile
+    time in equal shares; each list sums to the batch's time (recorded beside them as
+    batch_solve_seconds and batch_compile_seconds)."""
+    ev = [max(int(e), 0) for e in evals]
+    total = sum(ev)
+    n = max(len(ev), 1)
+    solve = [solve_s * e / total for e in ev] if total else [solve_s / n] * len(ev)
+    return solve, [compile_s / n] * len(ev)
+
+
 @dataclass
 class Outcome:
     """What one `run_sweep` did in this process."""
@@ -275,15 +287,18 @@ class Runner:
         fin = jax.device_get(st._replace(opt=None, terms=None))  # per-cell scalars and x
         self.outcome.solve_seconds += solve_s
         self.last = self.last._replace(solve_s=solve_s, evals=int(np.max(fin.evals)))
+        solve_share, compile_share = cell_seconds(np.asarray(fin.evals)[: len(live)], solve_s,
+                                                  compile_s)
         try:
             for i, (c, rec, d) in enumerate(zip(live, recs, dirs)):
                 one = jax.tree.map(lambda v, i=i: v[i], fin)
-                # The batch's seconds shared out, so that the cells' seconds add up to it.
                 rec.record["batch_solve_seconds"] = round(solve_s, 4)
+                rec.record["batch_compile_seconds"] = round(compile_s, 4)
+                rec.record["batch_cells"] = len(live)
                 res = solvers.Result(x=np.asarray(one.x), evals=int(one.evals),
                                      iterations=int(one.it),
-                                     compile_seconds=compile_s if i == 0 else 0.0,
-                                     solve_seconds=solve_s / len(live))
+                                     compile_seconds=compile_share[i],
+                                     solve_seconds=solve_share[i])
                 res.status, res.error = solvers.status_of(one)
                 crash = rec.close(res, t_start, self.flag)
                 if crash is not None:

@@ -413,3 +413,45 @@ def multiscale(cfg: Config) -> bool:
     ms = getattr(cfg, "multiscale", None)
     return bool(ms is not None and ms.count)
 
+
+
+def weight_bytes(g: Group) -> int:
+    """Bytes of the VGG kernels and biases the objective uses (float32)."""
+    return sum(4 * (9 * ci * co + co) for _, _, ci, co in _conv_layers(g.spec, g.hw))
+
+
+def run_dry_run(cfg, source: str, devices: list) -> str:
+    """`nstjax run --dry-run`: the validated config's problem (size, layers, solver) with the
+    time (the sweep dry run's cost model: measured costs where cached, else the FLOP model)
+    and device memory to expect; nothing runs but a fraction-of-a-second convolution timing."""
+    from nstjax import costs
+
+    cell = Cell(0, (), {}, {}, (), (), {}, name="run", cfg=cfg)
+    sw = Sweep(name="run", source=source, base={}, dims=[], here=Path.cwd())
+    groups = make_groups(sw, [cell])
+    if not groups:
+        raise UserError(cell.error or f"{source}: nothing to run")
+    g = groups[0]
+    backend = devices[0].platform
+    warm = os.environ.get("NSTJAX_COMPILE_CACHE", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+    est = estimate(groups, [cell], devices, 1, 1, backend, costs.load(), warm)
+    state, work = cell_bytes(g)
+    weights = weight_bytes(g)
+    s = g.settings
+    how = est["how"].get(g.name, "model")
+
+    def mib(n: float) -> str:
+        return f"{n / (1 << 20):.3g} MiB"
+
+    return "\n".join([
+        f"config {source}: valid",
+        f"  content {cfg.content or '(none: texture synthesis)'}",
+        f"  style {', '.join(cfg.styles)}",
+        f"  image {g.hw[1]}x{g.hw[0]}, {cfg.model.arch} {cfg.model.weights}, loss {cfg.loss.kind}"
+        f", {s.name} {s.maxiter} it" + (", multi-scale" if multiscale(cfg) else ""),
+        f"estimate ({'measured costs' if how != 'model' else 'a rough model'}; "
+        f"{backend}): ~{est['compile_s']:.0f} s compiling + ~{est['solve_s']:.0f} s solving",
+        f"memory: ~{mib(state + work + weights)} on the device (solver state {mib(state)}, "
+        f"one evaluation's activations {mib(work)}, weights {mib(weights)}); "
+        f"{mib(device_memory(devices))} free"])

@@ -1,11 +1,15 @@
 """What a sweep directory shows, rebuilt from the cells' run directories (which stay the source
 of truth):
 
-- summary.csv: one row per cell: axis values, labels, status, every final loss term (the
-  objective's per-layer terms included), counts and seconds, and `metric.<name>` columns (the
-  reference evaluation in each cell's run.json: comparable across cells whatever their loss);
+- summary.csv: one row per cell: axis values (columns `axis.<key>`), labels, status, every
+  final loss term (the objective's per-layer terms included), counts and seconds, and
+  `metric.<name>` columns (the reference evaluation in each cell's run.json: comparable
+  across cells whatever their loss);
 - summary_seeds.csv (when `seed` is an axis): mean and std over the seeds of every numeric
-  column, per combination of the other axes: the noise floor of the comparison;
+  column, per combination of the other axes (image pairs included: the per-pair breakdown):
+  the noise floor of the comparison;
+- summary_mean.csv (with seeds or image pairs, `pairs:`): per combination of the other axes,
+  each metric's mean over pairs and seeds with its std, 95% t band and n;
 - report.html: one self-contained page with all of it (`nstjax.report`), also rewritten after
   each group while the sweep runs;
 - contact_sheet.png: the final images, labelled (with `sweep.label_metric`, also that metric);
@@ -29,11 +33,12 @@ from nstjax.sweep.plan import Group
 from nstjax.sweep.spec import Cell, Sweep, canon, safe_name
 
 SUMMARY_TAIL = ("status", "error", "total", "content", "style", "tv", "iterations",
-                "evaluations", "compile_seconds", "solve_seconds", "batch_solve_seconds")
+                "evaluations", "compile_seconds", "solve_seconds", "batch_solve_seconds",
+                "batch_compile_seconds")
 TERMS = ("total", "content", "style", "tv")
 COUNTS = ("iterations", "evaluations", "compile_seconds", "solve_seconds",
-          "batch_solve_seconds")
-PLOT_METRICS = ("style", "content")
+          "batch_solve_seconds", "batch_compile_seconds")
+PLOT_METRICS = ("swd", "color", "weave", "structure", "style")  # no-loss metrics first
 
 
 def _record(out: Path, c: Cell) -> dict:
@@ -58,7 +63,7 @@ def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
         status = rec.get("status") if isinstance(rec.get("status"), str) else ""
         status = status or ("failed" if c.error else "pending")
         row = {"cell": c.name, "group": c.group, "dir": f"cells/{c.dir or c.name}",
-               **{k: (canon(v) if isinstance(v, (list, dict)) else _num(v))
+               **{axis_col(k): (canon(v) if isinstance(v, (list, dict)) else _num(v))
                   for k, v in c.values.items()},
                **{_label_col(sw, j): s for j, s in c.labels.items()},
                "status": status, "error": rec.get("error") or c.error,
@@ -70,11 +75,20 @@ def summary_rows(out: Path, sw: Sweep, cells: list[Cell]) -> list[dict]:
     return rows
 
 
+AXIS = "axis."  # axis columns: `axis.<dotted key>`, never a loss term's or metric's name
+
+
+def axis_col(key: str) -> str:
+    """The column of an axis key in summary.csv and `results.Sweep.rows()`: `axis.<key>`
+    (an axis `style` is `axis.style`, the style loss term stays `style`)."""
+    return AXIS + key
+
+
 def _columns(sw: Sweep, rows: list[dict]) -> list[str]:
-    """cell, group, dir, axis keys, labels, SUMMARY_TAIL, further terms (sorted), metrics
-    (style, content, then the rest sorted)."""
+    """cell, group, dir, axis columns (`axis.<key>`), labels, SUMMARY_TAIL, further terms
+    (sorted), metrics (style, content, then the rest sorted)."""
     labels = [_label_col(sw, j) for j, d in enumerate(sw.dims) if d.labels]
-    head = ["cell", "group", "dir", *sw.keys, *labels, *SUMMARY_TAIL]
+    head = ["cell", "group", "dir", *map(axis_col, sw.keys), *labels, *SUMMARY_TAIL]
     rest = {k for r in rows for k in r} - set(head)
     metrics = sorted((k for k in rest if k.startswith("metric.")),
                      key=lambda k: (k not in ("metric.style", "metric.content"), k))
@@ -112,7 +126,7 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
     column, per combination of the other axes, over the finished cells: (columns, rows)."""
     others = [k for k in sw.keys if k != "seed"]
     cols = _columns(sw, rows)
-    skip = {"cell", "group", "dir", "status", "error", *sw.keys, *COUNTS}
+    skip = {"cell", "group", "dir", "status", "error", *map(axis_col, sw.keys), *COUNTS}
     skip |= {k for k in cols if k.startswith("label")}
     numeric = [k for k in cols if k not in skip]
     by: dict[str, list[tuple[Cell, dict]]] = {}
@@ -122,8 +136,8 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
     out_rows = []
     for members in by.values():
         c0 = members[0][0]
-        row = {k: (canon(c0.values[k]) if isinstance(c0.values[k], (list, dict))
-                   else _num(c0.values[k])) for k in others}
+        row = {axis_col(k): (canon(c0.values[k]) if isinstance(c0.values[k], (list, dict))
+                             else _num(c0.values[k])) for k in others}
         row["seeds"] = str(len(members))
         for k in numeric:
             vs = [v for v in (_float(r.get(k)) for _, r in members) if v is not None]
@@ -133,7 +147,7 @@ def seed_stats(sw: Sweep, cells: list[Cell], rows: list[dict]) -> tuple[list[str
             row[f"{k}.mean"], row[f"{k}.std"] = _num(mean), _num(std) if len(vs) > 1 else ""
         out_rows.append(row)
     stat_cols = [f"{k}.{s}" for k in numeric for s in ("mean", "std")]
-    return [*others, "seeds", *stat_cols], out_rows
+    return [*map(axis_col, others), "seeds", *stat_cols], out_rows
 
 
 def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]) -> list[Path]:
@@ -147,6 +161,13 @@ def summarize(out: str | Path, sw: Sweep, cells: list[Cell], groups: list[Group]
         cols, srows = seed_stats(sw, cells, rows)
         runtime.write_atomic(out / "summary_seeds.csv", _csv(cols, srows))
         paths.append(out / "summary_seeds.csv")
+    from nstjax import report as html_report
+    from nstjax import results
+
+    mean = html_report.replicate_csv(results.load_sweep(out))
+    if mean is not None:
+        runtime.write_atomic(out / "summary_mean.csv", mean)
+        paths.append(out / "summary_mean.csv")
     sheet = contact_sheet(out, sw, cells, rows=rows)
     runtime.write_atomic(out / "contact_sheet.png", sheet)
     paths.append(out / "contact_sheet.png")

@@ -2,6 +2,10 @@
 
     base: ../quickstart.yaml          # a config path (relative to this file) or an inline config
     set: {solver.maxiter: 50}         # fixed overrides for every cell (optional)
+    pairs:                            # image pairs (optional): one dim, labelled content~style
+      content: [photos/*.jpg, ../demo/tubingen.jpg]   # paths or globs, relative to this file
+      style: paintings/*.jpg
+      mode: cross                     # every content with every style; zip: i-th with i-th
     axes:                             # the cells are the product of the axes, in this order
       loss.style_to_content_ratio: [1, 5, 15]
     zip:                              # keys that vary together (optional; a list of groups)
@@ -29,7 +33,10 @@ from nstjax.errors import UserError, cut, preview
 if TYPE_CHECKING:
     from nstjax.config import Config
 
-SECTIONS = ("base", "name", "description", "set", "axes", "zip", "sweep")
+SECTIONS = ("base", "name", "description", "set", "pairs", "axes", "zip", "sweep")
+PAIR_MODES = ("cross", "zip")
+PAIR_KEYS = ("content", "style")  # the keys of the `pairs:` dim
+MAX_PAIRS = 4096
 SETTINGS = ("batch_size", "lanes", "compile_cache", "label_metric")
 _SHORT = {"style_to_content_ratio": "ratio", "style_weights": "style_w",
           "content_weights": "content_w", "content_layers": "content", "style_layers": "style",
@@ -139,9 +146,66 @@ def canon(v: Any) -> str:
     return json.dumps(v, sort_keys=True, default=str)
 
 
-def _dims(raw: dict, src: str) -> list[Dim]:
-    """Axes then zip groups, validated: keys exist, lists non-empty, equal zip lengths."""
-    dims: list[Dim] = []
+def _images(v: Any, where: str, here: Path) -> list[str]:
+    """A list (or one string) of image paths or glob patterns, relative to the sweep file:
+    absolute paths, each pattern's matches sorted; UserError for a pattern that matches no
+    file or a path that is not one."""
+    import glob
+
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or not all(
+            isinstance(x, str) and x for x in items):
+        raise UserError(f"{where}: must be an image path, a glob such as images/*.jpg, or a "
+                        "list of them")
+    out: list[str] = []
+    for x in items:
+        p = Path(x).expanduser()
+        p = p if p.is_absolute() else here / p
+        if glob.has_magic(x):
+            found = sorted(m for m in glob.glob(str(p)) if Path(m).is_file())
+            if not found:
+                raise UserError(f"{where}: {x} matches no file (looked in {p.parent})")
+            out += [str(Path(m).resolve()) for m in found]
+        elif not p.is_file():
+            raise UserError(f"{where}: {x}: no such image file ({p})")
+        else:
+            out.append(str(p.resolve()))
+    return list(dict.fromkeys(out))
+
+
+def _pairs(raw: Any, src: str, here: Path) -> list[Dim]:
+    """`pairs:` as one dim of keys (content, style) labelled `<content stem>~<style stem>`:
+    every content with every style (mode cross, the default) or the i-th with the i-th (zip)."""
+    if raw is None:
+        return []
+    where = f"{src}: pairs"
+    if not isinstance(raw, dict) or not {"content", "style"} <= set(raw):
+        raise UserError(f"{where}: must map content and style to image paths or globs (and "
+                        "optionally mode: cross or zip)")
+    for k in raw:
+        if k not in ("content", "style", "mode"):
+            raise UserError(f"{where}: unknown key {k}; pairs has content, style and mode")
+    mode = raw.get("mode", "cross")
+    if mode not in PAIR_MODES:
+        raise UserError(f"{where}.mode: must be cross or zip (got {preview(mode)})")
+    contents = _images(raw["content"], f"{where}.content", here)
+    styles = _images(raw["style"], f"{where}.style", here)
+    if mode == "zip" and len(contents) != len(styles):
+        raise UserError(f"{where}: mode zip pairs the i-th content with the i-th style, but "
+                        f"content has {len(contents)} image(s) and style {len(styles)}")
+    values = (list(zip(contents, styles)) if mode == "zip" else
+              list(itertools.product(contents, styles)))
+    if len(values) > MAX_PAIRS:
+        raise UserError(f"{where}: {len(values)} pairs; at most {MAX_PAIRS}")
+    labels = [f"{Path(c).stem}~{Path(s).stem}" for c, s in values]
+    labels = [t if labels.count(t) == 1 else f"{t}-{i}" for i, t in enumerate(labels)]
+    return [Dim(("content", "style"), tuple(values), tuple(labels))]
+
+
+def _dims(raw: dict, src: str, here: Path | None = None) -> list[Dim]:
+    """Pairs, axes then zip groups, validated: keys exist, lists non-empty, equal zip
+    lengths."""
+    dims: list[Dim] = _pairs(raw.get("pairs"), src, here or Path.cwd())
     axes = raw.get("axes") or {}
     if not isinstance(axes, dict):
         raise UserError(f"{src}: axes: must map dotted config keys to lists of values")
@@ -296,7 +360,7 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Sweep:
         raise UserError(f"{src}: set: must map dotted config keys to values")
     fixed = config.resolve_paths(_nest(fixed, f"{src}: set"), here)
     over = config.parse_overrides(list(overrides))
-    dims = _dims(raw, src)
+    dims = _dims(raw, src, here)
     check_cells(dims, src)
     keys = {k for d in dims for k in d.keys}
     for where, d in (("set", fixed), ("override", over)):
@@ -310,7 +374,8 @@ def load(path: str | Path, overrides: list[str] | tuple = ()) -> Sweep:
     if not isinstance(name, str):
         raise UserError(f"{src}: name: must be a string")
     return Sweep(name=safe_name(name) or "sweep", source=src,
-                 base=config.merge(config.merge(base, fixed), over), dims=dims, here=here,
+                 base=config.apply_overrides(config.apply_overrides(base, fixed), over),
+                 dims=dims, here=here,
                  batch_size=batch, lanes=lanes, compile_cache=cache,
                  description=str(raw.get("description") or ""), label_metric=label_metric)
 
@@ -383,7 +448,7 @@ def _cell_parts(dims: list[Dim], short: dict, combo: tuple) -> tuple[list, list]
     parts, texts = [], []
     for d, i in zip(dims, combo):
         if d.labels:
-            head = short[d.keys[0]]
+            head = "pair" if d.keys == PAIR_KEYS else short[d.keys[0]]
             body = d.labels[i]
         else:
             head = "_".join(short[k] for k in d.keys)
