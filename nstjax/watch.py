@@ -66,16 +66,27 @@ class Callback:
                             f"{type(fn).__name__}")
         self.fn = fn
         self.last: Progress | None = None
+        self.broken = False  # fn raised (or exited): never called again, not even at close
+
+    def _call(self, p: Progress) -> None:
+        try:
+            self.fn(p)
+        except BaseException:
+            self.broken = True
+            raise
 
     def rows(self, rows: list[dict], image: np.ndarray | None) -> None:
         for i, r in enumerate(rows):
+            if self.broken:
+                return
             self.last = progress_of(r, image if i == len(rows) - 1 else None)
-            self.fn(self.last)
+            self._call(self.last)
 
     def close(self, record: dict, image: np.ndarray | None) -> None:
         """The final image, if the last row came without it (a run that stopped early)."""
-        if self.last is not None and self.last.image is None and image is not None:
-            self.fn(self.last._replace(image=image))
+        if (not self.broken and self.last is not None and self.last.image is None
+                and image is not None):
+            self._call(self.last._replace(image=image))
 
 
 def for_run(d: Path, cfg: Config) -> list[Watcher]:
