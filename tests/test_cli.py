@@ -57,13 +57,18 @@ def test_sweep_help_shows_a_file_that_loads(capsys, tmp_path):
     doc = yaml.safe_load(block)
     assert set(doc) == set(sweep.spec.SECTIONS)
     assert set(doc["sweep"]) == set(sweep.spec.SETTINGS)
-    # As a file next to configs/quickstart.yaml it is a valid sweep: 3 x 2 x 2 cells.
+    # As a file next to configs/quickstart.yaml, with one photo and the two paintings its
+    # pairs name, it is a valid sweep: (1 x 2 pairs) x 3 x 2 x 2 cells.
+    from PIL import Image
     from sweep_helpers import ROOT
 
+    (tmp_path / "photos").mkdir()
+    for name in ("photos/x.jpg", "a.jpg", "b.jpg"):
+        Image.new("RGB", (32, 24), "gray").save(tmp_path / name)
     p = tmp_path / "example.yaml"
     p.write_text(block.replace("../quickstart.yaml", str(ROOT / "configs" / "quickstart.yaml")))
     sw = sweep.load(p)
-    assert sw.name == "ratio" and len(sweep.expand(sw)) == 12
+    assert sw.name == "ratio" and len(sweep.expand(sw)) == 24
 
 
 # ------------------------------------------- every subcommand x every numeric flag x bad values
@@ -85,16 +90,20 @@ def _flags(p, path=()) -> list[tuple[tuple[str, ...], object]]:
 
 def _bounds() -> dict[tuple[str, ...], dict]:
     from nstjax import bench, race, sweep
+    from nstjax.sweep import frontier
 
-    return {("bench",): {**bench.FLAG_BOUNDS, **race.FLAG_BOUNDS}, ("sweep",): sweep.FLAG_BOUNDS}
+    return {("bench",): {**bench.FLAG_BOUNDS, **race.FLAG_BOUNDS}, ("sweep",): sweep.FLAG_BOUNDS,
+            ("frontier",): frontier.FLAG_BOUNDS}
 
 
 # Flags whose value is text holding numbers: (command, dest) -> bad values.
 _SIZES = ["0x0", "-1x32", "999999x999999", "abc"]
 _AUTO = ["0", "-1", "1" + "0" * 30, "abc", "1.5"]
 TEXT_NUMBERS = {("bench", "sizes"): _SIZES, ("bench", "race_speed_size"): _SIZES,
-                ("sweep", "batch_size"): _AUTO, ("sweep", "lanes"): _AUTO}
-POSITIONAL = {("sweep",): ["missing-sweep.yaml"]}  # checked after the flags
+                ("sweep", "batch_size"): _AUTO, ("sweep", "lanes"): _AUTO,
+                ("frontier", "at"): ["abc", "nan", "inf", "-inf", "1e400"]}
+POSITIONAL = {("sweep",): ["missing-sweep.yaml"], ("frontier",): ["missing-sweep-dir"]}
+# checked after the flags
 
 
 def _cases() -> list[tuple[tuple[str, ...], str, str]]:
@@ -122,7 +131,9 @@ def test_every_numeric_flag_has_bounds_or_a_parser():
 @pytest.mark.parametrize(("path", "flag", "value"), _cases(),
                          ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
 def test_every_numeric_flag_refuses_bad_values_in_one_line(tmp_path, capsys, path, flag, value):
-    argv = [*path, *POSITIONAL.get(path, []), f"{flag}={value}", "--out", str(tmp_path / "o")]
+    has_out = any("--out" in act.option_strings for p, act in _flags(cli.parser()) if p == path)
+    out = ["--out", str(tmp_path / "o")] if has_out else []
+    argv = [*path, *POSITIONAL.get(path, []), f"{flag}={value}", *out]
     try:
         code = cli.main(argv)
     except SystemExit as e:  # argparse's own type errors

@@ -388,23 +388,39 @@ def add_arguments(p) -> None:
     p.add_argument("--x", default="metric.structure", help="content kept (default "
                    "metric.structure)")
     p.add_argument("--y", default="metric.swd", help="style reached (default metric.swd)")
-    p.add_argument("--at", type=float, help="compare the groups at this x (default: the "
-                   "middle of the x range every group reached)")
+    p.add_argument("--at", help="compare the groups at this x, a finite number (default: "
+                   "the middle of the x range every group reached)")
     p.add_argument("--ratio", default=RATIO_KEY, help=f"the balance axis (default {RATIO_KEY})")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--boot", type=int, default=BOOT, help=f"bootstrap resamples ({BOOT})")
 
 
+FLAG_BOUNDS = {"seed": (0, 2**32 - 1), "boot": (1, 10**6)}
+
+
+def parse_at(text: str | None) -> float | None:
+    """`--at`'s value: a finite number, or None when not given."""
+    from nstjax.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise UserError(f"--at {text[:40]}: must be a finite number")
+    return v
+
+
 def main(a) -> int:
     """`nstjax frontier`: print the table, write frontier.csv, frontier.png, report.html."""
     from nstjax import report
-    from nstjax.errors import UserError
+    from nstjax.errors import check_flags
 
-    if not 1 <= a.boot <= 10**6:
-        raise UserError(f"--boot: must be in 1..1000000 (got {a.boot})")
-    if a.at is not None and not math.isfinite(a.at):
-        raise UserError(f"--at: must be a finite number (got {a.at})")
-    f = compute(a.dir, a.x, a.y, a.at, a.ratio, a.seed, a.boot)
+    check_flags(a, FLAG_BOUNDS)
+    at = parse_at(a.at)
+    f = compute(a.dir, a.x, a.y, at, a.ratio, a.seed, a.boot)
     print(table_text(f))
     for p in write(a.dir, f):
         print(p)
