@@ -544,9 +544,9 @@ def sweep_page(d: str | Path, label_metric: str | None = None) -> str:
     body += ["<h2>Cells</h2>", '<p class="muted">Click a column to sort; a cell\'s name opens '
              "its run directory.</p>", *_cells_table(sw, dims)]
     body += ["<h2>Final images</h2>", *_images(sw, dims, label_metric)]
-    from nstjax.sweep import frontier
+    from nstjax.sweep.frontier import html_section
 
-    front = frontier.html_section(sw.dir)
+    front = html_section(sw.dir)
     if front:
         body += ["<h2>Trade-off frontier</h2>", *front]
     reps = _replicate_section(sw)
